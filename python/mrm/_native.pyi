@@ -1,0 +1,37 @@
+"""Type stubs of the native module (see mrm.ops for the documented API)."""
+
+from typing import Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def forward_f32(
+    w0: npt.NDArray[np.float32], support: npt.NDArray[np.float32], support_offsets: npt.NDArray[np.int64],
+    query: Optional[npt.NDArray[np.float32]], query_offsets: Optional[npt.NDArray[np.int64]], steps: int,
+    lr: float, optimizer: str, beta1: float, beta2: float, eps: float, with_support_loss: bool, num_threads: int,
+) -> Tuple[npt.NDArray[np.float32], Optional[npt.NDArray[np.float32]], Optional[npt.NDArray[np.float32]], Optional[npt.NDArray[np.float32]]]: ...
+def forward_f64(
+    w0: npt.NDArray[np.float64], support: npt.NDArray[np.float64], support_offsets: npt.NDArray[np.int64],
+    query: Optional[npt.NDArray[np.float64]], query_offsets: Optional[npt.NDArray[np.int64]], steps: int,
+    lr: float, optimizer: str, beta1: float, beta2: float, eps: float, with_support_loss: bool, num_threads: int,
+) -> Tuple[npt.NDArray[np.float64], Optional[npt.NDArray[np.float64]], Optional[npt.NDArray[np.float64]], Optional[npt.NDArray[np.float64]]]: ...
+def backward_f32(
+    w0: npt.NDArray[np.float32], support: npt.NDArray[np.float32], support_offsets: npt.NDArray[np.int64],
+    query: npt.NDArray[np.float32], query_offsets: npt.NDArray[np.int64], grad_losses: npt.NDArray[np.float32],
+    steps: int, lr: float, optimizer: str, beta1: float, beta2: float, eps: float, first_order: bool, num_threads: int,
+) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def backward_f64(
+    w0: npt.NDArray[np.float64], support: npt.NDArray[np.float64], support_offsets: npt.NDArray[np.int64],
+    query: npt.NDArray[np.float64], query_offsets: npt.NDArray[np.int64], grad_losses: npt.NDArray[np.float64],
+    steps: int, lr: float, optimizer: str, beta1: float, beta2: float, eps: float, first_order: bool, num_threads: int,
+) -> Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def rpo_f32(losses: npt.NDArray[np.float32], tail: float, gamma: float) -> Tuple[float, npt.NDArray[np.float32]]: ...
+def rpo_f64(losses: npt.NDArray[np.float64], tail: float, gamma: float) -> Tuple[float, npt.NDArray[np.float64]]: ...
+def score_f32(
+    features: npt.NDArray[np.float32], feature_offsets: npt.NDArray[np.int64], weights: npt.NDArray[np.float32], num_threads: int
+) -> npt.NDArray[np.float32]: ...
+def score_f64(
+    features: npt.NDArray[np.float64], feature_offsets: npt.NDArray[np.int64], weights: npt.NDArray[np.float64], num_threads: int
+) -> npt.NDArray[np.float64]: ...

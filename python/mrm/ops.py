@@ -1,0 +1,283 @@
+"""The numpy API over the native kernels (SPEC §2–§4).
+
+Every per-user set is CSR: ``values`` of shape (N, K) and ``offsets`` of shape (U + 1,), with
+user ``u`` owning rows ``offsets[u]:offsets[u + 1]``. A row is a pair difference
+``d = φ(chosen) − φ(rejected)``. float32 and float64 are both supported, never mixed in one call.
+Arrays that are not C-contiguous are copied once. The GIL is released while the kernels run, on
+a private thread pool of ``num_threads`` threads (else ``$MRM_NUM_THREADS``, else every CPU).
+Results are bit-identical for any thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from mrm import _native
+
+__all__ = ["MetaForward", "adapt", "meta_forward", "meta_backward", "rpo", "score", "resolve_threads"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class MetaForward:
+    """Result of :func:`meta_forward`, one entry per user."""
+
+    losses: np.ndarray
+    """Query loss at the adapted weights, shape (U,)."""
+    weights: np.ndarray
+    """Adapted logits ``w_T``, shape (U, K)."""
+    support_losses: np.ndarray
+    """Support loss at the adapted weights (0 for a user without support pairs), shape (U,)."""
+    accuracy: np.ndarray
+    """Fraction of query pairs with ``d · softmax(w_T) > 0``, shape (U,)."""
+
+
+def resolve_threads(num_threads: Optional[int]) -> int:
+    """Thread count: the argument, else ``$MRM_NUM_THREADS``, else the CPUs this process may use."""
+    if num_threads is None:
+        env = os.environ.get("MRM_NUM_THREADS", "").strip()
+        if env:
+            try:
+                num_threads = int(env)
+            except ValueError:
+                raise ValueError(f"MRM_NUM_THREADS must be a positive integer, got {env!r}") from None
+            if num_threads < 1:
+                raise ValueError(f"MRM_NUM_THREADS must be a positive integer, got {env!r}")
+            return num_threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return int(num_threads)
+
+
+def _float_array(name: str, value, ndims: Sequence[int]) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype not in _FLOATS:
+        kind = "integer" if array.dtype.kind in "iub" else str(array.dtype)
+        raise TypeError(f"{name} must be a float32 or float64 array, got {kind} dtype ({array.dtype})")
+    if array.ndim not in ndims:
+        shapes = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {shapes}, got {array.ndim}-D with shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _offsets(name: str, value) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu" or array.dtype == np.bool_:
+        raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (U + 1,), got {array.ndim}-D with shape {array.shape}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} has a value too large for int64")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _same_dtype(**arrays: np.ndarray) -> np.dtype:
+    names = list(arrays)
+    first = arrays[names[0]].dtype
+    for name in names[1:]:
+        if arrays[name].dtype != first:
+            raise TypeError(
+                f"mixed float dtypes: {names[0]} is {first} but {name} is {arrays[name].dtype}; "
+                "use one of float32 or float64 for every array"
+            )
+    return first
+
+
+def _same_k(**arrays: np.ndarray) -> int:
+    names = list(arrays)
+    k = arrays[names[0]].shape[-1]
+    for name in names[1:]:
+        if arrays[name].shape[-1] != k:
+            raise ValueError(
+                f"K mismatch: {names[0]} has K = {k} but {name} has K = {arrays[name].shape[-1]}"
+            )
+    return k
+
+
+def _hyper(steps, lr, optimizer, betas, eps) -> tuple:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    try:
+        beta1, beta2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
+    values = {"lr": lr, "eps": eps}
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be finite and > 0, got {lr}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    for i, b in enumerate((beta1, beta2)):
+        if not (math.isfinite(b) and 0.0 <= b < 1.0):
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+    return int(steps), float(lr), optimizer, beta1, beta2, float(eps)
+
+
+def _kernel(name: str, dtype: np.dtype):
+    return getattr(_native, f"{name}_{'f32' if dtype == np.float32 else 'f64'}")
+
+
+def _prepare(w0, support, support_offsets, query=None, query_offsets=None):
+    w0 = _float_array("w0", w0, (1, 2))
+    support = _float_array("support", support, (2,))
+    support_offsets = _offsets("support_offsets", support_offsets)
+    arrays = {"w0": w0, "support": support}
+    if query is not None:
+        query = _float_array("query", query, (2,))
+        query_offsets = _offsets("query_offsets", query_offsets)
+        arrays["query"] = query
+        if len(query_offsets) != len(support_offsets):
+            raise ValueError(
+                f"support_offsets describes {len(support_offsets) - 1} users but query_offsets "
+                f"describes {len(query_offsets) - 1}"
+            )
+    dtype = _same_dtype(**arrays)
+    _same_k(**arrays)
+    n_users = len(support_offsets) - 1
+    if w0.ndim == 2 and w0.shape[0] != n_users:
+        raise ValueError(f"w0 has {w0.shape[0]} rows but support_offsets describes {n_users} users")
+    return dtype, w0, support, support_offsets, query, query_offsets
+
+
+def adapt(
+    w0,
+    support,
+    support_offsets,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    num_threads: Optional[int] = None,
+) -> np.ndarray:
+    """Adapt every user's logits from ``w0`` with ``steps`` inner steps on its support pairs.
+
+    ``w0`` is shared (K,) or per user (U, K). A user without support pairs keeps ``w0``.
+    Returns the adapted logits, shape (U, K).
+    """
+    dtype, w0, support, support_offsets, _, _ = _prepare(w0, support, support_offsets)
+    hyper = _hyper(steps, lr, optimizer, betas, eps)
+    weights, _, _, _ = _kernel("forward", dtype)(
+        w0, support, support_offsets, None, None, *hyper, False, resolve_threads(num_threads)
+    )
+    return weights
+
+
+def meta_forward(
+    w0,
+    support,
+    support_offsets,
+    query,
+    query_offsets,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    num_threads: Optional[int] = None,
+) -> MetaForward:
+    """Adapt every user on its support pairs, then measure its query loss and accuracy.
+
+    Every user needs at least one query pair.
+    """
+    dtype, w0, support, support_offsets, query, query_offsets = _prepare(
+        w0, support, support_offsets, query, query_offsets
+    )
+    hyper = _hyper(steps, lr, optimizer, betas, eps)
+    weights, support_losses, losses, accuracy = _kernel("forward", dtype)(
+        w0, support, support_offsets, query, query_offsets, *hyper, True, resolve_threads(num_threads)
+    )
+    return MetaForward(losses=losses, weights=weights, support_losses=support_losses, accuracy=accuracy)
+
+
+def meta_backward(
+    w0,
+    support,
+    support_offsets,
+    query,
+    query_offsets,
+    grad_losses,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    first_order: bool = False,
+    num_threads: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact gradient of ``Σ_u grad_losses[u] · L_u`` (``L_u`` as in :func:`meta_forward`).
+
+    Returns ``(grad_w0, grad_support, grad_query)``: ``grad_w0`` has the shape of ``w0`` (summed
+    over users when ``w0`` is shared), the others the shapes of ``support`` and ``query``.
+    The inner trajectory is recomputed, not stored. ``first_order=True`` treats the inner
+    gradients as constants (FOMAML): support rows then get a zero gradient.
+    """
+    dtype, w0, support, support_offsets, query, query_offsets = _prepare(
+        w0, support, support_offsets, query, query_offsets
+    )
+    grad_losses = _float_array("grad_losses", grad_losses, (1,))
+    _same_dtype(support=support, grad_losses=grad_losses)
+    if grad_losses.shape[0] != len(support_offsets) - 1:
+        raise ValueError(
+            f"grad_losses has {grad_losses.shape[0]} entries but there are {len(support_offsets) - 1} users"
+        )
+    hyper = _hyper(steps, lr, optimizer, betas, eps)
+    return _kernel("backward", dtype)(
+        w0, support, support_offsets, query, query_offsets, grad_losses, *hyper, bool(first_order),
+        resolve_threads(num_threads),
+    )
+
+
+def rpo(losses, tail: float, gamma: float) -> Tuple[float, np.ndarray]:
+    """Robust Personalization Objective over per-user losses, and its gradient (U,).
+
+    ``τ = quantile(losses, 1 − tail)`` (linear interpolation). ``gamma > 0``:
+    ``Σ σ((L − τ)/γ) L``, differentiated through σ and τ; ``gamma ≤ 0``: ``Σ 1[L > τ] L``.
+    """
+    losses = _float_array("losses", losses, (1,))
+    for name, v in (("tail", tail), ("gamma", gamma)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if not (math.isfinite(tail) and 0.0 < tail <= 1.0):
+        raise ValueError(f"tail must be in (0, 1], got {tail}")
+    return _kernel("rpo", losses.dtype)(losses, float(tail), float(gamma))
+
+
+def score(features, feature_offsets, weights, *, num_threads: Optional[int] = None) -> np.ndarray:
+    """Personalised rewards ``features[i] · softmax(weights[u])`` for each row ``i`` of user ``u``.
+
+    ``features`` (N, K) grouped by user with ``feature_offsets`` (U + 1,); ``weights`` (U, K).
+    Returns (N,).
+    """
+    features = _float_array("features", features, (2,))
+    feature_offsets = _offsets("feature_offsets", feature_offsets)
+    weights = _float_array("weights", weights, (2,))
+    dtype = _same_dtype(features=features, weights=weights)
+    _same_k(features=features, weights=weights)
+    if weights.shape[0] != len(feature_offsets) - 1:
+        raise ValueError(
+            f"weights has {weights.shape[0]} rows but feature_offsets describes {len(feature_offsets) - 1} users"
+        )
+    return _kernel("score", dtype)(features, feature_offsets, weights, resolve_threads(num_threads))

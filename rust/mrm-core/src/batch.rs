@@ -1,0 +1,356 @@
+//! Batched, parallel drivers over many users: validation, chunking (so a caller can stop a
+//! long call between chunks) and a block-parallel loop with a fixed reduction order, so results
+//! are bit-identical for any thread count.
+
+use rayon::prelude::*;
+
+use crate::csr::{check_output_finite, check_rows_finite, Csr};
+use crate::error::{invalid, Error, Result};
+use crate::inner::{loss_and_accuracy, InnerLoop, Workspace};
+use crate::real::{softmax_into, Real};
+
+/// Users per unit of parallel work. Fixed, so reductions do not depend on the thread count.
+const BLOCK_USERS: usize = 256;
+
+/// The start of every user's inner loop: one `w0` of length K, or one row per user (U × K).
+#[derive(Clone, Copy, Debug)]
+pub enum Start<'a, T> {
+    Shared(&'a [T]),
+    PerUser(&'a [T]),
+}
+
+impl<'a, T: Real> Start<'a, T> {
+    fn check(&self, k: usize, n_users: usize) -> Result<()> {
+        let (values, expected, what) = match self {
+            Start::Shared(w) => (*w, k, format!("shape ({k},)")),
+            Start::PerUser(w) => (*w, n_users * k, format!("shape ({n_users}, {k})")),
+        };
+        if values.len() != expected {
+            return invalid(format!("w0 must have {what} to match the data, got {} values", values.len()));
+        }
+        if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
+            return match self {
+                Start::Shared(_) => invalid("w0 contains a non-finite value"),
+                Start::PerUser(_) => invalid(format!("w0 contains a non-finite value (user {})", pos / k)),
+            };
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn of(&self, u: usize, k: usize) -> &'a [T] {
+        match self {
+            Start::Shared(w) => w,
+            Start::PerUser(w) => &w[u * k..(u + 1) * k],
+        }
+    }
+
+    fn users(&self, lo: usize, hi: usize, k: usize) -> Start<'a, T> {
+        match self {
+            Start::Shared(w) => Start::Shared(w),
+            Start::PerUser(w) => Start::PerUser(&w[lo * k..hi * k]),
+        }
+    }
+}
+
+/// How a long call is run: on which pool, in chunks of how many users, and a callback asked
+/// between chunks whether to go on (return `false` to stop with [`Error::Interrupted`]).
+pub struct Control<'a> {
+    pub pool: &'a rayon::ThreadPool,
+    pub chunk_users: usize,
+    pub keep_going: &'a dyn Fn() -> bool,
+}
+
+impl Control<'_> {
+    /// Calls `f(lo, hi)` for consecutive user ranges, checking `keep_going` in between.
+    fn chunks(&self, n_users: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
+        let step = self.chunk_users.max(1);
+        let mut lo = 0;
+        while lo < n_users {
+            let hi = (lo + step).min(n_users);
+            f(lo, hi)?;
+            lo = hi;
+            if lo < n_users && !(self.keep_going)() {
+                return Err(Error::Interrupted);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Block boundaries (relative user indices) for `n_users` users.
+fn block_bounds(n_users: usize) -> Vec<(usize, usize)> {
+    (0..n_users).step_by(BLOCK_USERS).map(|lo| (lo, (lo + BLOCK_USERS).min(n_users))).collect()
+}
+
+/// Splits `buf` into consecutive pieces of the given lengths.
+fn split_lengths<T>(buf: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    let mut rest = buf;
+    let mut parts = Vec::new();
+    for len in lengths {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        parts.push(head);
+        rest = tail;
+    }
+    parts
+}
+
+/// Splits users `lo..hi` of an optional per-user output into per-block pieces.
+fn optional_parts<'b, T>(buf: Option<&'b mut [T]>, lo: usize, hi: usize, sizes: &[usize]) -> Vec<Option<&'b mut [T]>> {
+    match buf {
+        Some(b) => split_lengths(&mut b[lo..hi], sizes.iter().copied()).into_iter().map(Some).collect(),
+        None => sizes.iter().map(|_| None).collect(),
+    }
+}
+
+/// Per-block row counts of `batch` (times K) for the given blocks.
+fn block_row_lengths<'b, T: Real>(batch: &'b Csr<'_, T>, blocks: &'b [(usize, usize)]) -> impl Iterator<Item = usize> + 'b {
+    blocks.iter().map(move |&(lo, hi)| batch.users(lo, hi).values.len())
+}
+
+fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
+    if buf.len() != expected {
+        return invalid(format!("{name} must have {expected} values, got {}", buf.len()));
+    }
+    Ok(())
+}
+
+fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
+    if support.k != query.k {
+        return invalid(format!("support has K = {} columns but query has K = {}", support.k, query.k));
+    }
+    if support.n_users() != query.n_users() {
+        return invalid(format!(
+            "support_offsets describes {} users but query_offsets describes {}",
+            support.n_users(),
+            query.n_users()
+        ));
+    }
+    if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
+        return invalid(format!("query has no pairs for user {u}: every user needs at least one query pair"));
+    }
+    Ok(())
+}
+
+/// Outputs of [`forward`]; each is U values (weights: U × K). `None` skips that output.
+pub struct ForwardOutputs<'a, T> {
+    pub weights: &'a mut [T],
+    pub support_losses: Option<&'a mut [T]>,
+    pub losses: Option<&'a mut [T]>,
+    pub accuracy: Option<&'a mut [T]>,
+}
+
+/// Adapts every user (SPEC §2); with `query`, also the query loss and accuracy at `w_T`.
+/// The support loss is measured at the adapted weights `w_T`.
+pub fn forward<T: Real>(
+    start: Start<'_, T>,
+    support: Csr<'_, T>,
+    query: Option<Csr<'_, T>>,
+    inner: &InnerLoop,
+    out: ForwardOutputs<'_, T>,
+    ctl: &Control<'_>,
+) -> Result<()> {
+    let (k, n_users) = (support.k, support.n_users());
+    inner.validate()?;
+    start.check(k, n_users)?;
+    if let Some(q) = &query {
+        check_same_users(&support, q)?;
+    }
+    check_len("weights", out.weights, n_users * k)?;
+    let ForwardOutputs { weights, mut support_losses, mut losses, mut accuracy } = out;
+    for (name, buf) in [("support_losses", &support_losses), ("losses", &losses), ("accuracy", &accuracy)] {
+        if let Some(b) = buf {
+            check_len(name, b, n_users)?;
+        }
+    }
+    if (losses.is_some() || accuracy.is_some()) && query.is_none() {
+        return invalid("losses and accuracy need query pairs");
+    }
+    ctl.chunks(n_users, |lo, hi| {
+        let sup = support.users(lo, hi);
+        let qry = query.map(|q| q.users(lo, hi));
+        let st = start.users(lo, hi, k);
+        let blocks = block_bounds(hi - lo);
+        let w_parts = split_lengths(&mut weights[lo * k..hi * k], blocks.iter().map(|b| (b.1 - b.0) * k));
+        let sizes: Vec<usize> = blocks.iter().map(|b| b.1 - b.0).collect();
+        let sl_parts = optional_parts(support_losses.as_deref_mut(), lo, hi, &sizes);
+        let l_parts = optional_parts(losses.as_deref_mut(), lo, hi, &sizes);
+        let a_parts = optional_parts(accuracy.as_deref_mut(), lo, hi, &sizes);
+        let work: Vec<_> = blocks.iter().copied().zip(w_parts).zip(sl_parts).zip(l_parts).zip(a_parts).collect();
+        ctl.pool.install(|| {
+            work.into_par_iter().for_each_init(Workspace::<T>::default, |ws, ((((b, w_out), mut sl), mut l), mut a)| {
+                for (i, u) in (b.0..b.1).enumerate() {
+                    let w = &mut w_out[i * k..(i + 1) * k];
+                    w.copy_from_slice(st.of(u, k));
+                    let rows = sup.rows(u);
+                    ws.adapt(w, rows, k, inner, false);
+                    if let Some(sl) = sl.as_deref_mut() {
+                        sl[i] = ws.support_loss(w, rows, k);
+                    }
+                    if let Some(q) = &qry {
+                        let (loss, acc) = ws.query_metrics(w, q.rows(u), k);
+                        if let Some(l) = l.as_deref_mut() {
+                            l[i] = loss;
+                        }
+                        if let Some(a) = a.as_deref_mut() {
+                            a[i] = acc;
+                        }
+                    }
+                }
+            });
+        });
+        Ok(())
+    })?;
+    check_output_finite("adapted weights", weights, k)?;
+    if let Some(l) = &losses {
+        check_output_finite("query loss", l, 1)?;
+    }
+    if let Some(l) = &support_losses {
+        check_output_finite("support loss", l, 1)?;
+    }
+    Ok(())
+}
+
+/// Exact gradient of `Σ_u grad_losses[u] · L_u` (SPEC §3) with respect to `w0` (into
+/// `grad_w0`: K values for a shared start, summed over users in a fixed order; U × K for a
+/// per-user start), every support row and every query row.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    start: Start<'_, T>,
+    support: Csr<'_, T>,
+    query: Csr<'_, T>,
+    grad_losses: &[T],
+    inner: &InnerLoop,
+    first_order: bool,
+    grad_w0: &mut [T],
+    grad_support: &mut [T],
+    grad_query: &mut [T],
+    ctl: &Control<'_>,
+) -> Result<()> {
+    let (k, n_users) = (support.k, support.n_users());
+    inner.validate()?;
+    start.check(k, n_users)?;
+    check_same_users(&support, &query)?;
+    check_len("grad_losses", grad_losses, n_users)?;
+    if let Some(u) = grad_losses.iter().position(|x| !x.is_finite()) {
+        return invalid(format!("grad_losses contains a non-finite value (user {u})"));
+    }
+    let shared = matches!(start, Start::Shared(_));
+    check_len("grad_w0", grad_w0, if shared { k } else { n_users * k })?;
+    check_len("grad_support", grad_support, support.values.len())?;
+    check_len("grad_query", grad_query, query.values.len())?;
+    grad_w0.fill(T::ZERO);
+
+    ctl.chunks(n_users, |lo, hi| {
+        let (sup, qry, st) = (support.users(lo, hi), query.users(lo, hi), start.users(lo, hi, k));
+        let blocks = block_bounds(hi - lo);
+        let s_range = support.users(0, lo).values.len()..support.users(0, hi).values.len();
+        let q_range = query.users(0, lo).values.len()..query.users(0, hi).values.len();
+        let gs_parts = split_lengths(&mut grad_support[s_range], block_row_lengths(&sup, &blocks));
+        let gq_parts = split_lengths(&mut grad_query[q_range], block_row_lengths(&qry, &blocks));
+        // Per-user start: each block writes its users' rows. Shared: each block writes the
+        // sum over its users (in user order), then blocks are summed in block order.
+        let mut block_sums = if shared { vec![T::ZERO; blocks.len() * k] } else { Vec::new() };
+        let gw_parts = if shared {
+            split_lengths(&mut block_sums, blocks.iter().map(|_| k))
+        } else {
+            split_lengths(&mut grad_w0[lo * k..hi * k], blocks.iter().map(|b| (b.1 - b.0) * k))
+        };
+        let work: Vec<_> = blocks.iter().copied().zip(gs_parts).zip(gq_parts).zip(gw_parts).collect();
+        ctl.pool.install(|| {
+            work.into_par_iter().for_each_init(
+                || (Workspace::<T>::default(), vec![T::ZERO; k]),
+                |(ws, user_grad), (((b, gs), gq), gw)| {
+                    let (s_base, q_base) = (sup.row_range(b.0).start, qry.row_range(b.0).start);
+                    for (i, u) in (b.0..b.1).enumerate() {
+                        let (sr, qr) = (sup.row_range(u), qry.row_range(u));
+                        let target = if shared { &mut user_grad[..] } else { &mut gw[i * k..(i + 1) * k] };
+                        ws.backward(
+                            st.of(u, k),
+                            sup.rows(u),
+                            qry.rows(u),
+                            k,
+                            grad_losses[lo + u],
+                            inner,
+                            first_order,
+                            target,
+                            &mut gs[(sr.start - s_base) * k..(sr.end - s_base) * k],
+                            &mut gq[(qr.start - q_base) * k..(qr.end - q_base) * k],
+                        );
+                        if shared {
+                            for (acc, &x) in gw.iter_mut().zip(user_grad.iter()) {
+                                *acc += x;
+                            }
+                        }
+                    }
+                },
+            );
+        });
+        for block in block_sums.chunks_exact(k) {
+            for (acc, &x) in grad_w0.iter_mut().zip(block) {
+                *acc += x;
+            }
+        }
+        Ok(())
+    })?;
+    check_output_finite("grad_w0", grad_w0, if shared { usize::MAX } else { k })?;
+    check_rows_finite("grad_support", grad_support, &support)?;
+    check_rows_finite("grad_query", grad_query, &query)?;
+    Ok(())
+}
+
+/// Personalised rewards `r = f · softmax(w_u)` for every row `f` of user `u`.
+pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
+    let (k, n_users) = (features.k, features.n_users());
+    if weights.len() != n_users * k {
+        return invalid(format!(
+            "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
+            weights.len()
+        ));
+    }
+    if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
+        return invalid(format!("weights contains a non-finite value (user {})", pos / k));
+    }
+    check_len("rewards", rewards, features.n_rows())?;
+    ctl.chunks(n_users, |lo, hi| {
+        let feats = features.users(lo, hi);
+        let blocks = block_bounds(hi - lo);
+        let row_start = features.users(0, lo).n_rows();
+        let r_parts = split_lengths(
+            &mut rewards[row_start..row_start + feats.n_rows()],
+            blocks.iter().map(|&(a, b)| feats.users(a, b).n_rows()),
+        );
+        let work: Vec<_> = blocks.iter().copied().zip(r_parts).collect();
+        ctl.pool.install(|| {
+            work.into_par_iter().for_each_init(
+                || vec![T::ZERO; k],
+                |p, (b, out)| {
+                    let mut row = 0;
+                    for u in b.0..b.1 {
+                        softmax_into(&weights[(lo + u) * k..(lo + u + 1) * k], p);
+                        for f in feats.rows(u).chunks_exact(k) {
+                            out[row] = crate::real::dot(f, p);
+                            row += 1;
+                        }
+                    }
+                },
+            );
+        });
+        Ok(())
+    })?;
+    check_rows_finite("rewards", rewards, &features)
+}
+
+/// Mean loss and accuracy of each user's pairs at fixed weights (no adaptation).
+pub fn evaluate<T: Real>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], accuracy: &mut [T]) -> Result<()> {
+    let (k, n_users) = (pairs.k, pairs.n_users());
+    check_len("weights", weights, n_users * k)?;
+    check_len("losses", losses, n_users)?;
+    check_len("accuracy", accuracy, n_users)?;
+    let mut p = vec![T::ZERO; k];
+    for u in 0..n_users {
+        softmax_into(&weights[u * k..(u + 1) * k], &mut p);
+        (losses[u], accuracy[u]) = loss_and_accuracy(pairs.rows(u), k, &p);
+    }
+    Ok(())
+}

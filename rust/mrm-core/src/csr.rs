@@ -1,0 +1,129 @@
+//! Ragged per-user row sets in CSR layout (SPEC §4) and their validation.
+
+use crate::error::{invalid, Result};
+use crate::real::Real;
+
+/// Rows of width `k` grouped by user: user `u` owns rows `offsets[u]..offsets[u+1]`
+/// (relative to `offsets[0]`, so a slice of a larger batch is itself a batch).
+#[derive(Clone, Copy, Debug)]
+pub struct Csr<'a, T> {
+    pub values: &'a [T],
+    pub offsets: &'a [i64],
+    pub k: usize,
+}
+
+impl<'a, T: Real> Csr<'a, T> {
+    /// Builds a batch after checking its shape, its offsets and that every value is finite.
+    /// `name` is the argument name used in error messages (e.g. `"support"`).
+    pub fn new(name: &str, values: &'a [T], offsets: &'a [i64], k: usize) -> Result<Self> {
+        if k == 0 {
+            return invalid(format!("{name} must have at least one column (K >= 1)"));
+        }
+        if values.len() % k != 0 {
+            return invalid(format!(
+                "{name} has {} values, not a multiple of K = {k}",
+                values.len()
+            ));
+        }
+        let n_rows = values.len() / k;
+        check_offsets(name, offsets, n_rows)?;
+        let batch = Csr { values, offsets, k };
+        if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
+            let row = pos / k;
+            return invalid(format!(
+                "{name} contains a non-finite value (row {row}, user {})",
+                batch.user_of_row(row)
+            ));
+        }
+        Ok(batch)
+    }
+
+    #[inline]
+    pub fn n_users(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    #[inline]
+    pub fn n_rows(&self) -> usize {
+        self.values.len() / self.k
+    }
+
+    /// Row range of user `u`, relative to this batch.
+    #[inline]
+    pub fn row_range(&self, u: usize) -> std::ops::Range<usize> {
+        let base = self.offsets[0];
+        (self.offsets[u] - base) as usize..(self.offsets[u + 1] - base) as usize
+    }
+
+    /// The rows of user `u`, flattened (`n_u * k` values).
+    #[inline]
+    pub fn rows(&self, u: usize) -> &'a [T] {
+        let r = self.row_range(u);
+        &self.values[r.start * self.k..r.end * self.k]
+    }
+
+    /// The users `lo..hi` as a batch of their own.
+    pub fn users(&self, lo: usize, hi: usize) -> Csr<'a, T> {
+        let base = self.offsets[0];
+        let start = (self.offsets[lo] - base) as usize * self.k;
+        let end = (self.offsets[hi] - base) as usize * self.k;
+        Csr { values: &self.values[start..end], offsets: &self.offsets[lo..=hi], k: self.k }
+    }
+
+    /// The user owning row `row` (the last user when several end at the same row).
+    pub fn user_of_row(&self, row: usize) -> usize {
+        let target = self.offsets[0] + row as i64;
+        // first u with offsets[u+1] > target
+        self.offsets[1..].partition_point(|&o| o <= target)
+    }
+}
+
+/// Offsets must start at 0, never decrease and end at the row count.
+pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
+    let oname = format!("{name}_offsets");
+    if offsets.is_empty() {
+        return invalid(format!("{oname} must have at least one entry (U + 1 entries for U users)"));
+    }
+    if offsets[0] != 0 {
+        return invalid(format!("{oname}[0] must be 0, got {}", offsets[0]));
+    }
+    for u in 0..offsets.len() - 1 {
+        if offsets[u + 1] < offsets[u] {
+            return invalid(format!(
+                "{oname} must be non-decreasing: {oname}[{}] = {} < {oname}[{u}] = {} (user {u})",
+                u + 1,
+                offsets[u + 1],
+                offsets[u]
+            ));
+        }
+    }
+    let last = offsets[offsets.len() - 1];
+    if last != n_rows as i64 {
+        return invalid(format!(
+            "{oname}[-1] must equal the number of rows of {name} ({n_rows}), got {last}"
+        ));
+    }
+    Ok(())
+}
+
+/// Returns an error naming the first user whose output is not finite.
+pub(crate) fn check_output_finite<T: Real>(what: &str, values: &[T], per_user: usize) -> Result<()> {
+    if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
+        return invalid(format!(
+            "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",
+            pos / per_user.max(1)
+        ));
+    }
+    Ok(())
+}
+
+/// Same as [`check_output_finite`] for per-row outputs of a batch.
+pub(crate) fn check_rows_finite<T: Real>(what: &str, values: &[T], batch: &Csr<'_, T>) -> Result<()> {
+    if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
+        return invalid(format!(
+            "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",
+            batch.user_of_row(pos / batch.k)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,346 @@
+//! One user's inner loop (SPEC §2) and its exact reverse-mode adjoint (SPEC §3).
+//!
+//! Notation: `p = softmax(w)`, `J = diag(p) − p pᵀ`, `z_i = d_i · p`, `s_i = σ(−z_i)`,
+//! `g_p = −(1/n) Σ s_i d_i` (gradient in p), `g = J g_p` (gradient in w).
+
+use crate::error::{invalid, Result};
+use crate::real::{dot, sigmoid, softmax_into, softmax_jvp, softplus, Real};
+
+/// The inner optimiser.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    Sgd,
+    /// `torch.optim.Adam` semantics, fresh state per user.
+    Adam { beta1: f64, beta2: f64, eps: f64 },
+}
+
+/// The inner loop's hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InnerLoop {
+    pub steps: usize,
+    pub lr: f64,
+    pub optimizer: Optimizer,
+}
+
+impl InnerLoop {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return invalid(format!("lr must be finite and > 0, got {}", self.lr));
+        }
+        if let Optimizer::Adam { beta1, beta2, eps } = self.optimizer {
+            for (name, b) in [("betas[0]", beta1), ("betas[1]", beta2)] {
+                if !(b.is_finite() && (0.0..1.0).contains(&b)) {
+                    return invalid(format!("{name} must be in [0, 1), got {b}"));
+                }
+            }
+            if !(eps.is_finite() && eps > 0.0) {
+                return invalid(format!("eps must be finite and > 0, got {eps}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mean Bradley–Terry loss of `rows` at `p`; writes `g_p` and, when asked, every `s_i`.
+#[inline]
+fn pairs_pass<T: Real>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s_out: Option<&mut [T]>) -> T {
+    let n = rows.len() / k;
+    gp.fill(T::ZERO);
+    let mut loss = T::ZERO;
+    let mut s_out = s_out;
+    for (i, d) in rows.chunks_exact(k).enumerate() {
+        let z = dot(d, p);
+        let s = sigmoid(-z);
+        loss += softplus(-z);
+        for (g, &x) in gp.iter_mut().zip(d) {
+            *g += s * x;
+        }
+        if let Some(buf) = s_out.as_deref_mut() {
+            buf[i] = s;
+        }
+    }
+    let scale = -T::ONE / T::of(n as f64);
+    for g in gp.iter_mut() {
+        *g *= scale;
+    }
+    -loss * scale
+}
+
+/// Mean loss and accuracy (strict `d · p > 0`) of `rows` at `p`.
+#[inline]
+pub(crate) fn loss_and_accuracy<T: Real>(rows: &[T], k: usize, p: &[T]) -> (T, T) {
+    let n = rows.len() / k;
+    if n == 0 {
+        return (T::ZERO, T::ZERO);
+    }
+    let mut loss = T::ZERO;
+    let mut correct = 0usize;
+    for d in rows.chunks_exact(k) {
+        let z = dot(d, p);
+        loss += softplus(-z);
+        if z > T::ZERO {
+            correct += 1;
+        }
+    }
+    let inv_n = T::ONE / T::of(n as f64);
+    (loss * inv_n, T::of(correct as f64) * inv_n)
+}
+
+/// Adam's bias corrections for step `t` (1-based): `(α / (1−β1^t), sqrt(1−β2^t))`.
+#[inline]
+fn adam_constants(lr: f64, beta1: f64, beta2: f64, t: usize) -> (f64, f64) {
+    let t = t as i32;
+    (lr / (1.0 - beta1.powi(t)), (1.0 - beta2.powi(t)).sqrt())
+}
+
+/// Per-thread scratch memory for one user at a time. Nothing here outlives a user.
+pub(crate) struct Workspace<T> {
+    p: Vec<T>,
+    gp: Vec<T>,
+    g: Vec<T>,
+    m: Vec<T>,
+    v: Vec<T>,
+    lam: Vec<T>,
+    lam_m: Vec<T>,
+    lam_v: Vec<T>,
+    lam_g: Vec<T>,
+    mu: Vec<T>,
+    a_mu: Vec<T>,
+    tmp: Vec<T>,
+    // Trajectory of the current user, step-major: pre-step w, p, g_p, g; post-step m, v; s_i.
+    tr_w: Vec<T>,
+    tr_p: Vec<T>,
+    tr_gp: Vec<T>,
+    tr_g: Vec<T>,
+    tr_m: Vec<T>,
+    tr_v: Vec<T>,
+    tr_s: Vec<T>,
+}
+
+fn sized<T: Real>(buf: &mut Vec<T>, len: usize) {
+    buf.clear();
+    buf.resize(len, T::ZERO);
+}
+
+impl<T: Real> Default for Workspace<T> {
+    fn default() -> Self {
+        let e = Vec::new;
+        Workspace {
+            p: e(), gp: e(), g: e(), m: e(), v: e(), lam: e(), lam_m: e(), lam_v: e(), lam_g: e(),
+            mu: e(), a_mu: e(), tmp: e(), tr_w: e(), tr_p: e(), tr_gp: e(), tr_g: e(), tr_m: e(),
+            tr_v: e(), tr_s: e(),
+        }
+    }
+}
+
+impl<T: Real> Workspace<T> {
+    fn prepare(&mut self, k: usize, steps: usize, n_support: usize, record: bool) {
+        for b in [
+            &mut self.p, &mut self.gp, &mut self.g, &mut self.m, &mut self.v, &mut self.lam,
+            &mut self.lam_m, &mut self.lam_v, &mut self.lam_g, &mut self.mu, &mut self.a_mu,
+            &mut self.tmp,
+        ] {
+            sized(b, k);
+        }
+        if record {
+            for b in [
+                &mut self.tr_w, &mut self.tr_p, &mut self.tr_gp, &mut self.tr_g, &mut self.tr_m,
+                &mut self.tr_v,
+            ] {
+                sized(b, steps * k);
+            }
+            sized(&mut self.tr_s, steps * n_support);
+        }
+    }
+
+    /// Runs the inner loop in place on `w` (holding the start on entry, `w_T` on exit).
+    /// With `record`, keeps the trajectory for [`Workspace::backward`].
+    pub(crate) fn adapt(&mut self, w: &mut [T], support: &[T], k: usize, inner: &InnerLoop, record: bool) {
+        let n = support.len() / k;
+        let steps = if n == 0 { 0 } else { inner.steps };
+        self.prepare(k, steps, n, record);
+        let lr = T::of(inner.lr);
+        for t in 0..steps {
+            softmax_into(w, &mut self.p);
+            let s_out = if record { Some(&mut self.tr_s[t * n..(t + 1) * n]) } else { None };
+            pairs_pass(support, k, &self.p, &mut self.gp, s_out);
+            softmax_jvp(&self.p, &self.gp, &mut self.g);
+            if record {
+                let r = t * k..(t + 1) * k;
+                self.tr_w[r.clone()].copy_from_slice(w);
+                self.tr_p[r.clone()].copy_from_slice(&self.p);
+                self.tr_gp[r.clone()].copy_from_slice(&self.gp);
+                self.tr_g[r].copy_from_slice(&self.g);
+            }
+            match inner.optimizer {
+                Optimizer::Sgd => {
+                    for (wi, &gi) in w.iter_mut().zip(&self.g) {
+                        *wi -= lr * gi;
+                    }
+                }
+                Optimizer::Adam { beta1, beta2, eps } => {
+                    let (c1, c2) = adam_constants(inner.lr, beta1, beta2, t + 1);
+                    let (c1, c2, b1, b2, eps) = (T::of(c1), T::of(c2), T::of(beta1), T::of(beta2), T::of(eps));
+                    for j in 0..k {
+                        let gj = self.g[j];
+                        self.m[j] = b1 * self.m[j] + (T::ONE - b1) * gj;
+                        self.v[j] = b2 * self.v[j] + (T::ONE - b2) * gj * gj;
+                        w[j] -= c1 * self.m[j] / (self.v[j].sqrt() / c2 + eps);
+                    }
+                    if record {
+                        let r = t * k..(t + 1) * k;
+                        self.tr_m[r.clone()].copy_from_slice(&self.m);
+                        self.tr_v[r].copy_from_slice(&self.v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Support loss at `w` (0 for a user without support pairs).
+    pub(crate) fn support_loss(&mut self, w: &[T], support: &[T], k: usize) -> T {
+        softmax_into(w, &mut self.p);
+        loss_and_accuracy(support, k, &self.p).0
+    }
+
+    /// Query loss and accuracy at `w`.
+    pub(crate) fn query_metrics(&mut self, w: &[T], query: &[T], k: usize) -> (T, T) {
+        softmax_into(w, &mut self.p);
+        loss_and_accuracy(query, k, &self.p)
+    }
+
+    /// Exact gradient of `grad_loss · L(w_T(w0, S); Q)` with respect to `w0` (into `grad_w0`),
+    /// every support row (into `grad_support`) and every query row (into `grad_query`).
+    /// Recomputes the trajectory. `first_order` treats the inner gradients as constants.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        &mut self,
+        w0: &[T],
+        support: &[T],
+        query: &[T],
+        k: usize,
+        grad_loss: T,
+        inner: &InnerLoop,
+        first_order: bool,
+        grad_w0: &mut [T],
+        grad_support: &mut [T],
+        grad_query: &mut [T],
+    ) {
+        let n = support.len() / k;
+        let m_q = query.len() / k;
+        let steps = if n == 0 { 0 } else { inner.steps };
+        grad_w0.copy_from_slice(w0);
+        // grad_w0 holds w during the forward sweep, then the adjoint λ_w.
+        self.adapt(grad_w0, support, k, inner, true);
+
+        // Query: L_q = mean_j softplus(−q_j·p_T); ∂/∂q_j = −(1/m) s_j p_T; ∂/∂w_T = J g_p.
+        softmax_into(grad_w0, &mut self.p);
+        let scale = -grad_loss / T::of(m_q as f64);
+        self.gp.fill(T::ZERO);
+        for (d, out) in query.chunks_exact(k).zip(grad_query.chunks_exact_mut(k)) {
+            let s = sigmoid(-dot(d, &self.p));
+            for j in 0..k {
+                self.gp[j] += s * d[j];
+                out[j] = scale * s * self.p[j];
+            }
+        }
+        for x in self.gp.iter_mut() {
+            *x *= scale;
+        }
+        softmax_jvp(&self.p, &self.gp, &mut self.lam);
+        grad_support.fill(T::ZERO);
+
+        if first_order || steps == 0 {
+            grad_w0.copy_from_slice(&self.lam);
+            return;
+        }
+        self.lam_m.fill(T::ZERO);
+        self.lam_v.fill(T::ZERO);
+        let lr = T::of(inner.lr);
+        for t in (0..steps).rev() {
+            let r = t * k..(t + 1) * k;
+            // λ_g: adjoint of this step's gradient g_t, from the update rule.
+            match inner.optimizer {
+                Optimizer::Sgd => {
+                    for j in 0..k {
+                        self.lam_g[j] = -lr * self.lam[j];
+                    }
+                }
+                Optimizer::Adam { beta1, beta2, eps } => {
+                    let (c1, c2) = adam_constants(inner.lr, beta1, beta2, t + 1);
+                    let (c1, c2, b1, b2, eps) = (T::of(c1), T::of(c2), T::of(beta1), T::of(beta2), T::of(eps));
+                    let (m, v, g) = (&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]);
+                    for j in 0..k {
+                        // w_t = w_{t−1} − c1 m / (sqrt(v)/c2 + ε)
+                        let root = v[j].sqrt();
+                        let denom = root / c2 + eps;
+                        let lam_m = self.lam_m[j] - self.lam[j] * c1 / denom;
+                        // ∂w/∂v = c1 m / (denom² · 2 c2 sqrt(v)); at v = 0 also m = 0: limit 0.
+                        let dw_dv = if root > T::ZERO {
+                            c1 * m[j] / (denom * denom * T::of(2.0) * c2 * root)
+                        } else {
+                            T::ZERO
+                        };
+                        let lam_v = self.lam_v[j] + self.lam[j] * dw_dv;
+                        self.lam_g[j] = (T::ONE - b1) * lam_m + T::of(2.0) * (T::ONE - b2) * g[j] * lam_v;
+                        self.lam_m[j] = b1 * lam_m;
+                        self.lam_v[j] = b2 * lam_v;
+                    }
+                }
+            }
+            // λ_{w,t−1} = λ_{w,t} + H_t λ_g, and each support row gets ∂(λ_g · g_t)/∂d_i.
+            hvp_and_row_grads(
+                support,
+                k,
+                &self.tr_p[r.clone()],
+                &self.tr_gp[r.clone()],
+                &self.tr_s[t * n..(t + 1) * n],
+                &self.lam_g,
+                &mut self.mu,
+                &mut self.a_mu,
+                &mut self.tmp,
+                grad_support,
+            );
+            for j in 0..k {
+                self.lam[j] += self.mu[j];
+            }
+        }
+        grad_w0.copy_from_slice(&self.lam);
+    }
+}
+
+/// For one inner step at `p` (with its `g_p` and `s_i`): writes `H λ` into `hvp` and adds
+/// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu` and `tmp` are scratch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn hvp_and_row_grads<T: Real>(
+    rows: &[T],
+    k: usize,
+    p: &[T],
+    gp: &[T],
+    s_vals: &[T],
+    lam: &[T],
+    hvp: &mut [T],
+    a_mu: &mut [T],
+    tmp: &mut [T],
+    grad_rows: &mut [T],
+) {
+    let inv_n = T::ONE / T::of((rows.len() / k) as f64);
+    let mu = tmp;
+    softmax_jvp(p, lam, mu);
+    a_mu.fill(T::ZERO);
+    for ((d, out), &s) in rows.chunks_exact(k).zip(grad_rows.chunks_exact_mut(k)).zip(s_vals) {
+        // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
+        let c = s * (T::ONE - s) * dot(mu, d);
+        for j in 0..k {
+            a_mu[j] += c * d[j];
+            out[j] -= inv_n * (s * mu[j] - c * p[j]);
+        }
+    }
+    // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
+    let p_gp = dot(p, gp);
+    let p_lam = dot(p, lam);
+    for j in 0..k {
+        a_mu[j] = (gp[j] - p_gp) * lam[j] - gp[j] * p_lam + inv_n * a_mu[j];
+    }
+    softmax_jvp(p, a_mu, hvp);
+}

@@ -1,0 +1,25 @@
+//! mrm-core: native kernels for Meta Reward Modeling (see SPEC.md in the project).
+//!
+//! Pure Rust, no Python: ragged per-user CSR batches in, slices out. Every entry point
+//! validates its input and returns [`Error::Invalid`] instead of panicking.
+//!
+//! - [`batch::forward`]: each user's inner loop (SGD or Adam) from a shared or per-user start,
+//!   with support/query loss and accuracy at the adapted weights;
+//! - [`batch::backward`]: the exact (or first-order) gradient of a weighted sum of query losses
+//!   with respect to the start and every support and query row;
+//! - [`rpo::rpo`]: the Robust Personalization Objective and its gradient;
+//! - [`batch::score`]: personalised rewards of feature rows.
+
+pub mod batch;
+pub mod csr;
+pub mod error;
+pub mod inner;
+pub mod real;
+pub mod rpo;
+
+pub use batch::{backward, evaluate, forward, score, Control, ForwardOutputs, Start};
+pub use csr::Csr;
+pub use error::{Error, Result};
+pub use inner::{InnerLoop, Optimizer};
+pub use real::Real;
+pub use rpo::rpo;

@@ -1,0 +1,310 @@
+//! Python bindings for mrm-core: conversion, validation of shapes, GIL release, thread pools.
+//! No maths here. The public, documented API is `mrm.ops` (Python), which calls these.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use mrm_core::{Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
+use numpy::ndarray::{Array1, Array2};
+use numpy::{Element, IntoPyArray, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
+use pyo3::prelude::*;
+
+/// Users per chunk between two checks for Ctrl-C.
+const CHUNK_USERS: usize = 1 << 16;
+
+/// Private rayon pools by size, remembered with the process id that built them: a forked
+/// child finds another pid and builds fresh pools (the parent's threads do not exist there).
+static POOLS: Mutex<Option<(u32, HashMap<usize, Arc<rayon::ThreadPool>>)>> = Mutex::new(None);
+
+fn pool(num_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
+    if num_threads == 0 {
+        return Err(PyValueError::new_err("num_threads must be >= 1"));
+    }
+    let mut guard = POOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let pid = std::process::id();
+    if guard.as_ref().is_some_and(|(owner, _)| *owner != pid) {
+        // Inherited from the parent across fork(): its worker threads are gone; never join them.
+        if let Some(stale) = guard.take() {
+            std::mem::forget(stale);
+        }
+    }
+    let (_, pools) = guard.get_or_insert_with(|| (pid, HashMap::new()));
+    if let Some(p) = pools.get(&num_threads) {
+        return Ok(p.clone());
+    }
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(num_threads)
+        .thread_name(|i| format!("mrm-worker-{i}"))
+        .build()
+        .map_err(|e| PyValueError::new_err(format!("could not start {num_threads} threads: {e}")))?;
+    let built = Arc::new(built);
+    pools.insert(num_threads, built.clone());
+    Ok(built)
+}
+
+/// Runs `f` without the GIL on the pool, with a Ctrl-C check between chunks of users.
+fn run<R: Send>(
+    py: Python<'_>,
+    num_threads: usize,
+    f: impl FnOnce(&Control<'_>) -> Result<R, Error> + Send,
+) -> PyResult<R> {
+    let pool = pool(num_threads)?;
+    let pending: Mutex<Option<PyErr>> = Mutex::new(None);
+    let result = py.detach(|| {
+        let keep_going = || match Python::attach(|py| py.check_signals()) {
+            Ok(()) => true,
+            Err(err) => {
+                *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                false
+            }
+        };
+        let ctl = Control { pool: &pool, chunk_users: CHUNK_USERS, keep_going: &keep_going };
+        f(&ctl)
+    });
+    result.map_err(|e| match e {
+        Error::Invalid(msg) => PyValueError::new_err(msg),
+        Error::Interrupted => pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted")),
+    })
+}
+
+fn slice<'a, T: Element, D: numpy::ndarray::Dimension>(
+    name: &str,
+    array: &'a numpy::PyReadonlyArray<'_, T, D>,
+) -> PyResult<&'a [T]> {
+    array
+        .as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+}
+
+fn inner_loop(steps: usize, lr: f64, optimizer: &str, beta1: f64, beta2: f64, eps: f64) -> PyResult<InnerLoop> {
+    let optimizer = match optimizer {
+        "sgd" => Optimizer::Sgd,
+        "adam" => Optimizer::Adam { beta1, beta2, eps },
+        other => return Err(PyValueError::new_err(format!("optimizer must be 'sgd' or 'adam', got {other:?}"))),
+    };
+    Ok(InnerLoop { steps, lr, optimizer })
+}
+
+fn start<'a, T: Real + Element>(w0: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<Start<'a, T>> {
+    let values = slice("w0", w0)?;
+    match w0.ndim() {
+        1 => Ok(Start::Shared(values)),
+        2 => Ok(Start::PerUser(values)),
+        n => Err(PyValueError::new_err(format!("w0 must be 1-D (K,) or 2-D (U, K), got {n}-D"))),
+    }
+}
+
+fn matrix<T: Element>(values: Vec<T>, rows: usize, cols: usize) -> PyResult<Array2<T>> {
+    Array2::from_shape_vec((rows, cols), values).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+type Forward<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+type Backward<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+#[allow(clippy::too_many_arguments)]
+fn forward<'py, T: Real + Element>(
+    py: Python<'py>,
+    w0: PyReadonlyArrayDyn<'py, T>,
+    support: PyReadonlyArray2<'py, T>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: Option<(PyReadonlyArray2<'py, T>, PyReadonlyArray1<'py, i64>)>,
+    inner: InnerLoop,
+    with_support_loss: bool,
+    num_threads: usize,
+) -> PyResult<Forward<'py>> {
+    let k = support.shape()[1];
+    let support = Csr::new("support", slice("support", &support)?, slice("support_offsets", &support_offsets)?, k)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let query = match &query {
+        Some((q, qo)) => Some(
+            Csr::new("query", slice("query", q)?, slice("query_offsets", qo)?, q.shape()[1])
+                .map_err(|e| PyValueError::new_err(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let start = start(&w0)?;
+    let n_users = support.n_users();
+    let mut weights = vec![T::ZERO; n_users * k];
+    let mut support_losses = if with_support_loss { Some(vec![T::ZERO; n_users]) } else { None };
+    let mut losses = query.map(|_| vec![T::ZERO; n_users]);
+    let mut accuracy = query.map(|_| vec![T::ZERO; n_users]);
+    run(py, num_threads, |ctl| {
+        let out = ForwardOutputs {
+            weights: &mut weights,
+            support_losses: support_losses.as_deref_mut(),
+            losses: losses.as_deref_mut(),
+            accuracy: accuracy.as_deref_mut(),
+        };
+        mrm_core::forward(start, support, query, &inner, out, ctl)
+    })?;
+    let vector = |v: Option<Vec<T>>| v.map(|v| Array1::from_vec(v).into_pyarray(py).into_any());
+    Ok((
+        matrix(weights, n_users, k)?.into_pyarray(py).into_any(),
+        vector(support_losses),
+        vector(losses),
+        vector(accuracy),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward<'py, T: Real + Element>(
+    py: Python<'py>,
+    w0: PyReadonlyArrayDyn<'py, T>,
+    support: PyReadonlyArray2<'py, T>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: PyReadonlyArray2<'py, T>,
+    query_offsets: PyReadonlyArray1<'py, i64>,
+    grad_losses: PyReadonlyArray1<'py, T>,
+    inner: InnerLoop,
+    first_order: bool,
+    num_threads: usize,
+) -> PyResult<Backward<'py>> {
+    let k = support.shape()[1];
+    let support = Csr::new("support", slice("support", &support)?, slice("support_offsets", &support_offsets)?, k)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let query = Csr::new("query", slice("query", &query)?, slice("query_offsets", &query_offsets)?, query.shape()[1])
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let start = start(&w0)?;
+    let grad_losses = slice("grad_losses", &grad_losses)?;
+    let mut grad_w0 = vec![T::ZERO; start_len(&start)];
+    let mut grad_support = vec![T::ZERO; support.values.len()];
+    let mut grad_query = vec![T::ZERO; query.values.len()];
+    run(py, num_threads, |ctl| {
+        mrm_core::backward(
+            start, support, query, grad_losses, &inner, first_order, &mut grad_w0, &mut grad_support,
+            &mut grad_query, ctl,
+        )
+    })?;
+    let grad_w0 = match start {
+        Start::Shared(_) => Array1::from_vec(grad_w0).into_pyarray(py).into_any(),
+        Start::PerUser(_) => matrix(grad_w0, support.n_users(), k)?.into_pyarray(py).into_any(),
+    };
+    Ok((
+        grad_w0,
+        matrix(grad_support, support.n_rows(), k)?.into_pyarray(py).into_any(),
+        matrix(grad_query, query.n_rows(), query.k)?.into_pyarray(py).into_any(),
+    ))
+}
+
+fn start_len<T>(start: &Start<'_, T>) -> usize {
+    match start {
+        Start::Shared(w) | Start::PerUser(w) => w.len(),
+    }
+}
+
+fn rpo<'py, T: Real + Element>(
+    py: Python<'py>,
+    losses: PyReadonlyArray1<'py, T>,
+    tail: f64,
+    gamma: f64,
+) -> PyResult<(f64, Bound<'py, PyAny>)> {
+    let (objective, grad) = mrm_core::rpo(slice("losses", &losses)?, tail, gamma)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok((objective.to_f64(), Array1::from_vec(grad).into_pyarray(py).into_any()))
+}
+
+fn score<'py, T: Real + Element>(
+    py: Python<'py>,
+    features: PyReadonlyArray2<'py, T>,
+    feature_offsets: PyReadonlyArray1<'py, i64>,
+    weights: PyReadonlyArray2<'py, T>,
+    num_threads: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let k = features.shape()[1];
+    let features = Csr::new("features", slice("features", &features)?, slice("feature_offsets", &feature_offsets)?, k)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let weights = slice("weights", &weights)?;
+    let mut rewards = vec![T::ZERO; features.n_rows()];
+    run(py, num_threads, |ctl| mrm_core::score(features, weights, &mut rewards, ctl))?;
+    Ok(Array1::from_vec(rewards).into_pyarray(py).into_any())
+}
+
+/// The Python entry points for one dtype; `mrm.ops` picks the dtype.
+macro_rules! entry_points {
+    ($t:ty, $forward:ident, $backward:ident, $rpo:ident, $score:ident) => {
+        #[pyfunction]
+        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, steps, lr, optimizer, beta1, beta2, eps, with_support_loss, num_threads))]
+        #[allow(clippy::too_many_arguments)]
+        fn $forward<'py>(
+            py: Python<'py>,
+            w0: PyReadonlyArrayDyn<'py, $t>,
+            support: PyReadonlyArray2<'py, $t>,
+            support_offsets: PyReadonlyArray1<'py, i64>,
+            query: Option<PyReadonlyArray2<'py, $t>>,
+            query_offsets: Option<PyReadonlyArray1<'py, i64>>,
+            steps: usize,
+            lr: f64,
+            optimizer: &str,
+            beta1: f64,
+            beta2: f64,
+            eps: f64,
+            with_support_loss: bool,
+            num_threads: usize,
+        ) -> PyResult<Forward<'py>> {
+            let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
+            forward(py, w0, support, support_offsets, query.zip(query_offsets), inner, with_support_loss, num_threads)
+        }
+
+        #[pyfunction]
+        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, grad_losses, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads))]
+        #[allow(clippy::too_many_arguments)]
+        fn $backward<'py>(
+            py: Python<'py>,
+            w0: PyReadonlyArrayDyn<'py, $t>,
+            support: PyReadonlyArray2<'py, $t>,
+            support_offsets: PyReadonlyArray1<'py, i64>,
+            query: PyReadonlyArray2<'py, $t>,
+            query_offsets: PyReadonlyArray1<'py, i64>,
+            grad_losses: PyReadonlyArray1<'py, $t>,
+            steps: usize,
+            lr: f64,
+            optimizer: &str,
+            beta1: f64,
+            beta2: f64,
+            eps: f64,
+            first_order: bool,
+            num_threads: usize,
+        ) -> PyResult<Backward<'py>> {
+            let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
+            backward(py, w0, support, support_offsets, query, query_offsets, grad_losses, inner, first_order, num_threads)
+        }
+
+        #[pyfunction]
+        fn $rpo<'py>(py: Python<'py>, losses: PyReadonlyArray1<'py, $t>, tail: f64, gamma: f64) -> PyResult<(f64, Bound<'py, PyAny>)> {
+            rpo(py, losses, tail, gamma)
+        }
+
+        #[pyfunction]
+        fn $score<'py>(
+            py: Python<'py>,
+            features: PyReadonlyArray2<'py, $t>,
+            feature_offsets: PyReadonlyArray1<'py, i64>,
+            weights: PyReadonlyArray2<'py, $t>,
+            num_threads: usize,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            score(py, features, feature_offsets, weights, num_threads)
+        }
+    };
+}
+
+entry_points!(f32, forward_f32, backward_f32, rpo_f32, score_f32);
+entry_points!(f64, forward_f64, backward_f64, rpo_f64, score_f64);
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(backward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(rpo_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(rpo_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(score_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(score_f64, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
