@@ -82,8 +82,8 @@ pub(crate) fn loss_and_accuracy<T: Real>(rows: &[T], k: usize, p: &[T]) -> (T, T
             correct += 1;
         }
     }
-    let inv_n = T::ONE / T::of(n as f64);
-    (loss * inv_n, T::of(correct as f64) * inv_n)
+    let n = T::of(n as f64);
+    (loss / n, T::of(correct as f64) / n)
 }
 
 /// Adam's bias corrections for step `t` (1-based): `(α / (1−β1^t), sqrt(1−β2^t))`.
@@ -343,4 +343,82 @@ pub(crate) fn hvp_and_row_grads<T: Real>(
         a_mu[j] = (gp[j] - p_gp) * lam[j] - gp[j] * p_lam + inv_n * a_mu[j];
     }
     softmax_jvp(p, a_mu, hvp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ∇_w L at `w` through the closed forms (g = J g_p).
+    fn gradient(w: &[f64], rows: &[f64], k: usize) -> Vec<f64> {
+        let (mut p, mut gp, mut g) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+        softmax_into(w, &mut p);
+        pairs_pass(rows, k, &p, &mut gp, None);
+        softmax_jvp(&p, &gp, &mut g);
+        g
+    }
+
+    fn loss(w: &[f64], rows: &[f64], k: usize) -> f64 {
+        let mut p = vec![0.0; k];
+        softmax_into(w, &mut p);
+        loss_and_accuracy(rows, k, &p).0
+    }
+
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let (k, n) = (5, 7);
+        let mut seed = 1;
+        let rows: Vec<f64> = (0..n * k).map(|_| 2.0 * lcg(&mut seed)).collect();
+        let w: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
+        let g = gradient(&w, &rows, k);
+        let h = 1e-6;
+        for j in 0..k {
+            let (mut plus, mut minus) = (w.clone(), w.clone());
+            plus[j] += h;
+            minus[j] -= h;
+            let fd = (loss(&plus, &rows, k) - loss(&minus, &rows, k)) / (2.0 * h);
+            assert!((fd - g[j]).abs() < 1e-9, "coordinate {j}: fd {fd} vs {}", g[j]);
+        }
+    }
+
+    #[test]
+    fn hvp_and_row_gradients_match_finite_differences() {
+        let (k, n) = (4, 6);
+        let mut seed = 7;
+        let rows: Vec<f64> = (0..n * k).map(|_| 1.5 * lcg(&mut seed)).collect();
+        let w: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
+        let lam: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
+        let (mut p, mut gp, mut s) = (vec![0.0; k], vec![0.0; k], vec![0.0; n]);
+        softmax_into(&w, &mut p);
+        pairs_pass(&rows, k, &p, &mut gp, Some(&mut s));
+        let (mut hvp, mut a, mut t) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+        let mut row_grads = vec![0.0; n * k];
+        hvp_and_row_grads(&rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut row_grads);
+
+        let h = 1e-6;
+        // H λ = d/dε ∇L(w + ε λ)
+        let shifted = |eps: f64| -> Vec<f64> {
+            let ws: Vec<f64> = w.iter().zip(&lam).map(|(a, b)| a + eps * b).collect();
+            gradient(&ws, &rows, k)
+        };
+        let (gp_plus, gp_minus) = (shifted(h), shifted(-h));
+        for j in 0..k {
+            let fd = (gp_plus[j] - gp_minus[j]) / (2.0 * h);
+            assert!((fd - hvp[j]).abs() < 1e-8, "Hλ[{j}]: fd {fd} vs {}", hvp[j]);
+        }
+        // ∂(λ · ∇L)/∂d_i
+        let objective = |r: &[f64]| -> f64 { gradient(&w, r, k).iter().zip(&lam).map(|(a, b)| a * b).sum() };
+        for idx in 0..n * k {
+            let (mut plus, mut minus) = (rows.clone(), rows.clone());
+            plus[idx] += h;
+            minus[idx] -= h;
+            let fd = (objective(&plus) - objective(&minus)) / (2.0 * h);
+            assert!((fd - row_grads[idx]).abs() < 1e-8, "row value {idx}: fd {fd} vs {}", row_grads[idx]);
+        }
+    }
 }

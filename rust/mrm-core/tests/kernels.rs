@@ -1,0 +1,182 @@
+//! Whole-kernel checks: meta-gradients against finite differences of the forward pass,
+//! float32 against float64, bit-identical results for any thread count, no panics.
+
+use mrm_core::{backward, forward, rpo, score, Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
+use proptest::prelude::*;
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
+}
+
+struct Data {
+    k: usize,
+    w0: Vec<f64>,
+    support: Vec<f64>,
+    s_off: Vec<i64>,
+    query: Vec<f64>,
+    q_off: Vec<i64>,
+}
+
+fn lcg(seed: &mut u64) -> f64 {
+    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}
+
+fn data(n_users: usize, k: usize, seed: u64) -> Data {
+    let mut s = seed;
+    let mut s_off = vec![0i64];
+    let mut q_off = vec![0i64];
+    for u in 0..n_users {
+        s_off.push(s_off[u] + (u as i64 * 7 + seed as i64) % 9);
+        q_off.push(q_off[u] + 1 + (u as i64 * 5 + seed as i64) % 6);
+    }
+    let support = (0..*s_off.last().unwrap() as usize * k).map(|_| 1.5 * lcg(&mut s)).collect();
+    let query = (0..*q_off.last().unwrap() as usize * k).map(|_| 1.5 * lcg(&mut s)).collect();
+    let w0 = (0..k).map(|_| 0.5 * lcg(&mut s)).collect();
+    Data { k, w0, support, s_off, query, q_off }
+}
+
+fn cast<T: Real>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|&x| T::of(x)).collect()
+}
+
+fn bits<T: Real>(v: &[T]) -> Vec<u64> {
+    v.iter().map(|x| x.to_f64().to_bits()).collect()
+}
+
+fn losses<T: Real>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &InnerLoop, threads: usize) -> Vec<T> {
+    let n = d.s_off.len() - 1;
+    let (mut w, mut l) = (vec![T::ZERO; n * d.k], vec![T::ZERO; n]);
+    let p = pool(threads);
+    let ctl = Control { pool: &p, chunk_users: 3, keep_going: &|| true };
+    let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: Some(&mut l), accuracy: None };
+    let s = Csr::new("support", support, &d.s_off, d.k).unwrap();
+    let q = Csr::new("query", query, &d.q_off, d.k).unwrap();
+    forward(Start::Shared(w0), s, Some(q), inner, out, &ctl).unwrap();
+    l
+}
+
+type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+fn grads<T: Real>(d: &Data, w0: &[T], support: &[T], query: &[T], gl: &[T], inner: &InnerLoop, threads: usize) -> Grads<T> {
+    let (mut gw, mut gs, mut gq) = (vec![T::ZERO; d.k], vec![T::ZERO; support.len()], vec![T::ZERO; query.len()]);
+    let p = pool(threads);
+    let ctl = Control { pool: &p, chunk_users: 3, keep_going: &|| true };
+    let s = Csr::new("support", support, &d.s_off, d.k).unwrap();
+    let q = Csr::new("query", query, &d.q_off, d.k).unwrap();
+    backward(Start::Shared(w0), s, q, gl, inner, false, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+    (gw, gs, gq)
+}
+
+fn inner_loops() -> Vec<InnerLoop> {
+    vec![
+        InnerLoop { steps: 4, lr: 0.5, optimizer: Optimizer::Sgd },
+        InnerLoop { steps: 4, lr: 0.05, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } },
+    ]
+}
+
+#[test]
+fn meta_gradient_matches_finite_differences() {
+    let d = data(5, 3, 11);
+    let gl: Vec<f64> = (0..5).map(|u| 0.5 + u as f64 * 0.25).collect();
+    let objective = |w0: &[f64], s: &[f64], q: &[f64], inner: &InnerLoop| -> f64 {
+        losses(&d, w0, s, q, inner, 1).iter().zip(&gl).map(|(a, b)| a * b).sum()
+    };
+    let h = 1e-6;
+    for inner in inner_loops() {
+        let (gw, gs, gq) = grads(&d, &d.w0, &d.support, &d.query, &gl, &inner, 2);
+        for (which, analytic) in [(0, &gw), (1, &gs), (2, &gq)] {
+            for idx in 0..analytic.len() {
+                let mut plus = [d.w0.clone(), d.support.clone(), d.query.clone()];
+                let mut minus = plus.clone();
+                plus[which][idx] += h;
+                minus[which][idx] -= h;
+                let fd = (objective(&plus[0], &plus[1], &plus[2], &inner)
+                    - objective(&minus[0], &minus[1], &minus[2], &inner))
+                    / (2.0 * h);
+                assert!(
+                    (fd - analytic[idx]).abs() < 1e-7 * (1.0 + fd.abs()),
+                    "{inner:?} array {which} entry {idx}: fd {fd} vs {}",
+                    analytic[idx]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn float32_within_1e4_of_float64() {
+    let d = data(40, 8, 3);
+    let gl = vec![1.0f64; 40];
+    let close = |a: &[f32], b: &[f64]| {
+        let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for (x, y) in a.iter().zip(b) {
+            assert!((*x as f64 - y).abs() <= 1e-4 * scale + 1e-7, "{x} vs {y}");
+        }
+    };
+    for inner in inner_loops() {
+        let l64 = losses(&d, &d.w0, &d.support, &d.query, &inner, 2);
+        let l32 = losses::<f32>(&d, &cast(&d.w0), &cast(&d.support), &cast(&d.query), &inner, 2);
+        let g64 = grads(&d, &d.w0, &d.support, &d.query, &gl, &inner, 2);
+        let g32 = grads::<f32>(&d, &cast(&d.w0), &cast(&d.support), &cast(&d.query), &cast(&gl), &inner, 2);
+        close(&l32, &l64);
+        close(&g32.0, &g64.0);
+        close(&g32.1, &g64.1);
+        close(&g32.2, &g64.2);
+    }
+}
+
+#[test]
+fn bit_identical_for_any_thread_count() {
+    let d = data(3000, 8, 5);
+    let gl: Vec<f64> = (0..3000).map(|u| 1.0 + (u % 7) as f64).collect();
+    for inner in inner_loops() {
+        let base = grads(&d, &d.w0, &d.support, &d.query, &gl, &inner, 1);
+        let base_losses = losses(&d, &d.w0, &d.support, &d.query, &inner, 1);
+        for threads in [2, 4] {
+            let other = grads(&d, &d.w0, &d.support, &d.query, &gl, &inner, threads);
+            assert_eq!(bits(&base.0), bits(&other.0));
+            assert_eq!(bits(&base.1), bits(&other.1));
+            assert_eq!(bits(&base.2), bits(&other.2));
+            assert_eq!(bits(&base_losses), bits(&losses(&d, &d.w0, &d.support, &d.query, &inner, threads)));
+        }
+    }
+}
+
+#[test]
+fn keep_going_false_interrupts() {
+    let d = data(10, 2, 1);
+    let p = pool(1);
+    let ctl = Control { pool: &p, chunk_users: 3, keep_going: &|| false };
+    let s = Csr::new("support", &d.support, &d.s_off, 2).unwrap();
+    let mut r = vec![0.0; s.n_rows()];
+    assert_eq!(score(s, &[0.0; 20], &mut r, &ctl), Err(Error::Interrupted));
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_inputs_never_panic(
+        offsets in proptest::collection::vec(-5i64..20, 0..6),
+        values in proptest::collection::vec(prop_oneof![-3.0f64..3.0, Just(f64::NAN), Just(1e308)], 0..40),
+        k in 0usize..4,
+        tail in -0.5f64..1.5,
+        gamma in -1.0f64..1.0,
+        steps in 0usize..4,
+    ) {
+        let p = pool(1);
+        let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
+        if let Ok(batch) = Csr::new("support", &values, &offsets, k) {
+            let n = batch.n_users();
+            let inner = InnerLoop { steps, lr: 0.3, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } };
+            let mut w = vec![0.0; n * k];
+            let w0 = vec![0.0; k];
+            let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
+            let _ = forward(Start::Shared(&w0), batch, None, &inner, out, &ctl);
+            let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; values.len()], vec![0.0; values.len()]);
+            let _ = backward(Start::Shared(&w0), batch, batch, &vec![1.0; n], &inner, false, &mut gw, &mut gs, &mut gq, &ctl);
+            let mut r = vec![0.0; batch.n_rows()];
+            let _ = score(batch, &vec![0.0; n * k], &mut r, &ctl);
+        }
+        let _ = rpo(&values, tail, gamma);
+    }
+}
