@@ -1,0 +1,244 @@
+"""MetaRewardModel: K base reward functions φ_θ and the meta-learned start w0 (needs torch).
+
+Reference form (SPEC §1, the released configuration): ``φ(e) = L_n(…L_1(scale · e))``, a stack
+of ``nn.Linear`` without activations, ``scale = 0.01``, no bias, last width K. ``activation``
+turns the stack into a small MLP (the activation goes between layers, never after the last).
+Checkpoints are a directory holding ``config.json`` and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from mrm import ops
+from mrm._io import atomic_dir
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "mrm-fast/meta-reward-model"
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+@dataclass
+class ModelConfig:
+    input_dim: int
+    """D, the embedding width."""
+    num_bases: int = 2
+    """K, the number of base reward functions (2 in the released scripts)."""
+    hidden_sizes: List[int] = field(default_factory=list)
+    """Widths between the input and the K outputs (empty: one linear map D → K)."""
+    scale: float = 0.01
+    """Inputs are multiplied by this (0.01 suits raw LLM hidden states)."""
+    bias: bool = False
+    activation: Optional[str] = None
+    """None: the official linear stack; 'relu' | 'gelu' | 'tanh': an MLP."""
+
+    def validate(self) -> None:
+        if not (isinstance(self.input_dim, int) and self.input_dim >= 1):
+            raise ValueError(f"input_dim must be a positive int, got {self.input_dim!r}")
+        if not (isinstance(self.num_bases, int) and self.num_bases >= 1):
+            raise ValueError(f"num_bases must be a positive int, got {self.num_bases!r}")
+        if any(not (isinstance(h, int) and h >= 1) for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive ints, got {self.hidden_sizes!r}")
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale != 0):
+            raise ValueError(f"scale must be a finite non-zero number, got {self.scale!r}")
+        if self.activation is not None and self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be None or one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+
+    @staticmethod
+    def from_dict(raw: dict) -> "ModelConfig":
+        known = {f for f in ModelConfig.__dataclass_fields__}
+        unknown = set(raw) - known - {"format"}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        config = ModelConfig(**{k: v for k, v in raw.items() if k in known})
+        config.hidden_sizes = list(config.hidden_sizes)
+        config.validate()
+        return config
+
+
+class MetaRewardModel(nn.Module):
+    """φ_θ (``layers``) and the shared start ``shared_weight`` (w0, K logits)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        widths = [config.input_dim, *config.hidden_sizes, config.num_bases]
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=config.bias) for a, b in zip(widths[:-1], widths[1:]))
+        self.activation = _ACTIVATIONS[config.activation]() if config.activation else None
+        self.shared_weight = nn.Parameter(torch.zeros(config.num_bases))
+
+    @property
+    def num_bases(self) -> int:
+        return self.config.num_bases
+
+    def features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """φ(e): (N, D) → (N, K) base rewards."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.config.input_dim:
+            raise ValueError(
+                f"embeddings must have shape (N, {self.config.input_dim}), got {tuple(embeddings.shape)}"
+            )
+        x = embeddings.to(self.shared_weight.dtype) * self.config.scale
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.activation is not None and i < len(self.layers) - 1:
+                x = self.activation(x)
+        return x
+
+    def reward(self, embeddings: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """r(e) = φ(e) · softmax(w): ``weights`` (K,) for all rows or (N, K) one per row;
+        None uses the shared start w0."""
+        phi = self.features(embeddings)
+        w = self.shared_weight if weights is None else torch.as_tensor(weights, dtype=phi.dtype, device=phi.device)
+        return (phi * torch.softmax(w, dim=-1)).sum(-1)
+
+    def pair_differences(self, embeddings: torch.Tensor, chosen, rejected) -> torch.Tensor:
+        """d = φ(e_chosen) − φ(e_rejected) for index arrays into ``embeddings``; φ runs once per
+        distinct row."""
+        chosen = torch.as_tensor(np.asarray(chosen), dtype=torch.int64, device=embeddings.device)
+        rejected = torch.as_tensor(np.asarray(rejected), dtype=torch.int64, device=embeddings.device)
+        rows, inverse = torch.unique(torch.cat([chosen, rejected]), return_inverse=True)
+        phi = self.features(embeddings[rows])
+        n = chosen.shape[0]
+        return phi[inverse[:n]] - phi[inverse[n:]]
+
+    @torch.no_grad()
+    def adapt(
+        self,
+        embeddings: torch.Tensor,
+        chosen,
+        rejected,
+        offsets,
+        *,
+        steps: int,
+        lr: float,
+        optimizer: str = "adam",
+        start: Optional[np.ndarray] = None,
+        num_threads: Optional[int] = None,
+    ) -> np.ndarray:
+        """Adapted logits (U, K) for users whose pairs are ``chosen``/``rejected`` grouped by
+        ``offsets``; from w0, or from ``start`` (K,) or (U, K) (a warm start)."""
+        d = self.pair_differences(embeddings, chosen, rejected).cpu().numpy()
+        w0 = self.shared_weight.detach().cpu().numpy().astype(d.dtype) if start is None else np.asarray(start, d.dtype)
+        return ops.adapt(w0, d, np.asarray(offsets), steps=steps, lr=lr, optimizer=optimizer, num_threads=num_threads)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: Union[str, Path], *, extra_config: Optional[dict] = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory`` atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        config = {"format": FORMAT, **asdict(self.config), **(extra_config or {})}
+        with atomic_dir(directory) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], *, expected: Optional[ModelConfig] = None) -> "MetaRewardModel":
+        """Load a checkpoint written by :meth:`save_pretrained`.
+
+        ``expected``: fail with a clear error if the checkpoint's shape (D, K, hidden sizes)
+        differs from this config.
+        """
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"checkpoint file {p} not found")
+        try:
+            raw = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config_path} is not valid JSON (corrupt or truncated checkpoint): {exc}") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ValueError(f"{config_path} is not an mrm-fast model config")
+        model_keys = set(ModelConfig.__dataclass_fields__)
+        config = ModelConfig.from_dict({k: v for k, v in raw.items() if k in model_keys or k == "format"})
+        if expected is not None:
+            for name in ("input_dim", "num_bases", "hidden_sizes"):
+                have, want = getattr(config, name), getattr(expected, name)
+                if list(np.atleast_1d(have)) != list(np.atleast_1d(want)):
+                    raise ValueError(f"checkpoint {directory} has {name} = {have}, but the config asks for {want}")
+        state = _load_safetensors(weights_path)
+        model = cls(config)
+        model.load_checked_state(state, source=str(weights_path))
+        model.extra_config = {k: v for k, v in raw.items() if k not in model_keys and k != "format"}
+        return model
+
+    def load_checked_state(self, state: dict, source: str) -> None:
+        """load_state_dict with errors that name the culprit key and shapes."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not match the model (hidden_sizes/bias/K differ?): "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(tensor.shape)} but the model expects "
+                    f"{tuple(expected[key].shape)} (a checkpoint from a different input_dim, hidden_sizes or K)"
+                )
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{source}: {key} contains non-finite values")
+        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+    @classmethod
+    def from_official_checkpoint(cls, path: Union[str, Path], *, scale: float = 0.01) -> "MetaRewardModel":
+        """Import an official MRM ``.pt`` state dict (keys ``layers.N.weight``, optional
+        ``layers.N.bias``, ``shared_weight``). Layer sizes and K are read from the shapes."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"official checkpoint {path} not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt files
+            raise ValueError(f"{path} could not be read as a PyTorch state dict (corrupt or truncated?): {exc}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or "shared_weight" not in state:
+            raise ValueError(f"{path} is not an official MRM state dict (no 'shared_weight' key)")
+        n_layers = 0
+        while f"layers.{n_layers}.weight" in state:
+            n_layers += 1
+        if n_layers == 0:
+            raise ValueError(f"{path} has no 'layers.0.weight' key")
+        shapes = [tuple(state[f"layers.{i}.weight"].shape) for i in range(n_layers)]
+        for i in range(1, n_layers):
+            if shapes[i][1] != shapes[i - 1][0]:
+                raise ValueError(f"{path}: layers.{i}.weight has shape {shapes[i]}, inconsistent with layers.{i - 1}")
+        bias = f"layers.0.bias" in state
+        config = ModelConfig(
+            input_dim=shapes[0][1],
+            num_bases=shapes[-1][0],
+            hidden_sizes=[s[0] for s in shapes[:-1]],
+            scale=scale,
+            bias=bias,
+        )
+        model = cls(config)
+        keep = {k: v for k, v in state.items() if k == "shared_weight" or k.startswith("layers.")}
+        model.load_checked_state(keep, source=str(path))
+        return model
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} could not be read (corrupt or truncated checkpoint): {exc}") from None

@@ -1,0 +1,186 @@
+"""The native kernels as PyTorch custom ops with exact backward (needs torch).
+
+``user_losses`` adapts every user from ``w0`` on its support differences and returns each
+user's query loss; autograd reaches ``w0``, ``support`` and ``query`` (and through them the
+base reward functions) via the native adjoint, with no unrolled graph. ``rpo_objective`` is
+the Robust Personalization Objective. CPU tensors only: move CUDA tensors with ``.cpu()``
+(autograd follows the move).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from mrm import ops
+
+__all__ = ["user_losses", "rpo_objective"]
+
+
+def _np(t: torch.Tensor):
+    return t.detach().contiguous().numpy()
+
+
+@torch.library.custom_op("mrm::user_losses", mutates_args=())
+def _user_losses(
+    w0: torch.Tensor,
+    support: torch.Tensor,
+    support_offsets: torch.Tensor,
+    query: torch.Tensor,
+    query_offsets: torch.Tensor,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    first_order: bool,
+    num_threads: int,
+) -> torch.Tensor:
+    out = ops.meta_forward(
+        _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets),
+        steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps, num_threads=num_threads,
+    )
+    return torch.from_numpy(out.losses)
+
+
+@_user_losses.register_fake
+def _(w0, support, support_offsets, query, query_offsets, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads):
+    return support.new_empty(support_offsets.shape[0] - 1)
+
+
+@torch.library.custom_op("mrm::user_losses_backward", mutates_args=())
+def _user_losses_backward(
+    grad_losses: torch.Tensor,
+    w0: torch.Tensor,
+    support: torch.Tensor,
+    support_offsets: torch.Tensor,
+    query: torch.Tensor,
+    query_offsets: torch.Tensor,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    first_order: bool,
+    num_threads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = ops.meta_backward(
+        _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets),
+        _np(grad_losses).astype(_np(support).dtype, copy=False),
+        steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps,
+        first_order=first_order, num_threads=num_threads,
+    )
+    return tuple(torch.from_numpy(g) for g in grads)
+
+
+@_user_losses_backward.register_fake
+def _(grad_losses, w0, support, support_offsets, query, query_offsets, *hyper):
+    return torch.empty_like(w0), torch.empty_like(support), torch.empty_like(query)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.hyper = inputs[5:]
+
+
+def _backward(ctx, grad_losses):
+    w0, support, support_offsets, query, query_offsets = ctx.saved_tensors
+    grad_w0, grad_support, grad_query = _user_losses_backward(
+        grad_losses.contiguous(), w0, support, support_offsets, query, query_offsets, *ctx.hyper
+    )
+    return (grad_w0, grad_support, None, grad_query, None) + (None,) * len(ctx.hyper)
+
+
+_user_losses.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("mrm::rpo", mutates_args=())
+def _rpo(losses: torch.Tensor, tail: float, gamma: float) -> torch.Tensor:
+    objective, _ = ops.rpo(_np(losses), tail, gamma)
+    return torch.tensor(objective, dtype=losses.dtype)
+
+
+@_rpo.register_fake
+def _(losses, tail, gamma):
+    return losses.new_empty(())
+
+
+@torch.library.custom_op("mrm::rpo_backward", mutates_args=())
+def _rpo_backward(grad_objective: torch.Tensor, losses: torch.Tensor, tail: float, gamma: float) -> torch.Tensor:
+    _, grad = ops.rpo(_np(losses), tail, gamma)
+    return torch.from_numpy(grad) * grad_objective
+
+
+@_rpo_backward.register_fake
+def _(grad_objective, losses, tail, gamma):
+    return torch.empty_like(losses)
+
+
+def _rpo_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.tail, ctx.gamma = inputs[1], inputs[2]
+
+
+def _rpo_grad(ctx, grad_objective):
+    (losses,) = ctx.saved_tensors
+    return _rpo_backward(grad_objective, losses, ctx.tail, ctx.gamma), None, None
+
+
+_rpo.register_autograd(_rpo_grad, setup_context=_rpo_setup_context)
+
+
+def _check_cpu(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(
+                f"{name} is on {t.device}: the native kernels run on CPU tensors; move it with "
+                f"{name}.cpu() (gradients flow back through the move)"
+            )
+
+
+def _offsets(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    return t.to(torch.int64)
+
+
+def user_losses(
+    w0: torch.Tensor,
+    support: torch.Tensor,
+    support_offsets,
+    query: torch.Tensor,
+    query_offsets,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    first_order: bool = False,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """Each user's query loss after its inner loop (U,), differentiable in w0, support, query.
+
+    Same arguments as :func:`mrm.ops.meta_forward`, as CPU tensors (float32 or float64).
+    """
+    support_offsets = _offsets("support_offsets", support_offsets)
+    query_offsets = _offsets("query_offsets", query_offsets)
+    _check_cpu(w0=w0, support=support, query=query, support_offsets=support_offsets, query_offsets=query_offsets)
+    beta1, beta2 = (float(b) for b in betas)
+    return _user_losses(
+        w0, support, support_offsets, query, query_offsets, int(steps), float(lr), str(optimizer),
+        beta1, beta2, float(eps), bool(first_order), ops.resolve_threads(num_threads),
+    )
+
+
+def rpo_objective(losses: torch.Tensor, tail: float, gamma: float) -> torch.Tensor:
+    """RPO over per-user losses (a scalar), differentiable in ``losses`` (SPEC §3)."""
+    _check_cpu(losses=losses)
+    return _rpo(losses, float(tail), float(gamma))
