@@ -8,7 +8,7 @@ echo "== cargo test (mrm-core)"
 cargo test -p mrm-core --release --quiet
 
 echo "== build and install (.venv, extras: test)"
-MRM_EXTRAS=test bash scripts/setup.sh
+MRM_EXTRAS=test MRM_WITH_SMOLLM=1 bash scripts/setup.sh
 
 echo "== the abi3 wheel in a fresh numpy-only environment"
 smoke_env="$(mktemp -d)/venv"

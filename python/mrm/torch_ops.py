@@ -40,7 +40,7 @@ def _user_losses(
 ) -> torch.Tensor:
     out = ops.meta_forward(
         _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets),
-        steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps, num_threads=num_threads,
+        steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps, num_threads=num_threads or None,
     )
     return torch.from_numpy(out.losses)
 
@@ -71,7 +71,7 @@ def _user_losses_backward(
         _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets),
         _np(grad_losses).astype(_np(support).dtype, copy=False),
         steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps,
-        first_order=first_order, num_threads=num_threads,
+        first_order=first_order, num_threads=num_threads or None,
     )
     return tuple(torch.from_numpy(g) for g in grads)
 
@@ -151,6 +151,16 @@ def _offsets(name: str, t) -> torch.Tensor:
     return t.to(torch.int64)
 
 
+def _threads_arg(num_threads: Optional[int]) -> int:
+    """0 means "resolve inside the op" (MRM_NUM_THREADS, then the machine): keeps the call
+    traceable by torch.compile, which cannot trace the CPU-affinity query."""
+    if num_threads is None:
+        return 0
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    return num_threads
+
+
 def user_losses(
     w0: torch.Tensor,
     support: torch.Tensor,
@@ -176,7 +186,7 @@ def user_losses(
     beta1, beta2 = (float(b) for b in betas)
     return _user_losses(
         w0, support, support_offsets, query, query_offsets, int(steps), float(lr), str(optimizer),
-        beta1, beta2, float(eps), bool(first_order), ops.resolve_threads(num_threads),
+        beta1, beta2, float(eps), bool(first_order), _threads_arg(num_threads),
     )
 
 
