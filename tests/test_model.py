@@ -141,9 +141,11 @@ def test_official_checkpoint_import_reproduces_official_rewards(tmp_path, widths
         if bias:
             state[f"layers.{i}.bias"] = torch.randn(b, generator=gen, dtype=torch.float64)
     state["shared_weight"] = torch.randn(widths[-1], generator=gen, dtype=torch.float64)
+    state = {k: v.float() for k, v in state.items()}  # official checkpoints are float32
     path = tmp_path / "official.pt"
     torch.save(state, path)
     model = MetaRewardModel.from_official_checkpoint(path).double()
+    state = {k: v.double() for k, v in state.items()}
     assert model.config.hidden_sizes == widths[1:-1] and model.config.num_bases == widths[-1]
     emb = torch.randn(11, widths[0], generator=gen, dtype=torch.float64) * 10
     assert torch.allclose(model.reward(emb), _official_reward(state, emb), rtol=1e-12, atol=1e-14)
