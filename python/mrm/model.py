@@ -135,15 +135,19 @@ class MetaRewardModel(nn.Module):
 
     def save_pretrained(self, directory: Union[str, Path], *, extra_config: Optional[dict] = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` atomically."""
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            self.write_files(tmp, extra_config=extra_config)
+        return directory
+
+    def write_files(self, directory: Path, *, extra_config: Optional[dict] = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` into an existing (temporary) directory."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         config = {"format": FORMAT, **asdict(self.config), **(extra_config or {})}
-        with atomic_dir(directory) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return directory
+        save_file(state, str(Path(directory) / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], *, expected: Optional[ModelConfig] = None) -> "MetaRewardModel":
@@ -172,6 +176,9 @@ class MetaRewardModel(nn.Module):
                     raise ValueError(f"checkpoint {directory} has {name} = {have}, but the config asks for {want}")
         state = _load_safetensors(weights_path)
         model = cls(config)
+        stored = state.get("shared_weight")
+        if isinstance(stored, torch.Tensor) and stored.is_floating_point():
+            model = model.to(stored.dtype)  # keep the stored precision (float64 stays float64)
         model.load_checked_state(state, source=str(weights_path))
         model.extra_config = {k: v for k, v in raw.items() if k not in model_keys and k != "format"}
         return model
@@ -229,6 +236,8 @@ class MetaRewardModel(nn.Module):
             bias=bias,
         )
         model = cls(config)
+        if state["shared_weight"].is_floating_point():
+            model = model.to(state["shared_weight"].dtype)
         keep = {k: v for k, v in state.items() if k == "shared_weight" or k.startswith("layers.")}
         model.load_checked_state(keep, source=str(path))
         return model
