@@ -87,9 +87,12 @@ class MetaRewardModel(nn.Module):
             raise ValueError(
                 f"embeddings must have shape (N, {self.config.input_dim}), got {tuple(embeddings.shape)}"
             )
-        x = embeddings.to(self.shared_weight.dtype) * self.config.scale
+        x = embeddings.to(self.shared_weight.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if i == 0:  # L1(scale·x) = (scale·W1) x + b1: scales the small matrix, not the (N, D) input
+                x = torch.nn.functional.linear(x, layer.weight * self.config.scale, layer.bias)
+            else:
+                x = layer(x)
             if self.activation is not None and i < len(self.layers) - 1:
                 x = self.activation(x)
         return x
@@ -102,14 +105,19 @@ class MetaRewardModel(nn.Module):
         return (phi * torch.softmax(w, dim=-1)).sum(-1)
 
     def pair_differences(self, embeddings: torch.Tensor, chosen, rejected) -> torch.Tensor:
-        """d = φ(e_chosen) − φ(e_rejected) for index arrays into ``embeddings``; φ runs once per
-        distinct row."""
+        """d = φ(e_chosen) − φ(e_rejected) for index arrays into ``embeddings``.
+
+        φ runs once per distinct row (on all of ``embeddings`` without a copy when every row is
+        used); the K-wide results are then gathered per pair, so the backward pass scatters
+        K-wide gradients, never D-wide ones.
+        """
         chosen = torch.as_tensor(np.asarray(chosen), dtype=torch.int64, device=embeddings.device)
         rejected = torch.as_tensor(np.asarray(rejected), dtype=torch.int64, device=embeddings.device)
-        rows, inverse = torch.unique(torch.cat([chosen, rejected]), return_inverse=True)
-        phi = self.features(embeddings[rows])
+        rows, inverse = _unique_rows(torch.cat([chosen, rejected]), embeddings.shape[0])
+        x = embeddings if rows.numel() == embeddings.shape[0] else embeddings.index_select(0, rows)
+        phi = self.features(x)
         n = chosen.shape[0]
-        return phi[inverse[:n]] - phi[inverse[n:]]
+        return phi.index_select(0, inverse[:n]) - phi.index_select(0, inverse[n:])
 
     @torch.no_grad()
     def adapt(
@@ -241,6 +249,18 @@ class MetaRewardModel(nn.Module):
         keep = {k: v for k, v in state.items() if k == "shared_weight" or k.startswith("layers.")}
         model.load_checked_state(keep, source=str(path))
         return model
+
+
+def _unique_rows(index: torch.Tensor, n_rows: int):
+    """Distinct values of ``index`` (sorted) and each entry's position among them; a marking
+    pass (O(n_rows)) when that is cheaper than sorting."""
+    if n_rows <= 8 * index.numel():
+        mark = torch.zeros(n_rows, dtype=torch.bool, device=index.device)
+        mark[index] = True
+        rows = torch.nonzero(mark).flatten()
+        position = torch.cumsum(mark, 0) - 1
+        return rows, position[index]
+    return torch.unique(index, return_inverse=True)
 
 
 def _load_safetensors(path: Path) -> dict:
