@@ -725,3 +725,40 @@ class EmbeddingCache:
 
 
 __all__ = ["EmbeddingCache", "minilm_path", "smollm2_path"]
+
+
+BACKBONES = ("minilm", "smollm2")
+"""Backbones shipped inside installed packages, by name (see :func:`backbone_path`)."""
+
+
+def backbone_path(name_or_path: PathLike) -> Path:
+    """``minilm`` / ``smollm2`` (the models inside their installed packages) or a local path."""
+    if str(name_or_path) == "minilm":
+        return minilm_path()
+    if str(name_or_path) == "smollm2":
+        return smollm2_path()
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"backbone {str(name_or_path)!r} is neither {' nor '.join(BACKBONES)} nor an existing local path"
+        )
+    return path
+
+
+def embed_dataset(data, backbone: PathLike, cache_dir: PathLike, *, progress: bool = True, **cache_options) -> np.ndarray:
+    """Embeddings (rows, D) of every text of a :class:`mrm.data.PreferenceData`, through the cache.
+
+    Chat backbones get PRISM-style histories as message lists; encoders get the prompt text.
+    """
+    from mrm.data.pairs import prompt_messages
+
+    cache = EmbeddingCache(cache_dir, backbone_path(backbone), **cache_options)
+    if cache.kind == "causal":
+        texts = [(prompt_messages(prompt), response) for prompt, response in data.texts]
+    else:  # a chat history becomes plain "role: content" lines for a sentence encoder
+        texts = []
+        for prompt, response in data.texts:
+            messages = prompt_messages(prompt)
+            plain = prompt if len(messages) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+            texts.append((plain, response))
+    return cache.embed(texts, progress=progress)
