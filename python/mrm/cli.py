@@ -1,0 +1,357 @@
+"""The ``mrm`` command line: a thin layer over the library (each subcommand calls one function).
+
+Add a subcommand by writing ``_add_NAME(subparsers)`` (its arguments) and ``_run_NAME(args)``
+(the call), and listing it in :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = """\
+mrm-fast: personalised reward models with Meta Reward Modeling.
+
+`mrm demo` runs the whole pipeline on MovieLens-100K. `mrm embed` / `mrm train` / `mrm eval` take a
+dataset from texts to an evaluated model (embeddings are cached). A checkpoint (config.json +
+model.safetensors) holds the shared base reward functions and the
+meta-learned start w0. From it, `mrm adapt` fits each user's weights on their logged preference
+pairs, and `mrm score` rewards responses with those personal weights. Logs are user-major
+Parquet: one row per user (see `python -c "import mrm.batch; help(mrm.batch)"`).
+"""
+
+EPILOG = """\
+examples:
+  mrm demo                                   # MovieLens-100K end to end (the README's main job)
+  mrm train --data movielens --backbone minilm --output-dir run --num-bases 8 \\
+            --inner-optimizer sgd --inner-steps 10 --inner-lr 1.0 --meta-lr 0.03 --tasks-per-batch 32 --epochs 60
+  mrm eval --data movielens --checkpoint run/best --output-dir run/eval
+  mrm adapt --checkpoint ckpt/ --logs logs.parquet --output weights.parquet --steps 1 --lr 1e-3
+  mrm adapt --checkpoint ckpt/ --logs today.parquet --warm-start weights.parquet \\
+            --output weights.parquet --overwrite --steps 1 --lr 1e-3
+  mrm score --checkpoint ckpt/ --weights weights.parquet --logs logs.parquet --output scores.parquet
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    """Options every batch job takes."""
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="model directory with config.json and model.safetensors")
+    parser.add_argument("--logs", required=True, metavar="PARQUET",
+                        help="user-major Parquet logs (a file or a directory of .parquet files)")
+    parser.add_argument("--output", required=True, metavar="PARQUET",
+                        help="where to write the result (a Parquet file, written atomically)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--batch-users", type=_positive_int, default=None, metavar="N",
+                        help="users read and processed per batch (bounds memory; default 8192)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_adapt(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "adapt",
+        help="fit each user's weights on their logged pairs -> user-weights table",
+        description="Adapt every user in the logs from the checkpoint's w0 (or from their previous weights "
+                    "with --warm-start) with a few optimiser steps on their preference pairs, and write a "
+                    "user-weights table (user_id, weights, n_pairs, support_loss, version).",
+        epilog="With --warm-start, users absent from the logs are copied through unchanged.",
+    )
+    _add_common(parser)
+    parser.add_argument("--steps", type=int, default=1, metavar="T", help="inner steps per user (default 1)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="inner learning rate (default 1e-3)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="inner optimiser (default adam)")
+    parser.add_argument("--warm-start", default=None, metavar="PARQUET",
+                        help="a previous user-weights table: its users start from their weights (online update)")
+    return parser
+
+
+def _run_adapt(args: argparse.Namespace) -> str:
+    from mrm.batch import DEFAULT_BATCH_USERS, adapt_users
+
+    summary = adapt_users(
+        args.checkpoint, args.logs, args.output, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+        threads=args.threads, warm_start=args.warm_start, overwrite=args.overwrite,
+        batch_users=args.batch_users or DEFAULT_BATCH_USERS, progress=not args.no_progress,
+    )
+    extra = f", {summary.warm_started} warm-started, {summary.copied} copied unchanged" if args.warm_start else ""
+    return (f"adapted {summary.users} users ({summary.pairs} pairs{extra}) in {summary.seconds:.2f} s "
+            f"-> {summary.output}")
+
+
+def _add_score(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "score",
+        help="personalised rewards for the logged responses",
+        description="Score each user's candidate responses (candidate_* columns) and/or preference pairs "
+                    "(chosen_*/rejected_* columns: rewards and P(chosen beats rejected)) with the user's "
+                    "adapted weights. Users missing from --weights are scored with w0 and counted.",
+    )
+    _add_common(parser)
+    parser.add_argument("--weights", default=None, metavar="PARQUET",
+                        help="user-weights table from `mrm adapt` (default: score everyone with w0)")
+    return parser
+
+
+def _run_score(args: argparse.Namespace) -> str:
+    from mrm.batch import DEFAULT_BATCH_USERS, score
+
+    summary = score(
+        args.checkpoint, args.weights, args.logs, args.output, threads=args.threads, overwrite=args.overwrite,
+        batch_users=args.batch_users or DEFAULT_BATCH_USERS, progress=not args.no_progress,
+    )
+    return (f"scored {summary.users} users ({summary.pairs} pairs, {summary.candidates} candidates; "
+            f"{summary.fallback_users} without weights used w0) in {summary.seconds:.2f} s -> {summary.output}")
+
+
+
+# ---- the text pipeline: embed, train, eval, demo ---------------------------------------------
+
+DATA_HELP = ("dataset: 'movielens' (MovieLens-100K from the installed recbole package), 'log:PATH' "
+             "(Parquet/JSONL preference log: user_id, prompt, chosen, rejected[, split, group_id]), "
+             "'prism:DIR' or 'tldr:DIR' (the official files)")
+
+
+def _add_data_and_backbone(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="movielens", metavar="SPEC", help=DATA_HELP + " (default movielens)")
+    parser.add_argument("--backbone", default="minilm", metavar="NAME|PATH",
+                        help="embedding backbone: 'minilm', 'smollm2' (shipped in packages) or a local model "
+                             "directory / .gguf file (default minilm)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="embedding cache for this backbone (default ./mrm-cache/<backbone name>)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per forward pass")
+    parser.add_argument("--seed", type=int, default=42, help="seen/unseen split and per-user RNG seed (default 42)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _embeddings(args: argparse.Namespace):
+    from mrm.data import load_dataset
+    from mrm.embed import embed_dataset
+
+    data = load_dataset(args.data, seed=args.seed)
+    if args.cache_dir is None:
+        from pathlib import Path
+
+        args.cache_dir = str(Path("mrm-cache") / Path(str(args.backbone).rstrip("/")).name)
+    embeddings = embed_dataset(data, args.backbone, args.cache_dir, progress=not args.no_progress,
+                               batch_size=args.batch_size)
+    return data, embeddings
+
+
+def _add_embed(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "embed", help="embed a dataset's texts once into the cache",
+        description="Embed every (prompt, response) text of a dataset with a frozen backbone and keep the "
+                    "vectors in --cache-dir (resumable; later `mrm train` / `mrm eval` runs read them back).")
+    _add_data_and_backbone(parser)
+    return parser
+
+
+def _run_embed(args: argparse.Namespace) -> str:
+    data, embeddings = _embeddings(args)
+    return f"{data.summary()}; {embeddings.shape[0]} texts x {embeddings.shape[1]} dims cached in {args.cache_dir}"
+
+
+def _add_train(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="meta-train a reward model on the seen users",
+        description="Meta-train the base reward functions and the shared start w0 on the dataset's seen users "
+                    "(MAML inner loop + RPO). Options left out take the released MRM hyper-parameters (K=2, one "
+                    "inner Adam step with lr 1e-3, meta lr 1e-3, 200 epochs, 2 users per step, RPO rho=0.5 "
+                    "gamma=0.5), except --scale. "
+                    "Writes OUTPUT/best (the best epoch's checkpoint), OUTPUT/last (resumable) and history.json.")
+    _add_data_and_backbone(parser)
+    parser.add_argument("--output-dir", required=True, metavar="DIR", help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/last if present")
+    parser.add_argument("--num-bases", type=_positive_int, default=None, metavar="K")
+    parser.add_argument("--hidden-sizes", type=_positive_int, nargs="*", default=[], metavar="H")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="input scale of the base functions (1.0 for unit-norm sentence embeddings; the "
+                             "released 0.01 suits raw LLM hidden states)")
+    parser.add_argument("--inner-optimizer", choices=("adam", "sgd"), default=None)
+    parser.add_argument("--inner-steps", type=int, default=None, metavar="T")
+    parser.add_argument("--inner-lr", type=float, default=None)
+    parser.add_argument("--first-order", action="store_true", help="first-order MAML (no Hessian terms)")
+    parser.add_argument("--meta-lr", type=float, default=None)
+    parser.add_argument("--epochs", type=_positive_int, default=None)
+    parser.add_argument("--tasks-per-batch", type=_positive_int, default=None,
+                        help="users per outer step, all in one native call (released: 2; 1024 is the fast path)")
+    parser.add_argument("--objective", choices=("rpo", "mean"), default=None)
+    parser.add_argument("--tail", type=float, default=None, help="RPO tail ratio rho")
+    parser.add_argument("--gamma", type=float, default=None, help="RPO smoothing (<= 0: hard mask)")
+    parser.add_argument("--eval-every", type=_positive_int, default=None, metavar="EPOCHS")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> str:
+    from mrm.train import MetaTrainer, TrainConfig
+
+    chosen = dict(
+        num_bases=args.num_bases, hidden_sizes=list(args.hidden_sizes), scale=args.scale,
+        inner_optimizer=args.inner_optimizer, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+        first_order=args.first_order, meta_lr=args.meta_lr, epochs=args.epochs,
+        tasks_per_batch=args.tasks_per_batch, objective=args.objective, tail=args.tail, gamma=args.gamma,
+        eval_every=args.eval_every, seed=args.seed, num_threads=args.threads,
+    )
+    # options left out keep TrainConfig's defaults: the released hyper-parameters
+    config = TrainConfig(**{k: v for k, v in chosen.items() if v is not None})
+    config.validate()
+    data, embeddings = _embeddings(args)
+    trainer = MetaTrainer(config, embeddings, data, output_dir=args.output_dir, resume=args.resume)
+    best = trainer.fit(progress=not args.no_progress)
+    return (f"best epoch {best.get('epoch')}: seen {best.get('seen', float('nan')):.4f}, unseen "
+            f"{best.get('unseen', float('nan')):.4f} (worst 10 %: {best.get('unseen_worst10', float('nan')):.4f}) "
+            f"-> {args.output_dir}/best")
+
+
+def _add_eval(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval", help="user-level accuracy of a checkpoint (seen / unseen / worst 10 %%, by shots)",
+        description="Adapt every user on its training pairs (unseen users: the first N of them for each --shots "
+                    "value) and score its test pairs (SPEC section 5). Writes report.json, per_user.csv and "
+                    "accuracy_vs_shots.png into --output-dir.")
+    _add_data_and_backbone(parser)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (e.g. RUN/best)")
+    parser.add_argument("--output-dir", required=True, metavar="DIR")
+    parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50])
+    parser.add_argument("--steps", type=int, default=None, metavar="T",
+                        help="inner steps (default: those the checkpoint was trained with)")
+    parser.add_argument("--lr", type=float, default=None, help="inner lr (default: from the checkpoint)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    return parser
+
+
+def _run_eval(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from mrm.checkpoint import Checkpoint
+    from mrm.data import with_shots
+    from mrm.evaluate import evaluate_features, plot_shots, write_json
+
+    checkpoint = Checkpoint.load(args.checkpoint)
+    trained = (checkpoint.extra_config or {}).get("train", {}) if hasattr(checkpoint, "extra_config") else {}
+    steps = args.steps if args.steps is not None else trained.get("inner_steps", 1)
+    lr = args.lr if args.lr is not None else trained.get("inner_lr", 1e-3)
+    optimizer = args.optimizer or trained.get("inner_optimizer", "adam")
+    data, embeddings = _embeddings(args)
+    if embeddings.shape[1] != checkpoint.input_dim:
+        raise ValueError(f"--checkpoint expects {checkpoint.input_dim}-d embeddings but --backbone gives "
+                         f"{embeddings.shape[1]}-d ones")
+    features = checkpoint.features(embeddings.astype(np.float64))
+    kw = dict(steps=steps, lr=lr, optimizer=optimizer, num_threads=args.threads)
+    full = evaluate_features(features, checkpoint.w0.astype(np.float64), data, **kw)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full.write_csv(out / "per_user.csv")
+    summary = {"all_training_pairs": full.summary(), "by_shots": {}}
+    for shots in sorted(args.shots):
+        summary["by_shots"][shots] = evaluate_features(features, checkpoint.w0.astype(np.float64),
+                                                       with_shots(data, shots), **kw).summary()
+    write_json(out / "report.json", {"checkpoint": str(args.checkpoint), "data": args.data, "steps": steps,
+                                     "lr": lr, "optimizer": optimizer, **summary})
+    plot_shots({"unseen users": {s: v["unseen"] for s, v in summary["by_shots"].items()}}, out / "accuracy_vs_shots.png")
+    s = summary["all_training_pairs"]
+    return (f"seen {s['seen']:.4f} (worst 10 % {s['seen_worst10']:.4f}), unseen {s['unseen']:.4f} "
+            f"(worst 10 % {s['unseen_worst10']:.4f}), all {s['all']:.4f} -> {out}/report.json")
+
+
+def _add_demo(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo", help="the main job: MovieLens-100K end to end, with baselines",
+        description="MovieLens-100K (from the installed recbole package) -> MiniLM embeddings (cached) -> a "
+                    "global Bradley-Terry model, MRM with the released hyper-parameters and MRM with the best "
+                    "settings found (mean objective and RPO) -> unseen users at several shots. Prints a table "
+                    "and writes report.json, table.md, accuracy_vs_shots.png and per_user_best.csv.")
+    parser.add_argument("--output-dir", default="mrm-demo", metavar="DIR", help="default ./mrm-demo")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR", help="embedding cache (default OUTPUT/embedding-cache)")
+    parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50])
+    parser.add_argument("--official-epochs", type=_positive_int, default=200, metavar="N")
+    parser.add_argument("--best-epochs", type=_positive_int, default=60, metavar="N")
+    parser.add_argument("--max-users", type=_positive_int, default=None, metavar="N",
+                        help="use only N users (quick look; the table is then not comparable)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from mrm.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        output_dir=Path(args.output_dir), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        shots=args.shots, official_epochs=args.official_epochs, best_epochs=args.best_epochs,
+        max_users=args.max_users, threads=args.threads, progress=not args.no_progress,
+    )
+    run_demo(options)
+    return f"demo finished: {args.output_dir}/report.json"
+
+
+SUBCOMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], str]]] = {
+    "demo": (_add_demo, _run_demo),
+    "embed": (_add_embed, _run_embed),
+    "train": (_add_train, _run_train),
+    "eval": (_add_eval, _run_eval),
+    "adapt": (_add_adapt, _run_adapt),
+    "score": (_add_score, _run_score),
+}
+"""name -> (add its parser, run it and return a one-line report)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mrm`` parser with every subcommand of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(prog="mrm", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        from mrm import __version__
+    except ImportError:  # the native module is missing: --version still parses
+        __version__ = "unknown"
+    parser.add_argument("--version", action="version", version=f"mrm-fast {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (add, run) in SUBCOMMANDS.items():
+        sub = add(subparsers)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``mrm``; returns the exit status (2 with a one-line message on bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        report = args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        message = " ".join(str(exc).split())  # one line
+        print(f"mrm: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mrm: interrupted (the output was not replaced)", file=sys.stderr)
+        return 130
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
