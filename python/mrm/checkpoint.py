@@ -1,0 +1,225 @@
+"""Read a MetaRewardModel checkpoint with numpy only (no torch): φ_θ and the shared start w0.
+
+A checkpoint is a directory with ``config.json`` (``format = "mrm-fast/meta-reward-model"``,
+``input_dim``, ``num_bases``, ``hidden_sizes``, ``scale``, ``bias``, ``activation``) and
+``model.safetensors`` (``layers.N.weight`` of shape (out, in), ``layers.N.bias`` when ``bias``,
+``shared_weight`` of shape (K,)), as written by ``MetaRewardModel.save_pretrained``.
+:meth:`Checkpoint.features` computes the same φ as ``MetaRewardModel.features`` (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+
+from mrm._io import atomic_dir
+
+__all__ = ["Checkpoint", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "mrm-fast/meta-reward-model"
+ACTIVATIONS = ("relu", "gelu", "tanh")
+_MODEL_KEYS = ("input_dim", "num_bases", "hidden_sizes", "scale", "bias", "activation")
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Elementwise erf: scipy's when installed, else the C library's (slower, same values)."""
+    try:
+        from scipy.special import erf
+    except ImportError:  # scipy is optional
+        return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+    return erf(x).astype(x.dtype, copy=False)
+
+
+def _activate(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "relu":
+        return np.maximum(x, 0)
+    if name == "tanh":
+        return np.tanh(x)
+    # gelu, exact form (torch's default): x · Φ(x) = x/2 · (1 + erf(x / √2))
+    return (0.5 * x * (1.0 + _erf(x / np.sqrt(2.0).astype(x.dtype)))).astype(x.dtype, copy=False)
+
+
+def _positive_int(path: Path, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class Checkpoint:
+    """φ_θ as numpy arrays, and w0. Load with :meth:`load`."""
+
+    input_dim: int
+    """D, the embedding width."""
+    num_bases: int
+    """K, the number of base reward functions."""
+    hidden_sizes: List[int]
+    scale: float
+    activation: Optional[str]
+    layers: List[Tuple[np.ndarray, Optional[np.ndarray]]]
+    """(weight (out, in), bias (out,) or None) per linear layer."""
+    w0: np.ndarray
+    """The meta-learned shared start (K,) logits."""
+    path: Optional[Path] = None
+    extra_config: dict = field(default_factory=dict)
+    """config.json entries that are not part of the model's shape (training metadata)."""
+
+    @property
+    def bias(self) -> bool:
+        return self.layers[0][1] is not None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.w0.dtype
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "Checkpoint":
+        """Read and validate ``config.json`` + ``model.safetensors`` in ``directory``."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {directory} not found")
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"checkpoint file {p} not found")
+        try:
+            raw = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config_path} is not valid JSON (corrupt or truncated checkpoint): {exc}") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"{config_path} is not an mrm-fast model config (format {found!r}, expected {FORMAT!r})")
+        if "input_dim" not in raw:
+            raise ValueError(f"{config_path}: missing 'input_dim'")
+        input_dim = _positive_int(config_path, "input_dim", raw["input_dim"])
+        num_bases = _positive_int(config_path, "num_bases", raw.get("num_bases", 2))
+        hidden = raw.get("hidden_sizes", [])
+        if not isinstance(hidden, list):
+            raise ValueError(f"{config_path}: hidden_sizes must be a list, got {hidden!r}")
+        hidden = [_positive_int(config_path, "hidden_sizes[]", h) for h in hidden]
+        scale = raw.get("scale", 0.01)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+            raise ValueError(f"{config_path}: scale must be a finite non-zero number, got {scale!r}")
+        bias = raw.get("bias", False)
+        if not isinstance(bias, bool):
+            raise ValueError(f"{config_path}: bias must be true or false, got {bias!r}")
+        activation = raw.get("activation")
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"{config_path}: activation must be null or one of {list(ACTIVATIONS)}, got {activation!r}")
+
+        tensors = _read_safetensors(weights_path)
+        widths = [input_dim, *hidden, num_bases]
+        expected = {"shared_weight": (num_bases,)}
+        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+            expected[f"layers.{i}.weight"] = (n_out, n_in)
+            if bias:
+                expected[f"layers.{i}.bias"] = (n_out,)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match {config_path} (hidden_sizes/bias/num_bases differ?): "
+                f"missing tensors {missing}, unexpected tensors {unexpected}"
+            )
+        dtypes = {t.dtype for t in tensors.values()}
+        for key, want in expected.items():
+            tensor = tensors[key]
+            if tuple(tensor.shape) != want:
+                raise ValueError(
+                    f"{weights_path}: {key} has shape {tuple(tensor.shape)} but config.json implies {want} "
+                    f"(input_dim={input_dim}, hidden_sizes={hidden}, num_bases={num_bases})"
+                )
+            if tensor.dtype.kind != "f":
+                raise ValueError(f"{weights_path}: {key} has dtype {tensor.dtype}, expected a float type")
+            if not np.isfinite(tensor).all():
+                raise ValueError(f"{weights_path}: {key} contains non-finite values")
+        # One compute dtype for every tensor: float64 if any is, else float32 (float16 is widened).
+        dtype = np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
+        tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}
+        layers = [
+            (tensors[f"layers.{i}.weight"], tensors.get(f"layers.{i}.bias")) for i in range(len(widths) - 1)
+        ]
+        return cls(
+            input_dim=input_dim,
+            num_bases=num_bases,
+            hidden_sizes=hidden,
+            scale=float(scale),
+            activation=activation,
+            layers=layers,
+            w0=tensors["shared_weight"],
+            path=directory,
+            extra_config={k: v for k, v in raw.items() if k not in _MODEL_KEYS and k != "format"},
+        )
+
+    def save(self, directory: Union[str, Path], *, overwrite: bool = False) -> Path:
+        """Write this checkpoint (the same format ``MetaRewardModel.from_pretrained`` reads), atomically."""
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        tensors = {"shared_weight": self.w0}
+        for i, (weight, bias) in enumerate(self.layers):
+            tensors[f"layers.{i}.weight"] = weight
+            if bias is not None:
+                tensors[f"layers.{i}.bias"] = bias
+        config = {
+            "format": FORMAT,
+            "input_dim": self.input_dim,
+            "num_bases": self.num_bases,
+            "hidden_sizes": list(self.hidden_sizes),
+            "scale": self.scale,
+            "bias": self.bias,
+            "activation": self.activation,
+            **self.extra_config,
+        }
+        with atomic_dir(directory, overwrite=overwrite) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": FORMAT})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    # ---- φ -----------------------------------------------------------------------------------
+
+    def features(self, embeddings) -> np.ndarray:
+        """φ(e): embeddings (N, D) → base rewards (N, K), in the checkpoint's dtype."""
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.input_dim:
+            raise ValueError(f"embeddings must have shape (N, {self.input_dim}), got {embeddings.shape}")
+        if embeddings.dtype.kind not in "fiu":
+            raise TypeError(f"embeddings must be numeric, got dtype {embeddings.dtype}")
+        x = embeddings.astype(self.dtype, copy=False) * self.dtype.type(self.scale)
+        last = len(self.layers) - 1
+        for i, (weight, bias) in enumerate(self.layers):
+            x = x @ weight.T
+            if bias is not None:
+                x += bias
+            if self.activation is not None and i < last:
+                x = _activate(self.activation, x)
+        return x
+
+    def rewards(self, embeddings, weights=None) -> np.ndarray:
+        """r(e) = φ(e) · softmax(w) with ``weights`` (K,) or (N, K); None uses w0."""
+        phi = self.features(embeddings)
+        w = self.w0 if weights is None else np.asarray(weights, dtype=phi.dtype)
+        w = w - w.max(axis=-1, keepdims=True)
+        p = np.exp(w)
+        p /= p.sum(axis=-1, keepdims=True)
+        return (phi * p).sum(-1)
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} could not be read (corrupt or truncated checkpoint?): {exc}") from None

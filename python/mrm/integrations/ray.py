@@ -1,0 +1,226 @@
+"""The batch jobs of :mod:`mrm.batch` as Ray Data pipelines (the ``mrm-fast[ray]`` extra).
+
+``ray.data.read_parquet(logs)`` → ``map_batches`` with an actor class that loads the checkpoint
+(and the user-weights table) once and sizes the kernel's thread pool from the CPUs Ray assigned
+to it → ``write_parquet`` into a temporary directory, renamed to ``output`` only on success.
+The per-batch computation is the one the local jobs run, so results are identical to
+:func:`mrm.batch.adapt_users` and :func:`mrm.batch.score` (row order may differ; the output is a
+directory of Parquet files, which the local jobs also accept as input).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mrm import batch as local
+from mrm._io import atomic_dir
+from mrm.checkpoint import Checkpoint
+
+__all__ = ["adapt_users", "score"]
+
+PathLike = Union[str, Path]
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ImportError(
+            "mrm.integrations.ray needs Ray Data: install the extra with `pip install 'mrm-fast[ray]'` "
+            f"(import failed: {exc})"
+        ) from None
+    return ray
+
+
+def _assigned_threads(threads: Optional[int]) -> int:
+    """The kernel's thread count inside a Ray worker: the argument, else the CPUs Ray assigned."""
+    if threads is not None:
+        return threads
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(round(cpus)))
+
+
+def _batches(table: pa.Table):
+    return table.combine_chunks().to_batches() if table.num_rows else []
+
+
+class _AdaptWorker:
+    """Ray actor: one checkpoint (and warm-start table) load, then one :class:`_Adapter` call per batch."""
+
+    def __init__(self, checkpoint_dir, schema, steps, lr, optimizer, threads, warm_start):
+        checkpoint = Checkpoint.load(checkpoint_dir)
+        self.adapter = local._Adapter(checkpoint, schema, steps=steps, lr=lr, optimizer=optimizer,
+                                      threads=_assigned_threads(threads))
+        if warm_start is not None:
+            self.adapter.warm = local.read_weights(warm_start, checkpoint.num_bases, self.adapter.dtype)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        results = [self.adapter(b)[0] for b in _batches(table)]
+        return pa.Table.from_batches(results, schema=self.adapter.schema)
+
+
+class _ScoreWorker:
+    """Ray actor: one checkpoint and weights-table load, then one :class:`_Scorer` call per batch."""
+
+    def __init__(self, checkpoint_dir, schema, weights, threads):
+        checkpoint = Checkpoint.load(checkpoint_dir)
+        self.scorer = local._Scorer(checkpoint, schema, None, _assigned_threads(threads))
+        if weights is not None:
+            self.scorer.weights = local.read_weights(weights, checkpoint.num_bases, self.scorer.dtype)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        results = [self.scorer(b)[0] for b in _batches(table)]
+        return pa.Table.from_batches(results, schema=self.scorer.schema)
+
+
+def _checkpoint_dir(checkpoint: Union[Checkpoint, PathLike]) -> Path:
+    if isinstance(checkpoint, Checkpoint):
+        if checkpoint.path is None:
+            raise ValueError("the Ray jobs need a checkpoint saved to a directory (Checkpoint.save)")
+        return Path(checkpoint.path)
+    return Path(checkpoint)
+
+
+def _workers(ray, workers: Optional[int], cpus_per_worker: float) -> int:
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        return workers
+    if not ray.is_initialized():
+        ray.init()
+    # Leave one CPU for the read and write tasks: actors holding every CPU starve them.
+    return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // cpus_per_worker))
+
+
+def _read_column(directory: Path, column: str) -> pa.ChunkedArray:
+    files = local.parquet_files(directory)
+    return pa.chunked_array([c for f in files for c in pq.read_table(f, columns=[column]).column(0).chunks],
+                            type=pq.read_schema(files[0]).field(column).type)
+
+
+def adapt_users(
+    checkpoint: Union[Checkpoint, PathLike],
+    logs: PathLike,
+    output: PathLike,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    threads: Optional[int] = None,
+    warm_start: Optional[PathLike] = None,
+    overwrite: bool = False,
+    batch_users: int = local.DEFAULT_BATCH_USERS,
+    workers: Optional[int] = None,
+    cpus_per_worker: float = 1.0,
+) -> local.AdaptSummary:
+    """:func:`mrm.batch.adapt_users` on Ray Data; ``output`` is a directory of Parquet files.
+
+    ``workers`` actors (default: (the cluster's CPUs − 1) / ``cpus_per_worker``, keeping one CPU
+    for reading and writing) each run the kernel with ``threads`` threads (default: the CPUs Ray
+    assigned to the actor, ``cpus_per_worker``).
+    """
+    ray = _import_ray()
+    started = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    local._check_batch_users(batch_users)
+    checkpoint_dir = _checkpoint_dir(checkpoint)
+    loaded = Checkpoint.load(checkpoint_dir)
+    files = local.parquet_files(logs)
+    schema = local._schema(files)
+    adapter = local._Adapter(loaded, schema, steps=steps, lr=lr, optimizer=optimizer, threads=1)  # checks inputs
+    warm = local.read_weights(warm_start, loaded.num_bases, adapter.dtype) if warm_start is not None else None
+    n_workers = _workers(ray, workers, cpus_per_worker)
+
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        dataset = ray.data.read_parquet(str(logs)).select_columns(adapter.columns)
+        dataset = dataset.map_batches(
+            _AdaptWorker,
+            fn_constructor_args=(str(checkpoint_dir), schema, steps, lr, optimizer, threads,
+                                 None if warm_start is None else str(warm_start)),
+            batch_size=batch_users,
+            batch_format="pyarrow",
+            concurrency=n_workers,
+            num_cpus=cpus_per_worker,
+        )
+        dataset.write_parquet(str(tmp))
+        if not local.parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
+            pq.write_table(adapter.schema.empty_table(), tmp / "empty.parquet")
+        user_ids = _read_column(tmp, local.USER)
+        local._check_unique(list(user_ids.chunks), str(logs))
+        versions = _read_column(tmp, "version").to_numpy()
+        n_pairs = int(pc.sum(_read_column(tmp, "n_pairs")).as_py() or 0)
+        copied = 0
+        if warm is not None:
+            untouched = np.flatnonzero(~pc.is_in(warm.user_ids, value_set=user_ids.combine_chunks())
+                                       .to_numpy(zero_copy_only=False))
+            copied = len(untouched)
+            if copied:
+                with pq.ParquetWriter(tmp / "warm-start-unchanged.parquet", adapter.schema) as writer:
+                    for result in local._warm_rows_batches(adapter.schema, warm, untouched, batch_users):
+                        writer.write_batch(result)
+    return local.AdaptSummary(users=len(user_ids), pairs=n_pairs, seconds=time.perf_counter() - started,
+                              output=output, warm_started=int((versions > 1).sum()), copied=copied)
+
+
+def score(
+    checkpoint: Union[Checkpoint, PathLike],
+    weights: Optional[PathLike],
+    logs: PathLike,
+    output: PathLike,
+    *,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    batch_users: int = local.DEFAULT_BATCH_USERS,
+    workers: Optional[int] = None,
+    cpus_per_worker: float = 1.0,
+) -> local.ScoreSummary:
+    """:func:`mrm.batch.score` on Ray Data; ``output`` is a directory of Parquet files."""
+    ray = _import_ray()
+    started = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    local._check_batch_users(batch_users)
+    checkpoint_dir = _checkpoint_dir(checkpoint)
+    loaded = Checkpoint.load(checkpoint_dir)
+    files = local.parquet_files(logs)
+    schema = local._schema(files)
+    scorer = local._Scorer(loaded, schema, None, 1)  # checks the logs' columns before Ray starts
+    if weights is not None:
+        local.read_weights(weights, loaded.num_bases, scorer.dtype)  # checks the table once, in the driver
+    n_workers = _workers(ray, workers, cpus_per_worker)
+
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        dataset = ray.data.read_parquet(str(logs)).select_columns(scorer.columns)
+        dataset = dataset.map_batches(
+            _ScoreWorker,
+            fn_constructor_args=(str(checkpoint_dir), schema, None if weights is None else str(weights), threads),
+            batch_size=batch_users,
+            batch_format="pyarrow",
+            concurrency=n_workers,
+            num_cpus=cpus_per_worker,
+        )
+        dataset.write_parquet(str(tmp))
+        if not local.parquet_files_or_none(tmp):
+            pq.write_table(scorer.schema.empty_table(), tmp / "empty.parquet")
+        fallback = _read_column(tmp, "fallback")
+        n_pairs = n_candidates = 0
+        if scorer.pairs:
+            n_pairs = int(pc.sum(pc.list_value_length(_read_column(tmp, "chosen_rewards"))).as_py() or 0)
+        if scorer.candidates:
+            n_candidates = int(pc.sum(pc.list_value_length(_read_column(tmp, "candidate_rewards"))).as_py() or 0)
+    return local.ScoreSummary(users=len(fallback), pairs=n_pairs, candidates=n_candidates,
+                              fallback_users=int(pc.sum(fallback).as_py() or 0),
+                              seconds=time.perf_counter() - started, output=output)
