@@ -41,17 +41,15 @@ impl InnerLoop {
     }
 }
 
-/// Mean Bradley–Terry loss of `rows` at `p`; writes `g_p` and, when asked, every `s_i`.
+/// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and, when asked, every `s_i = σ(−z_i)`.
+/// The inner steps never need the loss itself, so none is computed here: one `exp` per pair.
 #[inline]
-fn pairs_pass<T: Real>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s_out: Option<&mut [T]>) -> T {
+fn pairs_pass<T: Real>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s_out: Option<&mut [T]>) {
     let n = rows.len() / k;
     gp.fill(T::ZERO);
-    let mut loss = T::ZERO;
     let mut s_out = s_out;
     for (i, d) in rows.chunks_exact(k).enumerate() {
-        let z = dot(d, p);
-        let s = sigmoid(-z);
-        loss += softplus(-z);
+        let s = sigmoid(-dot(d, p));
         for (g, &x) in gp.iter_mut().zip(d) {
             *g += s * x;
         }
@@ -63,7 +61,6 @@ fn pairs_pass<T: Real>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s_out: Optio
     for g in gp.iter_mut() {
         *g *= scale;
     }
-    -loss * scale
 }
 
 /// Mean loss and accuracy (strict `d · p > 0`) of `rows` at `p`.
@@ -331,9 +328,10 @@ pub(crate) fn hvp_and_row_grads<T: Real>(
     for ((d, out), &s) in rows.chunks_exact(k).zip(grad_rows.chunks_exact_mut(k)).zip(s_vals) {
         // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
         let c = s * (T::ONE - s) * dot(mu, d);
-        for j in 0..k {
-            a_mu[j] += c * d[j];
-            out[j] -= inv_n * (s * mu[j] - c * p[j]);
+        let (s_scaled, c_scaled) = (inv_n * s, inv_n * c);
+        for (((acc, o), (&dj, &mj)), &pj) in a_mu.iter_mut().zip(out.iter_mut()).zip(d.iter().zip(mu.iter())).zip(p) {
+            *acc += c * dj;
+            *o -= s_scaled * mj - c_scaled * pj;
         }
     }
     // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
