@@ -84,7 +84,7 @@ def test_garbage_config_is_a_clear_error(tmp_path):
 
 
 def test_missing_checkpoint_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere not found"):
         MetaRewardModel.from_pretrained(tmp_path / "nowhere")
 
 

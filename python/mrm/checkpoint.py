@@ -52,6 +52,26 @@ def _positive_int(path: Path, name: str, value) -> int:
     return value
 
 
+
+def read_config(directory: Union[str, Path]) -> Tuple[dict, Path, Path]:
+    """The validated ``config.json`` of a checkpoint directory, its path and the weights' path."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} not found")
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint file {p} not found")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON (corrupt or truncated checkpoint): {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{config_path} is not an mrm-fast model config (format {found!r}, expected {FORMAT!r})")
+    return raw, config_path, weights_path
+
+
 @dataclass
 class Checkpoint:
     """φ_θ as numpy arrays, and w0. Load with :meth:`load`."""
@@ -85,19 +105,7 @@ class Checkpoint:
     def load(cls, directory: Union[str, Path]) -> "Checkpoint":
         """Read and validate ``config.json`` + ``model.safetensors`` in ``directory``."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {directory} not found")
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for p in (config_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"checkpoint file {p} not found")
-        try:
-            raw = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{config_path} is not valid JSON (corrupt or truncated checkpoint): {exc}") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"{config_path} is not an mrm-fast model config (format {found!r}, expected {FORMAT!r})")
+        raw, config_path, weights_path = read_config(directory)
         if "input_dim" not in raw:
             raise ValueError(f"{config_path}: missing 'input_dim'")
         input_dim = _positive_int(config_path, "input_dim", raw["input_dim"])

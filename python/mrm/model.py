@@ -164,17 +164,10 @@ class MetaRewardModel(nn.Module):
         ``expected``: fail with a clear error if the checkpoint's shape (D, K, hidden sizes)
         differs from this config.
         """
+        from mrm.checkpoint import read_config
+
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for p in (config_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"checkpoint file {p} not found")
-        try:
-            raw = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{config_path} is not valid JSON (corrupt or truncated checkpoint): {exc}") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ValueError(f"{config_path} is not an mrm-fast model config")
+        raw, config_path, weights_path = read_config(directory)
         model_keys = set(ModelConfig.__dataclass_fields__)
         config = ModelConfig.from_dict({k: v for k, v in raw.items() if k in model_keys or k == "format"})
         if expected is not None:

@@ -84,18 +84,7 @@ def _read_columns(path: Path) -> Dict[str, list]:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(table.column_names)})")
         return {c: table.column(c).to_pylist() for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in table.column_names}
 
-    records = []
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as err:
-                raise ValueError(f"{path}: line {line_number} is not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {line_number} is not a JSON object")
-            records.append(record)
+    records = read_json_lines(path)
     present = set().union(*records) if records else set()
     missing = [c for c in REQUIRED_COLUMNS if c not in present]
     if missing:
@@ -285,3 +274,21 @@ def write_preference_log(path: PathLike, rows: Union[PreferenceData, Iterable[Ma
             for i in range(len(rows)):
                 record = {c: columns[c][i] for c in names if columns[c][i] is not None}
                 handle.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+
+
+def read_json_lines(path: Path) -> List[dict]:
+    """The JSON objects of a JSON-lines file (blank lines skipped); a bad line is a ValueError
+    naming the file and the line."""
+    records = []
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as err:
+                raise ValueError(f"{path}: line {line_number} is not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {line_number} is not a JSON object")
+            records.append(record)
+    return records

@@ -40,11 +40,11 @@ Deviations from the released code (documented choices):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+from mrm.data.logs import read_json_lines
 from mrm.data.pairs import PreferenceData, build_preference_data, conversation_prompt, split_seen_users, user_rng
 
 PathLike = Union[str, os.PathLike]
@@ -53,19 +53,7 @@ PathLike = Union[str, os.PathLike]
 def _read_jsonl(path: Path) -> List[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"PRISM file {path} is missing (expected the official {path.name})")
-    records = []
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as err:
-                raise ValueError(f"{path}: line {line_number} is not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {line_number} is not a JSON object")
-            records.append(record)
-    return records
+    return read_json_lines(path)
 
 
 def _field(record: dict, name: str, path: Path, line: int):
