@@ -41,20 +41,62 @@ impl InnerLoop {
     }
 }
 
-/// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and, when asked, every `s_i = σ(−z_i)`.
-/// The inner steps never need the loss itself, so none is computed here: one `exp` per pair.
-#[inline]
-fn pairs_pass<T: Real>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s_out: Option<&mut [T]>) {
-    let n = rows.len() / k;
-    gp.fill(T::ZERO);
-    let mut s_out = s_out;
-    for (i, d) in rows.chunks_exact(k).enumerate() {
-        let s = sigmoid(-dot(d, p));
-        for (g, &x) in gp.iter_mut().zip(d) {
-            *g += s * x;
+/// Calls `$f::<T, K>` for the common widths (the loops then keep their K-wide accumulators in
+/// registers and unroll) and `$f::<T, 0>` (K read from the data) otherwise. Both compute the same
+/// operations in the same order: results do not depend on which one runs.
+macro_rules! by_width {
+    ($k:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $k {
+            2 => $f::<T, 2>($($arg),*),
+            4 => $f::<T, 4>($($arg),*),
+            8 => $f::<T, 8>($($arg),*),
+            16 => $f::<T, 16>($($arg),*),
+            _ => $f::<T, 0>($($arg),*),
         }
-        if let Some(buf) = s_out.as_deref_mut() {
-            buf[i] = s;
+    };
+}
+
+/// Row width: the compile-time `W` when it is not 0, else `k`.
+#[inline(always)]
+fn width<const W: usize>(k: usize) -> usize {
+    if W == 0 { k } else { W }
+}
+
+/// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
+/// The inner steps never need the loss itself, so none is computed here. Three passes over the
+/// user's rows (margins, sigmoids, accumulation) so that the sigmoid pass vectorises.
+#[inline]
+fn pairs_pass<T: Real>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut [T]) {
+    by_width!(k, pairs_pass_w(rows, k, p, gp, s))
+}
+
+#[inline(always)]
+fn pairs_pass_w<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut [T]) {
+    let k = width::<W>(k);
+    let n = rows.len() / k;
+    let (p, gp) = (&p[..k], &mut gp[..k]);
+    let s = &mut s[..n];
+    for (si, d) in s.iter_mut().zip(rows.chunks_exact(k)) {
+        *si = dot(d, p);
+    }
+    for si in s.iter_mut() {
+        *si = T::ONE / (T::ONE + si.exp_fast()); // σ(−z) = 1 / (1 + e^z)
+    }
+    let mut acc = [T::ZERO; 16];
+    if W != 0 {
+        let acc = &mut acc[..k];
+        for (d, &si) in rows.chunks_exact(k).zip(s.iter()) {
+            for (a, &x) in acc.iter_mut().zip(d) {
+                *a += si * x;
+            }
+        }
+        gp.copy_from_slice(acc);
+    } else {
+        gp.fill(T::ZERO);
+        for (d, &si) in rows.chunks_exact(k).zip(s.iter()) {
+            for (g, &x) in gp.iter_mut().zip(d) {
+                *g += si * x;
+            }
         }
     }
     let scale = -T::ONE / T::of(n as f64);
@@ -112,6 +154,8 @@ pub(crate) struct Workspace<T> {
     tr_m: Vec<T>,
     tr_v: Vec<T>,
     tr_s: Vec<T>,
+    /// `s_i` of the current step when no trajectory is kept.
+    scratch_s: Vec<T>,
 }
 
 fn sized<T: Real>(buf: &mut Vec<T>, len: usize) {
@@ -125,7 +169,7 @@ impl<T: Real> Default for Workspace<T> {
         Workspace {
             p: e(), gp: e(), g: e(), m: e(), v: e(), lam: e(), lam_m: e(), lam_v: e(), lam_g: e(),
             mu: e(), a_mu: e(), tmp: e(), tr_w: e(), tr_p: e(), tr_gp: e(), tr_g: e(), tr_m: e(),
-            tr_v: e(), tr_s: e(),
+            tr_v: e(), tr_s: e(), scratch_s: e(),
         }
     }
 }
@@ -147,6 +191,8 @@ impl<T: Real> Workspace<T> {
                 sized(b, steps * k);
             }
             sized(&mut self.tr_s, steps * n_support);
+        } else {
+            sized(&mut self.scratch_s, n_support);
         }
     }
 
@@ -159,7 +205,7 @@ impl<T: Real> Workspace<T> {
         let lr = T::of(inner.lr);
         for t in 0..steps {
             softmax_into(w, &mut self.p);
-            let s_out = if record { Some(&mut self.tr_s[t * n..(t + 1) * n]) } else { None };
+            let s_out = if record { &mut self.tr_s[t * n..(t + 1) * n] } else { &mut self.scratch_s[..n] };
             pairs_pass(support, k, &self.p, &mut self.gp, s_out);
             softmax_jvp(&self.p, &self.gp, &mut self.g);
             if record {
@@ -321,18 +367,45 @@ pub(crate) fn hvp_and_row_grads<T: Real>(
     tmp: &mut [T],
     grad_rows: &mut [T],
 ) {
+    by_width!(k, hvp_and_row_grads_w(rows, k, p, gp, s_vals, lam, hvp, a_mu, tmp, grad_rows))
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn hvp_and_row_grads_w<T: Real, const W: usize>(
+    rows: &[T],
+    k: usize,
+    p: &[T],
+    gp: &[T],
+    s_vals: &[T],
+    lam: &[T],
+    hvp: &mut [T],
+    a_mu: &mut [T],
+    tmp: &mut [T],
+    grad_rows: &mut [T],
+) {
+    let k = width::<W>(k);
     let inv_n = T::ONE / T::of((rows.len() / k) as f64);
-    let mu = tmp;
+    let mu = &mut tmp[..k];
+    let (p, gp, lam) = (&p[..k], &gp[..k], &lam[..k]);
     softmax_jvp(p, lam, mu);
-    a_mu.fill(T::ZERO);
-    for ((d, out), &s) in rows.chunks_exact(k).zip(grad_rows.chunks_exact_mut(k)).zip(s_vals) {
-        // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
-        let c = s * (T::ONE - s) * dot(mu, d);
-        let (s_scaled, c_scaled) = (inv_n * s, inv_n * c);
-        for (((acc, o), (&dj, &mj)), &pj) in a_mu.iter_mut().zip(out.iter_mut()).zip(d.iter().zip(mu.iter())).zip(p) {
-            *acc += c * dj;
-            *o -= s_scaled * mj - c_scaled * pj;
+    let mu = &mu[..];
+    let mut local = [T::ZERO; 16];
+    {
+        let acc: &mut [T] = if W != 0 { &mut local[..k] } else { &mut a_mu[..k] };
+        acc.fill(T::ZERO);
+        for ((d, out), &s) in rows.chunks_exact(k).zip(grad_rows.chunks_exact_mut(k)).zip(s_vals) {
+            // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
+            let c = s * (T::ONE - s) * dot(mu, d);
+            let (s_scaled, c_scaled) = (inv_n * s, inv_n * c);
+            for (((a, o), (&dj, &mj)), &pj) in acc.iter_mut().zip(out.iter_mut()).zip(d.iter().zip(mu.iter())).zip(p) {
+                *a += c * dj;
+                *o -= s_scaled * mj - c_scaled * pj;
+            }
         }
+    }
+    if W != 0 {
+        a_mu[..k].copy_from_slice(&local[..k]);
     }
     // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
     let p_gp = dot(p, gp);
@@ -340,7 +413,7 @@ pub(crate) fn hvp_and_row_grads<T: Real>(
     for j in 0..k {
         a_mu[j] = (gp[j] - p_gp) * lam[j] - gp[j] * p_lam + inv_n * a_mu[j];
     }
-    softmax_jvp(p, a_mu, hvp);
+    softmax_jvp(p, &a_mu[..k], hvp);
 }
 
 #[cfg(test)]
@@ -351,7 +424,8 @@ mod tests {
     fn gradient(w: &[f64], rows: &[f64], k: usize) -> Vec<f64> {
         let (mut p, mut gp, mut g) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         softmax_into(w, &mut p);
-        pairs_pass(rows, k, &p, &mut gp, None);
+        let mut s = vec![0.0; rows.len() / k];
+        pairs_pass(rows, k, &p, &mut gp, &mut s);
         softmax_jvp(&p, &gp, &mut g);
         g
     }
@@ -393,7 +467,7 @@ mod tests {
         let lam: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
         let (mut p, mut gp, mut s) = (vec![0.0; k], vec![0.0; k], vec![0.0; n]);
         softmax_into(&w, &mut p);
-        pairs_pass(&rows, k, &p, &mut gp, Some(&mut s));
+        pairs_pass(&rows, k, &p, &mut gp, &mut s);
         let (mut hvp, mut a, mut t) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         let mut row_grads = vec![0.0; n * k];
         hvp_and_row_grads(&rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut row_grads);
