@@ -309,9 +309,19 @@ class WeightsTable:
         return len(self.user_ids)
 
     def lookup(self, user_ids: pa.Array) -> np.ndarray:
-        """Row of each user in this table, -1 where absent."""
-        index = pc.index_in(user_ids, value_set=self.user_ids)
-        return pc.fill_null(index, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        """Row of each user in this table, -1 where absent: a binary search in the sorted ids,
+        which are sorted once per table (not once per batch)."""
+        if getattr(self, "_sorted_ids", None) is None:
+            ids = np.asarray(self.user_ids.to_numpy(zero_copy_only=False), dtype=str)
+            self._order = np.argsort(ids, kind="stable")
+            self._sorted_ids = ids[self._order]
+        wanted = np.asarray(user_ids.to_numpy(zero_copy_only=False), dtype=str)
+        if len(self._sorted_ids) == 0:
+            return np.full(len(wanted), -1, dtype=np.int64)
+        position = np.searchsorted(self._sorted_ids, wanted)
+        clipped = np.minimum(position, len(self._sorted_ids) - 1)
+        found = self._sorted_ids[clipped] == wanted
+        return np.where(found, self._order[clipped], -1).astype(np.int64)
 
 
 def read_weights(path: PathLike, num_bases: int, dtype=np.float32) -> WeightsTable:
