@@ -108,6 +108,21 @@ def _read_column(directory: Path, column: str) -> pa.ChunkedArray:
                             type=pq.read_schema(files[0]).field(column).type)
 
 
+
+def _start_job(checkpoint, logs, output, overwrite: bool, batch_users: int):
+    """Checks shared by both jobs, in the driver, before Ray starts any work: Ray, the output
+    path, the batch size, the checkpoint and the logs' schema."""
+    ray = _import_ray()
+    started = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
+    local._check_batch_users(batch_users)
+    checkpoint_dir = _checkpoint_dir(checkpoint)
+    loaded = Checkpoint.load(checkpoint_dir)
+    schema = local._schema(local.parquet_files(logs))
+    return ray, started, output, checkpoint_dir, loaded, schema
+
 def adapt_users(
     checkpoint: Union[Checkpoint, PathLike],
     logs: PathLike,
@@ -129,16 +144,7 @@ def adapt_users(
     for reading and writing) each run the kernel with ``threads`` threads (default: the CPUs Ray
     assigned to the actor, ``cpus_per_worker``).
     """
-    ray = _import_ray()
-    started = time.perf_counter()
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
-    local._check_batch_users(batch_users)
-    checkpoint_dir = _checkpoint_dir(checkpoint)
-    loaded = Checkpoint.load(checkpoint_dir)
-    files = local.parquet_files(logs)
-    schema = local._schema(files)
+    ray, started, output, checkpoint_dir, loaded, schema = _start_job(checkpoint, logs, output, overwrite, batch_users)
     adapter = local._Adapter(loaded, schema, steps=steps, lr=lr, optimizer=optimizer, threads=1)  # checks inputs
     warm = local.read_weights(warm_start, loaded.num_bases, adapter.dtype) if warm_start is not None else None
     n_workers = _workers(ray, workers, cpus_per_worker)
@@ -187,16 +193,7 @@ def score(
     cpus_per_worker: float = 1.0,
 ) -> local.ScoreSummary:
     """:func:`mrm.batch.score` on Ray Data; ``output`` is a directory of Parquet files."""
-    ray = _import_ray()
-    started = time.perf_counter()
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
-    local._check_batch_users(batch_users)
-    checkpoint_dir = _checkpoint_dir(checkpoint)
-    loaded = Checkpoint.load(checkpoint_dir)
-    files = local.parquet_files(logs)
-    schema = local._schema(files)
+    ray, started, output, checkpoint_dir, loaded, schema = _start_job(checkpoint, logs, output, overwrite, batch_users)
     scorer = local._Scorer(loaded, schema, None, 1)  # checks the logs' columns before Ray starts
     if weights is not None:
         local.read_weights(weights, loaded.num_bases, scorer.dtype)  # checks the table once, in the driver
