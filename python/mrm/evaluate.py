@@ -167,6 +167,7 @@ def plot_shots(curves: Dict[str, Dict[int, float]], path, *, title: str = "Unsee
     ax.set_xscale("log")
     ax.set_xticks(sorted({s for c in curves.values() for s in c}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training pairs per unseen user (shots)")
     ax.set_ylabel("user-level accuracy")
     ax.set_title(title)
