@@ -132,3 +132,20 @@ def test_non_contiguous_inputs_are_accepted():
     out = mrm.ops.meta_forward(np.zeros(3), support, [0, 2, 6], query, [0, 1, 4], steps=2, lr=0.1)
     ref = reference.batch_forward(np.zeros(3), support, [0, 2, 6], query, [0, 1, 4], steps=2, lr=0.1, optimizer="adam")
     assert_close(out.losses, ref[0])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_adapt_support_losses_match_reference(optimizer):
+    rng = np.random.default_rng(3)
+    counts = np.array([0, 3, 7, 1])
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    support = rng.normal(size=(offsets[-1], 4))
+    w0 = rng.normal(size=4)
+    weights, losses = mrm.ops.adapt(w0, support, offsets, steps=3, optimizer=optimizer, return_support_losses=True,
+                                    **HYPER[optimizer])
+    # the reference's query = the support, so its query loss is the support loss at w_T
+    _, ref_weights, ref_support_losses, _ = reference.batch_forward(
+        w0, support, offsets, support, offsets, steps=3, optimizer=optimizer, **HYPER[optimizer])
+    assert_close(weights, ref_weights, what="weights")
+    assert_close(losses, ref_support_losses, what="support losses")
+    assert losses[0] == 0.0

@@ -26,9 +26,8 @@ layout; :func:`user_major_table` builds it from numpy CSR arrays.
 User-weights table (the output of :func:`adapt_users`)
 ------------------------------------------------------
 ``user_id`` string, ``weights`` list<float> (K adapted logits), ``n_pairs`` int64 (pairs used in
-this run), ``support_loss`` float64 (Bradley–Terry loss of those pairs at the adapted weights,
-computed in numpy in float64 from the adapted logits: one pass over the pairs, no extra kernel
-call; 0 for a user without pairs, as ``ops.meta_forward`` reports it), ``version`` int64 (how many
+this run), ``support_loss`` float64 (Bradley–Terry loss of those pairs at the adapted weights, from
+the same native call that adapts them; 0 for a user without pairs), ``version`` int64 (how many
 adapt runs have updated this user: 1 for a new user, +1 on each warm-start update).
 
 Both jobs stream record batches of ``batch_users`` users, so memory is bounded by one batch (plus,
@@ -413,23 +412,6 @@ def _weights_batch(schema: pa.Schema, user_ids, weights, n_pairs, support_loss, 
     )
 
 
-def _support_loss(differences: np.ndarray, offsets: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Per-user mean softplus(−d · softmax(w)) (SPEC §1), float64; 0 for a user without pairs."""
-    counts = np.diff(offsets)
-    n_users = len(counts)
-    losses = np.zeros(n_users)
-    if differences.shape[0] == 0:
-        return losses
-    w = weights.astype(np.float64)
-    p = np.exp(w - w.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    user_of_row = np.repeat(np.arange(n_users), counts)
-    margins = np.einsum("nk,nk->n", differences.astype(np.float64), p[user_of_row])
-    sums = np.bincount(user_of_row, weights=np.logaddexp(0.0, -margins), minlength=n_users)
-    np.divide(sums, counts, out=losses, where=counts > 0)
-    return losses
-
-
 def _check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -498,9 +480,8 @@ class _Adapter:
             warm_rows = rows[known]
             start[known] = self.warm.weights[warm_rows]
             version[known] = self.warm.version[warm_rows] + 1
-        weights = ops.adapt(start, differences, offsets, steps=self.steps, lr=self.lr, optimizer=self.optimizer,
-                            num_threads=self.threads)
-        losses = _support_loss(differences, offsets, weights)
+        weights, losses = ops.adapt(start, differences, offsets, steps=self.steps, lr=self.lr,
+                                    optimizer=self.optimizer, num_threads=self.threads, return_support_losses=True)
         return _weights_batch(self.schema, user_ids, weights, np.diff(offsets), losses, version), warm_rows
 
 

@@ -169,18 +169,21 @@ def adapt(
     betas: Tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     num_threads: Optional[int] = None,
-) -> np.ndarray:
+    return_support_losses: bool = False,
+):
     """Adapt every user's logits from ``w0`` with ``steps`` inner steps on its support pairs.
 
     ``w0`` is shared (K,) or per user (U, K). A user without support pairs keeps ``w0``.
-    Returns the adapted logits, shape (U, K).
+    Returns the adapted logits, shape (U, K); with ``return_support_losses``, also each user's
+    support loss at its adapted logits, shape (U,) (0 for a user without pairs), from the same
+    native pass.
     """
     dtype, w0, support, support_offsets, _, _ = _prepare(w0, support, support_offsets)
     hyper = _hyper(steps, lr, optimizer, betas, eps)
-    weights, _, _, _ = _kernel("forward", dtype)(
-        w0, support, support_offsets, None, None, *hyper, False, resolve_threads(num_threads)
+    weights, support_losses, _, _ = _kernel("forward", dtype)(
+        w0, support, support_offsets, None, None, *hyper, bool(return_support_losses), resolve_threads(num_threads)
     )
-    return weights
+    return (weights, support_losses) if return_support_losses else weights
 
 
 def meta_forward(
