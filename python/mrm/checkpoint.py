@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -51,6 +51,25 @@ def _positive_int(path: Path, name: str, value) -> int:
         raise ValueError(f"{path}: {name} must be a positive integer, got {value!r}")
     return value
 
+
+
+def check_tensors(tensors: Mapping, expected: Mapping[str, tuple], source: str, *, expected_by: str, hint: str) -> None:
+    """The tensors of a checkpoint (numpy arrays or torch tensors) have exactly the expected keys
+    and shapes and hold finite floats; otherwise a ValueError naming the key."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model ({hint} differ?): "
+                         f"missing tensors {missing}, unexpected tensors {unexpected}")
+    for key, want in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != tuple(want):
+            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)} but {expected_by} {tuple(want)} ({hint})")
+        is_torch = hasattr(tensor, "is_floating_point")
+        if not (tensor.is_floating_point() if is_torch else tensor.dtype.kind == "f"):
+            raise ValueError(f"{source}: {key} has dtype {tensor.dtype}, expected a float type")
+        if not bool(tensor.isfinite().all() if is_torch else np.isfinite(tensor).all()):
+            raise ValueError(f"{source}: {key} contains non-finite values")
 
 
 def read_config(directory: Union[str, Path]) -> Tuple[dict, Path, Path]:
@@ -131,25 +150,11 @@ class Checkpoint:
             expected[f"layers.{i}.weight"] = (n_out, n_in)
             if bias:
                 expected[f"layers.{i}.bias"] = (n_out,)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights_path} does not match {config_path} (hidden_sizes/bias/num_bases differ?): "
-                f"missing tensors {missing}, unexpected tensors {unexpected}"
-            )
+        check_tensors(
+            tensors, expected, str(weights_path), expected_by="config.json implies",
+            hint=f"input_dim={input_dim}, hidden_sizes={hidden}, num_bases={num_bases}",
+        )
         dtypes = {t.dtype for t in tensors.values()}
-        for key, want in expected.items():
-            tensor = tensors[key]
-            if tuple(tensor.shape) != want:
-                raise ValueError(
-                    f"{weights_path}: {key} has shape {tuple(tensor.shape)} but config.json implies {want} "
-                    f"(input_dim={input_dim}, hidden_sizes={hidden}, num_bases={num_bases})"
-                )
-            if tensor.dtype.kind != "f":
-                raise ValueError(f"{weights_path}: {key} has dtype {tensor.dtype}, expected a float type")
-            if not np.isfinite(tensor).all():
-                raise ValueError(f"{weights_path}: {key} contains non-finite values")
         # One compute dtype for every tensor: float64 if any is, else float32 (float16 is widened).
         dtype = np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
         tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}

@@ -186,22 +186,13 @@ class MetaRewardModel(nn.Module):
 
     def load_checked_state(self, state: dict, source: str) -> None:
         """load_state_dict with errors that name the culprit key and shapes."""
+        from mrm.checkpoint import check_tensors
+
         expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source} does not match the model (hidden_sizes/bias/K differ?): "
-                f"missing keys {missing}, unexpected keys {unexpected}"
-            )
-        for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"{source}: {key} has shape {tuple(tensor.shape)} but the model expects "
-                    f"{tuple(expected[key].shape)} (a checkpoint from a different input_dim, hidden_sizes or K)"
-                )
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"{source}: {key} contains non-finite values")
+        check_tensors(
+            state, {k: tuple(v.shape) for k, v in expected.items()}, source, expected_by="the model expects",
+            hint="input_dim, hidden_sizes, bias or K",
+        )
         self.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
     @classmethod
