@@ -247,7 +247,7 @@ def _run_eval(args: argparse.Namespace) -> str:
     from mrm.evaluate import evaluate_features, plot_shots, write_json
 
     checkpoint = Checkpoint.load(args.checkpoint)
-    trained = (checkpoint.extra_config or {}).get("train", {}) if hasattr(checkpoint, "extra_config") else {}
+    trained = checkpoint.extra_config.get("train", {})  # the settings it was meta-trained with, if any
     steps = args.steps if args.steps is not None else trained.get("inner_steps", 1)
     lr = args.lr if args.lr is not None else trained.get("inner_lr", 1e-3)
     optimizer = args.optimizer or trained.get("inner_optimizer", "adam")

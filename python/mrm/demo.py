@@ -131,15 +131,13 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
 
     with stage("global Bradley–Terry"):
         results = {}
-        seen_result = None
-        for s in shots:
-            fit_on = with_shots(data, s).train
-            model = fit_global_bradley_terry(embeddings, fit_on, official_config().model_config(embeddings.shape[1]))
+        for s in shots:  # refitted per shot count: it sees the same pairs as the adapted models
+            model = fit_global_bradley_terry(embeddings, by_shots[s].train, official_config().model_config(embeddings.shape[1]))
             with torch.no_grad():
                 phi = model.features(torch.as_tensor(embeddings, dtype=torch.float64)).numpy()
             results[s] = evaluate_features(phi, np.zeros(1), by_shots[s], steps=0, lr=1.0, num_threads=options.threads)
-            seen_result = results[s]
-        rows["global Bradley–Terry (no personalization)"] = _row(results, seen_result)
+        # seen users: from the fit with the most shots (their own pairs are the same in every fit)
+        rows["global Bradley–Terry (no personalization)"] = _row(results, results[shots[-1]])
 
     trained = {}
     runs = [
@@ -161,7 +159,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
             if key == "best-mean":
                 start = {s: trainer.evaluate(by_shots[s], steps=0) for s in shots}
                 rows["meta-learned start, no adaptation (best-mean model)"] = _row(start, trainer.evaluate(data, steps=0))
-                trainer.evaluate(by_shots[shots[-1]]).write_csv(out / "per_user_best.csv")
+                results[shots[-1]].write_csv(out / "per_user_best.csv")
         trained[key] = trainer
         configs[key] = asdict(config)
 

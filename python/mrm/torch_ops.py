@@ -69,7 +69,7 @@ def _user_losses_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = ops.meta_backward(
         _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets),
-        _np(grad_losses).astype(_np(support).dtype, copy=False),
+        _np(grad_losses.to(support.dtype)),
         steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps,
         first_order=first_order, num_threads=num_threads or None,
     )

@@ -65,13 +65,9 @@ fn width<const W: usize>(k: usize) -> usize {
 /// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
 /// The inner steps never need the loss itself, so none is computed here. Three passes over the
 /// user's rows (margins, sigmoids, accumulation) so that the sigmoid pass vectorises.
-#[inline]
-fn pairs_pass<T: Real>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut [T]) {
-    by_width!(k, pairs_pass_w(rows, k, p, gp, s))
-}
-
+/// `W`: the row width when known at compile time (see `by_width!`), else 0.
 #[inline(always)]
-fn pairs_pass_w<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut [T]) {
+fn pairs_pass<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut [T]) {
     let k = width::<W>(k);
     let n = rows.len() / k;
     let (p, gp) = (&p[..k], &mut gp[..k]);
@@ -82,22 +78,19 @@ fn pairs_pass_w<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], gp: &mut
     for si in s.iter_mut() {
         *si = T::ONE / (T::ONE + si.exp_fast()); // σ(−z) = 1 / (1 + e^z)
     }
-    let mut acc = [T::ZERO; 16];
-    if W != 0 {
-        let acc = &mut acc[..k];
+    // With a compile-time width the sums live in a local array (registers), else in `gp`.
+    let mut local = [T::ZERO; 16];
+    {
+        let acc: &mut [T] = if W != 0 { &mut local[..k] } else { &mut *gp };
+        acc.fill(T::ZERO);
         for (d, &si) in rows.chunks_exact(k).zip(s.iter()) {
             for (a, &x) in acc.iter_mut().zip(d) {
                 *a += si * x;
             }
         }
-        gp.copy_from_slice(acc);
-    } else {
-        gp.fill(T::ZERO);
-        for (d, &si) in rows.chunks_exact(k).zip(s.iter()) {
-            for (g, &x) in gp.iter_mut().zip(d) {
-                *g += si * x;
-            }
-        }
+    }
+    if W != 0 {
+        gp.copy_from_slice(&local[..k]);
     }
     let scale = -T::ONE / T::of(n as f64);
     for g in gp.iter_mut() {
@@ -206,7 +199,7 @@ impl<T: Real> Workspace<T> {
         for t in 0..steps {
             softmax_into(w, &mut self.p);
             let s_out = if record { &mut self.tr_s[t * n..(t + 1) * n] } else { &mut self.scratch_s[..n] };
-            pairs_pass(support, k, &self.p, &mut self.gp, s_out);
+            by_width!(k, pairs_pass(support, k, &self.p, &mut self.gp, s_out));
             softmax_jvp(&self.p, &self.gp, &mut self.g);
             if record {
                 let r = t * k..(t + 1) * k;
@@ -332,7 +325,7 @@ impl<T: Real> Workspace<T> {
                 }
             }
             // λ_{w,t−1} = λ_{w,t} + H_t λ_g, and each support row gets ∂(λ_g · g_t)/∂d_i.
-            hvp_and_row_grads(
+            by_width!(k, hvp_and_row_grads(
                 support,
                 k,
                 &self.tr_p[r.clone()],
@@ -343,7 +336,7 @@ impl<T: Real> Workspace<T> {
                 &mut self.a_mu,
                 &mut self.tmp,
                 grad_support,
-            );
+            ));
             for j in 0..k {
                 self.lam[j] += self.mu[j];
             }
@@ -353,26 +346,11 @@ impl<T: Real> Workspace<T> {
 }
 
 /// For one inner step at `p` (with its `g_p` and `s_i`): writes `H λ` into `hvp` and adds
-/// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu` and `tmp` are scratch.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn hvp_and_row_grads<T: Real>(
-    rows: &[T],
-    k: usize,
-    p: &[T],
-    gp: &[T],
-    s_vals: &[T],
-    lam: &[T],
-    hvp: &mut [T],
-    a_mu: &mut [T],
-    tmp: &mut [T],
-    grad_rows: &mut [T],
-) {
-    by_width!(k, hvp_and_row_grads_w(rows, k, p, gp, s_vals, lam, hvp, a_mu, tmp, grad_rows))
-}
-
+/// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu` and `tmp` are scratch;
+/// `W` as in [`pairs_pass`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn hvp_and_row_grads_w<T: Real, const W: usize>(
+pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
     rows: &[T],
     k: usize,
     p: &[T],
@@ -425,7 +403,7 @@ mod tests {
         let (mut p, mut gp, mut g) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         softmax_into(w, &mut p);
         let mut s = vec![0.0; rows.len() / k];
-        pairs_pass(rows, k, &p, &mut gp, &mut s);
+        pairs_pass::<f64, 0>(rows, k, &p, &mut gp, &mut s);
         softmax_jvp(&p, &gp, &mut g);
         g
     }
@@ -467,10 +445,10 @@ mod tests {
         let lam: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
         let (mut p, mut gp, mut s) = (vec![0.0; k], vec![0.0; k], vec![0.0; n]);
         softmax_into(&w, &mut p);
-        pairs_pass(&rows, k, &p, &mut gp, &mut s);
+        pairs_pass::<f64, 0>(&rows, k, &p, &mut gp, &mut s);
         let (mut hvp, mut a, mut t) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         let mut row_grads = vec![0.0; n * k];
-        hvp_and_row_grads(&rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut row_grads);
+        hvp_and_row_grads::<f64, 4>(&rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut row_grads);
 
         let h = 1e-6;
         // H λ = d/dε ∇L(w + ε λ)
