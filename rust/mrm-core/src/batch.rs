@@ -201,12 +201,12 @@ pub fn forward<T: Real>(
         });
         Ok(())
     })?;
-    check_output_finite("adapted weights", weights, k)?;
+    check_output_finite("adapted weights", weights, k, ctl.pool)?;
     if let Some(l) = &losses {
-        check_output_finite("query loss", l, 1)?;
+        check_output_finite("query loss", l, 1, ctl.pool)?;
     }
     if let Some(l) = &support_losses {
-        check_output_finite("support loss", l, 1)?;
+        check_output_finite("support loss", l, 1, ctl.pool)?;
     }
     Ok(())
 }
@@ -293,9 +293,9 @@ pub fn backward<T: Real>(
         }
         Ok(())
     })?;
-    check_output_finite("grad_w0", grad_w0, if shared { usize::MAX } else { k })?;
-    check_rows_finite("grad_support", grad_support, &support)?;
-    check_rows_finite("grad_query", grad_query, &query)?;
+    check_output_finite("grad_w0", grad_w0, if shared { usize::MAX } else { k }, ctl.pool)?;
+    check_rows_finite("grad_support", grad_support, &support, ctl.pool)?;
+    check_rows_finite("grad_query", grad_query, &query, ctl.pool)?;
     Ok(())
 }
 
@@ -338,7 +338,7 @@ pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ct
         });
         Ok(())
     })?;
-    check_rows_finite("rewards", rewards, &features)
+    check_rows_finite("rewards", rewards, &features, ctl.pool)
 }
 
 /// Mean loss and accuracy of each user's pairs at fixed weights (no adaptation).
@@ -347,10 +347,10 @@ pub fn evaluate<T: Real>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], acc
     check_len("weights", weights, n_users * k)?;
     check_len("losses", losses, n_users)?;
     check_len("accuracy", accuracy, n_users)?;
-    let mut p = vec![T::ZERO; k];
+    let (mut p, mut scratch) = (vec![T::ZERO; k], Vec::new());
     for u in 0..n_users {
         softmax_into(&weights[u * k..(u + 1) * k], &mut p);
-        (losses[u], accuracy[u]) = loss_and_accuracy(pairs.rows(u), k, &p);
+        (losses[u], accuracy[u]) = loss_and_accuracy(pairs.rows(u), k, &p, &mut scratch);
     }
     Ok(())
 }

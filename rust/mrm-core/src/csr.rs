@@ -28,7 +28,7 @@ impl<'a, T: Real> Csr<'a, T> {
         let n_rows = values.len() / k;
         check_offsets(name, offsets, n_rows)?;
         let batch = Csr { values, offsets, k };
-        if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
+        if let Some(pos) = first_non_finite(values, None) {
             let row = pos / k;
             return invalid(format!(
                 "{name} contains a non-finite value (row {row}, user {})",
@@ -106,9 +106,27 @@ pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
     Ok(())
 }
 
+/// Values scanned per piece: each piece is checked without an early exit (so the loop
+/// vectorises), and only a piece that has a non-finite value is searched for its position.
+const SCAN_PIECE: usize = 1 << 14;
+
+/// Index of the first non-finite value, scanning on `pool` when one is given.
+pub fn first_non_finite<T: Real>(values: &[T], pool: Option<&rayon::ThreadPool>) -> Option<usize> {
+    let clean = |piece: &[T]| piece.iter().fold(true, |ok, x| ok & x.is_finite());
+    let piece = match pool {
+        Some(pool) if values.len() > SCAN_PIECE => {
+            use rayon::prelude::*;
+            pool.install(|| values.par_chunks(SCAN_PIECE).position_first(|p| !clean(p)))
+        }
+        _ => values.chunks(SCAN_PIECE).position(|p| !clean(p)),
+    }?;
+    let start = piece * SCAN_PIECE;
+    values[start..].iter().position(|x| !x.is_finite()).map(|i| start + i)
+}
+
 /// Returns an error naming the first user whose output is not finite.
-pub(crate) fn check_output_finite<T: Real>(what: &str, values: &[T], per_user: usize) -> Result<()> {
-    if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
+pub(crate) fn check_output_finite<T: Real>(what: &str, values: &[T], per_user: usize, pool: &rayon::ThreadPool) -> Result<()> {
+    if let Some(pos) = first_non_finite(values, Some(pool)) {
         return invalid(format!(
             "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",
             pos / per_user.max(1)
@@ -118,8 +136,8 @@ pub(crate) fn check_output_finite<T: Real>(what: &str, values: &[T], per_user: u
 }
 
 /// Same as [`check_output_finite`] for per-row outputs of a batch.
-pub(crate) fn check_rows_finite<T: Real>(what: &str, values: &[T], batch: &Csr<'_, T>) -> Result<()> {
-    if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
+pub(crate) fn check_rows_finite<T: Real>(what: &str, values: &[T], batch: &Csr<'_, T>, pool: &rayon::ThreadPool) -> Result<()> {
+    if let Some(pos) = first_non_finite(values, Some(pool)) {
         return invalid(format!(
             "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",
             batch.user_of_row(pos / batch.k)

@@ -4,7 +4,7 @@
 //! `g_p = −(1/n) Σ s_i d_i` (gradient in p), `g = J g_p` (gradient in w).
 
 use crate::error::{invalid, Result};
-use crate::real::{dot, sigmoid, softmax_into, softmax_jvp, softplus, Real};
+use crate::real::{dot, softmax_into, softmax_jvp, Real};
 
 /// The inner optimiser.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -62,60 +62,85 @@ fn width<const W: usize>(k: usize) -> usize {
     if W == 0 { k } else { W }
 }
 
-/// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
-/// The inner steps never need the loss itself, so none is computed here. Three passes over the
-/// user's rows (margins, sigmoids, accumulation) so that the sigmoid pass vectorises.
+/// `z_i = d_i · p` for every row into `z` (resized to the row count).
 /// `W`: the row width when known at compile time (see `by_width!`), else 0.
 #[inline(always)]
-fn pairs_pass<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut [T]) {
+fn margins<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) {
     let k = width::<W>(k);
-    let n = rows.len() / k;
-    let (p, gp) = (&p[..k], &mut gp[..k]);
-    let s = &mut s[..n];
-    for (si, d) in s.iter_mut().zip(rows.chunks_exact(k)) {
-        *si = dot(d, p);
+    let p = &p[..k];
+    z.clear();
+    z.extend(rows.chunks_exact(k).map(|d| dot(d, p)));
+}
+
+/// `s_i = σ(−z_i) = 1 / (1 + e^{z_i})` in place, in a loop that vectorises.
+#[inline(always)]
+fn neg_sigmoids<T: Real>(z: &mut [T]) {
+    for x in z.iter_mut() {
+        *x = T::ONE / (T::ONE + x.exp_fast());
     }
-    for si in s.iter_mut() {
-        *si = T::ONE / (T::ONE + si.exp_fast()); // σ(−z) = 1 / (1 + e^z)
-    }
-    // With a compile-time width the sums live in a local array (registers), else in `gp`.
-    let mut local = [T::ZERO; 16];
-    {
-        let acc: &mut [T] = if W != 0 { &mut local[..k] } else { &mut *gp };
-        acc.fill(T::ZERO);
-        for (d, &si) in rows.chunks_exact(k).zip(s.iter()) {
-            for (a, &x) in acc.iter_mut().zip(d) {
-                *a += si * x;
-            }
-        }
-    }
-    if W != 0 {
-        gp.copy_from_slice(&local[..k]);
-    }
-    let scale = -T::ONE / T::of(n as f64);
+}
+
+/// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
+/// The inner steps never need the loss itself, so none is computed here.
+/// `W` as in [`margins`].
+#[inline(always)]
+fn pairs_pass<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut Vec<T>) {
+    margins::<T, W>(rows, k, p, s);
+    neg_sigmoids(s);
+    weighted_row_sums::<T, W>(rows, k, s, gp);
+    let scale = -T::ONE / T::of(s.len() as f64);
     for g in gp.iter_mut() {
         *g *= scale;
     }
 }
 
-/// Mean loss and accuracy (strict `d · p > 0`) of `rows` at `p`.
+/// `out = Σ_i x_i d_i` over the rows. `W` as in [`margins`].
+#[inline(always)]
+fn weighted_row_sums<T: Real, const W: usize>(rows: &[T], k: usize, x: &[T], out: &mut [T]) {
+    let k = width::<W>(k);
+    // With a compile-time width the sums live in a local array (registers), else in `out`.
+    let mut local = [T::ZERO; 16];
+    let out = &mut out[..k];
+    let acc: &mut [T] = if W != 0 { &mut local[..k] } else { &mut *out };
+    acc.fill(T::ZERO);
+    for (d, &xi) in rows.chunks_exact(k).zip(x) {
+        for (a, &v) in acc.iter_mut().zip(d) {
+            *a += xi * v;
+        }
+    }
+    if W != 0 {
+        out.copy_from_slice(&local[..k]);
+    }
+}
+
+/// Mean loss and accuracy (strict `d · p > 0`) of `rows` at `p`; `(0, 0)` without rows.
+/// `z` is scratch.
 #[inline]
-pub(crate) fn loss_and_accuracy<T: Real>(rows: &[T], k: usize, p: &[T]) -> (T, T) {
+pub(crate) fn loss_and_accuracy<T: Real>(rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) -> (T, T) {
     let n = rows.len() / k;
     if n == 0 {
         return (T::ZERO, T::ZERO);
     }
-    let mut loss = T::ZERO;
-    let mut correct = 0usize;
-    for d in rows.chunks_exact(k) {
-        let z = dot(d, p);
-        loss += softplus(-z);
-        if z > T::ZERO {
-            correct += 1;
+    by_width!(k, margins(rows, k, p, z));
+    let correct = z.iter().filter(|&&x| x > T::ZERO).count();
+    // softplus(−z) = max(−z, 0) + ln(1 + e^{−|z|}), summed in eight lanes in a fixed order.
+    for x in z.iter_mut() {
+        let pos = if *x < T::ZERO { -*x } else { T::ZERO };
+        *x = pos + (-x.abs()).exp_fast().ln_1p_fast();
+    }
+    let mut lanes = [T::ZERO; 8];
+    let mut groups = z.chunks_exact(8);
+    for g in &mut groups {
+        for (a, &x) in lanes.iter_mut().zip(g) {
+            *a += x;
         }
     }
+    for (a, &x) in lanes.iter_mut().zip(groups.remainder()) {
+        *a += x;
+    }
+    let total = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
     let n = T::of(n as f64);
-    (loss / n, T::of(correct as f64) / n)
+    (total / n, T::of(correct as f64) / n)
 }
 
 /// Adam's bias corrections for step `t` (1-based): `(α / (1−β1^t), sqrt(1−β2^t))`.
@@ -147,8 +172,8 @@ pub(crate) struct Workspace<T> {
     tr_m: Vec<T>,
     tr_v: Vec<T>,
     tr_s: Vec<T>,
-    /// `s_i` of the current step when no trajectory is kept.
-    scratch_s: Vec<T>,
+    /// Per-row scratch: `s_i` of the current step when no trajectory is kept, margins.
+    rows: Vec<T>,
 }
 
 fn sized<T: Real>(buf: &mut Vec<T>, len: usize) {
@@ -162,7 +187,7 @@ impl<T: Real> Default for Workspace<T> {
         Workspace {
             p: e(), gp: e(), g: e(), m: e(), v: e(), lam: e(), lam_m: e(), lam_v: e(), lam_g: e(),
             mu: e(), a_mu: e(), tmp: e(), tr_w: e(), tr_p: e(), tr_gp: e(), tr_g: e(), tr_m: e(),
-            tr_v: e(), tr_s: e(), scratch_s: e(),
+            tr_v: e(), tr_s: e(), rows: e(),
         }
     }
 }
@@ -184,8 +209,6 @@ impl<T: Real> Workspace<T> {
                 sized(b, steps * k);
             }
             sized(&mut self.tr_s, steps * n_support);
-        } else {
-            sized(&mut self.scratch_s, n_support);
         }
     }
 
@@ -198,10 +221,10 @@ impl<T: Real> Workspace<T> {
         let lr = T::of(inner.lr);
         for t in 0..steps {
             softmax_into(w, &mut self.p);
-            let s_out = if record { &mut self.tr_s[t * n..(t + 1) * n] } else { &mut self.scratch_s[..n] };
-            by_width!(k, pairs_pass(support, k, &self.p, &mut self.gp, s_out));
+            by_width!(k, pairs_pass(support, k, &self.p, &mut self.gp, &mut self.rows));
             softmax_jvp(&self.p, &self.gp, &mut self.g);
             if record {
+                self.tr_s[t * n..(t + 1) * n].copy_from_slice(&self.rows);
                 let r = t * k..(t + 1) * k;
                 self.tr_w[r.clone()].copy_from_slice(w);
                 self.tr_p[r.clone()].copy_from_slice(&self.p);
@@ -236,13 +259,13 @@ impl<T: Real> Workspace<T> {
     /// Support loss at `w` (0 for a user without support pairs).
     pub(crate) fn support_loss(&mut self, w: &[T], support: &[T], k: usize) -> T {
         softmax_into(w, &mut self.p);
-        loss_and_accuracy(support, k, &self.p).0
+        loss_and_accuracy(support, k, &self.p, &mut self.rows).0
     }
 
     /// Query loss and accuracy at `w`.
     pub(crate) fn query_metrics(&mut self, w: &[T], query: &[T], k: usize) -> (T, T) {
         softmax_into(w, &mut self.p);
-        loss_and_accuracy(query, k, &self.p)
+        loss_and_accuracy(query, k, &self.p, &mut self.rows)
     }
 
     /// Exact gradient of `grad_loss · L(w_T(w0, S); Q)` with respect to `w0` (into `grad_w0`),
@@ -272,12 +295,13 @@ impl<T: Real> Workspace<T> {
         // Query: L_q = mean_j softplus(−q_j·p_T); ∂/∂q_j = −(1/m) s_j p_T; ∂/∂w_T = J g_p.
         softmax_into(grad_w0, &mut self.p);
         let scale = -grad_loss / T::of(m_q as f64);
-        self.gp.fill(T::ZERO);
-        for (d, out) in query.chunks_exact(k).zip(grad_query.chunks_exact_mut(k)) {
-            let s = sigmoid(-dot(d, &self.p));
-            for j in 0..k {
-                self.gp[j] += s * d[j];
-                out[j] = scale * s * self.p[j];
+        by_width!(k, margins(query, k, &self.p, &mut self.rows));
+        neg_sigmoids(&mut self.rows);
+        by_width!(k, weighted_row_sums(query, k, &self.rows, &mut self.gp));
+        for (out, &s) in grad_query.chunks_exact_mut(k).zip(&self.rows) {
+            let a = scale * s;
+            for (o, &pj) in out.iter_mut().zip(&self.p) {
+                *o = a * pj;
             }
         }
         for x in self.gp.iter_mut() {
@@ -347,7 +371,7 @@ impl<T: Real> Workspace<T> {
 
 /// For one inner step at `p` (with its `g_p` and `s_i`): writes `H λ` into `hvp` and adds
 /// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu` and `tmp` are scratch;
-/// `W` as in [`pairs_pass`].
+/// `W` as in [`margins`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
@@ -402,7 +426,7 @@ mod tests {
     fn gradient(w: &[f64], rows: &[f64], k: usize) -> Vec<f64> {
         let (mut p, mut gp, mut g) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         softmax_into(w, &mut p);
-        let mut s = vec![0.0; rows.len() / k];
+        let mut s = Vec::new();
         pairs_pass::<f64, 0>(rows, k, &p, &mut gp, &mut s);
         softmax_jvp(&p, &gp, &mut g);
         g
@@ -411,7 +435,7 @@ mod tests {
     fn loss(w: &[f64], rows: &[f64], k: usize) -> f64 {
         let mut p = vec![0.0; k];
         softmax_into(w, &mut p);
-        loss_and_accuracy(rows, k, &p).0
+        loss_and_accuracy(rows, k, &p, &mut Vec::new()).0
     }
 
     fn lcg(seed: &mut u64) -> f64 {
@@ -443,7 +467,7 @@ mod tests {
         let rows: Vec<f64> = (0..n * k).map(|_| 1.5 * lcg(&mut seed)).collect();
         let w: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
         let lam: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
-        let (mut p, mut gp, mut s) = (vec![0.0; k], vec![0.0; k], vec![0.0; n]);
+        let (mut p, mut gp, mut s) = (vec![0.0; k], vec![0.0; k], Vec::new());
         softmax_into(&w, &mut p);
         pairs_pass::<f64, 0>(&rows, k, &p, &mut gp, &mut s);
         let (mut hvp, mut a, mut t) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
