@@ -359,6 +359,7 @@ impl<T: Real> Workspace<T> {
                 &mut self.mu,
                 &mut self.a_mu,
                 &mut self.tmp,
+                &mut self.rows,
                 grad_support,
             ));
             for j in 0..k {
@@ -370,7 +371,7 @@ impl<T: Real> Workspace<T> {
 }
 
 /// For one inner step at `p` (with its `g_p` and `s_i`): writes `H λ` into `hvp` and adds
-/// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu` and `tmp` are scratch;
+/// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu`, `tmp` and `c_vals` are scratch;
 /// `W` as in [`margins`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -384,6 +385,7 @@ pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
     hvp: &mut [T],
     a_mu: &mut [T],
     tmp: &mut [T],
+    c_vals: &mut Vec<T>,
     grad_rows: &mut [T],
 ) {
     let k = width::<W>(k);
@@ -391,23 +393,18 @@ pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
     let mu = &mut tmp[..k];
     let (p, gp, lam) = (&p[..k], &gp[..k], &lam[..k]);
     softmax_jvp(p, lam, mu);
-    let mu = &mu[..];
-    let mut local = [T::ZERO; 16];
-    {
-        let acc: &mut [T] = if W != 0 { &mut local[..k] } else { &mut a_mu[..k] };
-        acc.fill(T::ZERO);
-        for ((d, out), &s) in rows.chunks_exact(k).zip(grad_rows.chunks_exact_mut(k)).zip(s_vals) {
-            // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
-            let c = s * (T::ONE - s) * dot(mu, d);
-            let (s_scaled, c_scaled) = (inv_n * s, inv_n * c);
-            for (((a, o), (&dj, &mj)), &pj) in acc.iter_mut().zip(out.iter_mut()).zip(d.iter().zip(mu.iter())).zip(p) {
-                *a += c * dj;
-                *o -= s_scaled * mj - c_scaled * pj;
-            }
-        }
+    // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
+    margins::<T, W>(rows, k, mu, c_vals);
+    for (c, &s) in c_vals.iter_mut().zip(s_vals) {
+        *c *= s * (T::ONE - s);
     }
-    if W != 0 {
-        a_mu[..k].copy_from_slice(&local[..k]);
+    weighted_row_sums::<T, W>(rows, k, c_vals, a_mu);
+    let mu = &mu[..];
+    for ((out, &s), &c) in grad_rows.chunks_exact_mut(k).zip(s_vals).zip(c_vals.iter()) {
+        let (s_scaled, c_scaled) = (inv_n * s, inv_n * c);
+        for ((o, &mj), &pj) in out.iter_mut().zip(mu).zip(p) {
+            *o -= s_scaled * mj - c_scaled * pj;
+        }
     }
     // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
     let p_gp = dot(p, gp);
@@ -472,7 +469,7 @@ mod tests {
         pairs_pass::<f64, 0>(&rows, k, &p, &mut gp, &mut s);
         let (mut hvp, mut a, mut t) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         let mut row_grads = vec![0.0; n * k];
-        hvp_and_row_grads::<f64, 4>(&rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut row_grads);
+        hvp_and_row_grads::<f64, 4>(&rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut Vec::new(), &mut row_grads);
 
         let h = 1e-6;
         // H λ = d/dε ∇L(w + ε λ)

@@ -179,10 +179,13 @@ pub fn softmax_into<T: Real>(w: &[T], p: &mut [T]) {
             max = x;
         }
     }
-    let mut total = T::ZERO;
+    // Exponentials first and the sum after, so that the exponential loop vectorises.
     for (pi, &x) in p.iter_mut().zip(w) {
         *pi = (x - max).exp_fast();
-        total += *pi;
+    }
+    let mut total = T::ZERO;
+    for &pi in p.iter() {
+        total += pi;
     }
     let inv = T::ONE / total;
     for pi in p.iter_mut() {
