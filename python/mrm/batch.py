@@ -39,6 +39,7 @@ succeeds: a job killed part-way leaves the old output (or none), and can simply 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -206,8 +207,12 @@ def _value_dtype(schema: pa.Schema, column: str) -> np.dtype:
 
 
 def _nested_rows(batch: pa.RecordBatch, column: str, user_ids: pa.Array, width: int, width_name: str,
-                 dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
-    """A list<list<float>> column as CSR: rows (N, width) and per-user offsets (U + 1,)."""
+                 dtype: np.dtype, check_finite: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """A list<list<float>> column as CSR: rows (N, width) and per-user offsets (U + 1,).
+
+    ``check_finite`` also rejects NaN and infinite values, naming the user and pair. The jobs
+    leave it to the native kernels, which check every value anyway, and ask for it only to
+    explain a kernel error (see :func:`_explained`)."""
     array = batch.column(batch.schema.get_field_index(column))
     if not (_is_list(array.type) and _is_list(array.type.value_type)):
         raise ValueError(f"column {column!r} must be list<list<float>> (user → rows → vector), got {array.type}")
@@ -243,6 +248,8 @@ def _nested_rows(batch: pa.RecordBatch, column: str, user_ids: pa.Array, width: 
     if not pa.types.is_floating(flat.type):
         raise ValueError(f"column {column!r} must hold floats, got {flat.type}")
     values = flat.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(inner), width)
+    if not check_finite:
+        return values, offsets
     finite = np.isfinite(values).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
@@ -271,8 +278,9 @@ class _Features:
             self.dtype = checkpoint.dtype
             self.width, self.width_name = checkpoint.input_dim, "D (input_dim)"
 
-    def rows(self, batch: pa.RecordBatch, column: str, user_ids: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
-        values, offsets = _nested_rows(batch, column, user_ids, self.width, self.width_name, self.dtype)
+    def rows(self, batch: pa.RecordBatch, column: str, user_ids: pa.Array,
+             check_finite: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        values, offsets = _nested_rows(batch, column, user_ids, self.width, self.width_name, self.dtype, check_finite)
         if self.kind == "embeddings":
             values = np.ascontiguousarray(self.checkpoint.features(values), dtype=self.dtype)
         return values, offsets
@@ -289,6 +297,24 @@ class _Features:
                 f"{chosen_column!r} but {int(rejected_offsets[u + 1] - rejected_offsets[u])} in {rejected_column!r}"
             )
         return chosen, rejected, offsets
+
+    def check_finite(self, batch: pa.RecordBatch, user_ids: pa.Array) -> None:
+        """Raises a ValueError naming the column, user and pair of the first non-finite value."""
+        for column in self.columns:
+            self.rows(batch, column, user_ids, check_finite=True)
+
+
+@contextmanager
+def _explained(readers, batch: pa.RecordBatch, user_ids: pa.Array):
+    """Re-raises a kernel error caused by a non-finite input value as one that names the column,
+    the user id and the pair; any other error passes unchanged."""
+    try:
+        yield
+    except ValueError:
+        for reader in readers:
+            if reader is not None:
+                reader.check_finite(batch, user_ids)
+        raise
 
 
 # ---- user-weights tables -------------------------------------------------------------------------
@@ -480,8 +506,10 @@ class _Adapter:
             warm_rows = rows[known]
             start[known] = self.warm.weights[warm_rows]
             version[known] = self.warm.version[warm_rows] + 1
-        weights, losses = ops.adapt(start, differences, offsets, steps=self.steps, lr=self.lr,
-                                    optimizer=self.optimizer, num_threads=self.threads, return_support_losses=True)
+        with _explained([self.reader], batch, user_ids):
+            weights, losses = ops.adapt(start, differences, offsets, steps=self.steps, lr=self.lr,
+                                        optimizer=self.optimizer, num_threads=self.threads,
+                                        return_support_losses=True)
         return _weights_batch(self.schema, user_ids, weights, np.diff(offsets), losses, version), warm_rows
 
 
@@ -602,6 +630,12 @@ class _Scorer:
             known = rows >= 0
             weights[known] = self.weights.weights[rows[known]]
             fallback = ~known
+        with _explained([self.pairs, self.candidates], batch, user_ids):
+            return self._score(batch, user_ids, weights, fallback)
+
+    def _score(self, batch: pa.RecordBatch, user_ids: pa.Array, weights: np.ndarray,
+               fallback: np.ndarray) -> Tuple[pa.RecordBatch, int, int]:
+        count = len(user_ids)
         columns = [user_ids]
         n_pairs = n_candidates = 0
         if self.candidates:
