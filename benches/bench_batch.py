@@ -15,7 +15,8 @@ that its peak RSS (ru_maxrss, which includes the interpreter and its imports) is
   * score  — mrm: ``batch.score`` (rewards of both responses and P(chosen beats rejected)).
              baseline: pandas reads the per-pair Parquet and the weights table, merges them on
              user_id, torch computes softmax, rewards and sigmoid, writes one row per pair.
-Both sides use ``--threads`` threads (mrm kernel threads / torch.set_num_threads).
+Both sides use ``--threads`` threads (mrm kernel threads / torch.set_num_threads), and both write
+Parquet without dictionary encoding (it costs most of the writing time for float columns).
 
 Usage:
     python benches/bench_batch.py --users 10000,100000
@@ -146,7 +147,7 @@ def torch_adapt(d: Path, threads: int) -> None:
         "n_pairs": counts.astype(np.int64),
         "support_loss": losses,
     })
-    pq.write_table(table, d / "torch-weights.parquet")
+    pq.write_table(table, d / "torch-weights.parquet", use_dictionary=False)
 
 
 def torch_score(d: Path, threads: int) -> None:
@@ -166,7 +167,7 @@ def torch_score(d: Path, threads: int) -> None:
     rejected = (torch.from_numpy(merged[[f"r{j}" for j in range(K)]].to_numpy(np.float32)) * p).sum(-1)
     out = pd.DataFrame({"user_id": merged["user_id"], "chosen_reward": chosen.numpy(),
                         "rejected_reward": rejected.numpy(), "p_chosen": torch.sigmoid(chosen - rejected).numpy()})
-    out.to_parquet(d / "torch-scores.parquet", index=False)
+    out.to_parquet(d / "torch-scores.parquet", index=False, use_dictionary=False)
 
 
 JOBS = {("adapt", "mrm"): mrm_adapt, ("score", "mrm"): mrm_score,

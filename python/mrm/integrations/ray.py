@@ -160,7 +160,7 @@ def adapt_users(
             concurrency=n_workers,
             num_cpus=cpus_per_worker,
         )
-        dataset.write_parquet(str(tmp))
+        dataset.write_parquet(str(tmp), **local.WRITE_OPTIONS)
         if not local.parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
             pq.write_table(adapter.schema.empty_table(), tmp / "empty.parquet")
         user_ids = _read_column(tmp, local.USER)
@@ -173,7 +173,8 @@ def adapt_users(
                                        .to_numpy(zero_copy_only=False))
             copied = len(untouched)
             if copied:
-                with pq.ParquetWriter(tmp / "warm-start-unchanged.parquet", adapter.schema) as writer:
+                unchanged = tmp / "warm-start-unchanged.parquet"
+                with pq.ParquetWriter(unchanged, adapter.schema, **local.WRITE_OPTIONS) as writer:
                     for result in local._warm_rows_batches(adapter.schema, warm, untouched, batch_users):
                         writer.write_batch(result)
     return local.AdaptSummary(users=len(user_ids), pairs=n_pairs, seconds=time.perf_counter() - started,
@@ -209,7 +210,7 @@ def score(
             concurrency=n_workers,
             num_cpus=cpus_per_worker,
         )
-        dataset.write_parquet(str(tmp))
+        dataset.write_parquet(str(tmp), **local.WRITE_OPTIONS)
         if not local.parquet_files_or_none(tmp):
             pq.write_table(scorer.schema.empty_table(), tmp / "empty.parquet")
         fallback = _read_column(tmp, "fallback")
