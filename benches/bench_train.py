@@ -139,11 +139,11 @@ def main() -> None:
         trainer.train_epoch()
         t_mrm = time.perf_counter() - started
 
-        plan = trainer.epoch_plan(1)
         emb_t = torch.as_tensor(emb)
         model = MetaTrainer(config, emb, data).model
         optimizer = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
         started = time.perf_counter()
+        plan = trainer.epoch_plan(1)  # an epoch's split is part of its work on both sides
         padded_epoch(trainer, plan, model, optimizer, emb_t, config)
         t_padded = time.perf_counter() - started
 

@@ -53,6 +53,33 @@ def test_split_keeps_groups_together_and_follows_the_official_counts(val_ratio):
         assert len(q_groups) == max(1, int(len(groups) * val_ratio))
 
 
+@pytest.mark.parametrize("layout", ["random", "stored by group", "one pair per group"])
+def test_split_keeps_each_group_contiguous_in_stored_order(layout):
+    rng = np.random.default_rng(3)
+    lists = []
+    for u in range(40):
+        n = int(rng.integers(1, 10))
+        g = {"random": rng.integers(0, 4, size=n), "stored by group": np.sort(rng.integers(0, 4, size=n)),
+             "one pair per group": np.arange(n) + 100 * u}[layout]
+        lists.append([(0, 0, int(x)) for x in g])
+    pairs = UserPairs.from_lists(lists)
+    users = rng.permutation(40)
+    plan = split_support_query(pairs, users, np.random.default_rng(9), 0.5)
+    for position, u in enumerate(users):
+        own = set(range(pairs.offsets[u], pairs.offsets[u + 1]))
+        query = plan.query_pairs[plan.query_offsets[position]:plan.query_offsets[position + 1]]
+        support = plan.support_pairs[plan.support_offsets[position]:plan.support_offsets[position + 1]]
+        n_groups = len(set(pairs.groups[list(own)].tolist()))
+        if n_groups > 1:
+            assert set(query) | set(support) == own and not set(query) & set(support)
+            assert len(set(pairs.groups[query].tolist())) == max(1, int(n_groups * 0.5))
+        for part in (query, support):
+            g = pairs.groups[part]
+            for value in set(g.tolist()):
+                at = np.flatnonzero(g == value)
+                assert np.all(np.diff(at) == 1) and np.all(np.diff(part[at]) > 0)
+
+
 def test_split_changes_every_epoch_but_is_reproducible():
     emb, data = _random_data(seed=2, n_users=12, max_pairs=12)
     trainer = MetaTrainer(TrainConfig(scale=1.0, epochs=2), emb, data)

@@ -153,21 +153,33 @@ def split_support_query(pairs: UserPairs, users: np.ndarray, rng: np.random.Gene
     users = np.asarray(users, dtype=np.int64)
     counts = np.diff(pairs.offsets)[users]
     starts = np.concatenate([[0], np.cumsum(counts)])
-    index = np.repeat(pairs.offsets[users] - starts[:-1], counts) + np.arange(starts[-1])
-    owner = np.repeat(np.arange(len(users)), counts)
+    n = int(starts[-1])
+    # entries: every pair of every user, users in the given order, each user's pairs in stored order
+    index = np.repeat(pairs.offsets[users] - starts[:-1], counts) + np.arange(n)
+    owner = np.repeat(np.arange(len(users), dtype=np.int64), counts)
     groups = pairs.groups[index]
-    # one id per (user, group), in sorted order
-    by_group = np.lexsort((groups, owner))
-    change = np.ones(len(index), dtype=bool)
-    change[1:] = (owner[by_group][1:] != owner[by_group][:-1]) | (groups[by_group][1:] != groups[by_group][:-1])
-    group_id = np.empty(len(index), dtype=np.int64)
-    group_id[by_group] = np.cumsum(change) - 1
+    same_user = owner[1:] == owner[:-1]
+    if n == 0 or not np.any(same_user & (groups[1:] < groups[:-1])):
+        # groups never decrease within a user (each pair its own group, or stored by group):
+        # each run of equal groups is one group, no sort needed
+        change = np.ones(n, dtype=bool)
+        change[1:] = ~same_user | (groups[1:] != groups[:-1])
+        group_id = np.cumsum(change) - 1
+    else:
+        # one id per (user, group), in sorted order
+        by_group = _stable_order(owner, groups)
+        change = np.ones(n, dtype=bool)
+        o, g = owner[by_group], groups[by_group]
+        change[1:] = (o[1:] != o[:-1]) | (g[1:] != g[:-1])
+        group_id = np.empty(n, dtype=np.int64)
+        group_id[by_group] = np.cumsum(change) - 1
     n_group_ids = int(change.sum())
-    key = rng.random(n_group_ids)
-    # within each user: groups in random order, a group's pairs together, in their stored order
-    order = np.lexsort((index, key[group_id], owner))
+    # within each user: groups in a random order (distinct random ranks, so no ties between
+    # groups), a group's pairs together in stored order (the sort is stable)
+    rank_of_group = rng.permutation(n_group_ids).astype(np.int64)
+    order = np.argsort(owner * max(n_group_ids, 1) + rank_of_group[group_id], kind="stable")
     owner_sorted, gid_sorted = owner[order], group_id[order]
-    new_group = np.ones(len(order), dtype=bool)
+    new_group = np.ones(n, dtype=bool)
     new_group[1:] = gid_sorted[1:] != gid_sorted[:-1]
     groups_so_far = np.cumsum(new_group) - 1
     user_first_group = np.zeros(len(users), dtype=np.int64)
@@ -183,6 +195,16 @@ def split_support_query(pairs: UserPairs, users: np.ndarray, rng: np.random.Gene
     s_counts = np.bincount(owner_sorted[is_support], minlength=len(users))
     cs = lambda c: np.concatenate([[0], np.cumsum(c)]).astype(np.int64)  # noqa: E731
     return EpochPlan(users, support_pairs.astype(np.int64), cs(s_counts), query_pairs.astype(np.int64), cs(q_counts))
+
+
+def _stable_order(owner: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Entries sorted by (owner, group), stably: one sort of a combined key when it fits in
+    int64, else a two-key lexsort."""
+    g_min, g_max = int(groups.min()), int(groups.max())
+    span = g_max - g_min + 1
+    if span < 2**62 // max(int(owner[-1]) + 1, 1):
+        return np.argsort(owner * span + (groups - g_min), kind="stable")
+    return np.lexsort((groups, owner))
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
