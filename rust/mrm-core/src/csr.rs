@@ -16,6 +16,17 @@ impl<'a, T: Real> Csr<'a, T> {
     /// Builds a batch after checking its shape, its offsets and that every value is finite.
     /// `name` is the argument name used in error messages (e.g. `"support"`).
     pub fn new(name: &str, values: &'a [T], offsets: &'a [i64], k: usize) -> Result<Self> {
+        Self::new_in(name, values, offsets, k, None)
+    }
+
+    /// [`Csr::new`], scanning the values for non-finite ones on `pool` when one is given.
+    pub fn new_in(
+        name: &str,
+        values: &'a [T],
+        offsets: &'a [i64],
+        k: usize,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<Self> {
         if k == 0 {
             return invalid(format!("{name} must have at least one column (K >= 1)"));
         }
@@ -28,7 +39,7 @@ impl<'a, T: Real> Csr<'a, T> {
         let n_rows = values.len() / k;
         check_offsets(name, offsets, n_rows)?;
         let batch = Csr { values, offsets, k };
-        if let Some(pos) = first_non_finite(values, None) {
+        if let Some(pos) = first_non_finite(values, pool) {
             let row = pos / k;
             return invalid(format!(
                 "{name} contains a non-finite value (row {row}, user {})",
@@ -125,7 +136,12 @@ pub fn first_non_finite<T: Real>(values: &[T], pool: Option<&rayon::ThreadPool>)
 }
 
 /// Returns an error naming the first user whose output is not finite.
-pub(crate) fn check_output_finite<T: Real>(what: &str, values: &[T], per_user: usize, pool: &rayon::ThreadPool) -> Result<()> {
+pub(crate) fn check_output_finite<T: Real>(
+    what: &str,
+    values: &[T],
+    per_user: usize,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
     if let Some(pos) = first_non_finite(values, Some(pool)) {
         return invalid(format!(
             "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",
@@ -136,7 +152,12 @@ pub(crate) fn check_output_finite<T: Real>(what: &str, values: &[T], per_user: u
 }
 
 /// Same as [`check_output_finite`] for per-row outputs of a batch.
-pub(crate) fn check_rows_finite<T: Real>(what: &str, values: &[T], batch: &Csr<'_, T>, pool: &rayon::ThreadPool) -> Result<()> {
+pub(crate) fn check_rows_finite<T: Real>(
+    what: &str,
+    values: &[T],
+    batch: &Csr<'_, T>,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
     if let Some(pos) = first_non_finite(values, Some(pool)) {
         return invalid(format!(
             "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",

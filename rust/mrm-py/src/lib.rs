@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use mrm_core::{Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
 use numpy::ndarray::{Array1, Array2};
-use numpy::{Element, IntoPyArray, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn};
+use numpy::{
+    Element, IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
+    PyReadwriteArray2, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 
@@ -81,6 +84,17 @@ fn slice<'a, T: Element, D: numpy::ndarray::Dimension>(
         .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
+/// A CSR argument, checked: shape, offsets, and every value finite (scanned on `threads`).
+fn csr<'a, T: Real + Element>(
+    name: &str,
+    values: &'a PyReadonlyArray2<'_, T>,
+    offsets: &'a PyReadonlyArray1<'_, i64>,
+    threads: &rayon::ThreadPool,
+) -> PyResult<Csr<'a, T>> {
+    let (v, o) = (slice(name, values)?, slice(&format!("{name}_offsets"), offsets)?);
+    Csr::new_in(name, v, o, values.shape()[1], Some(threads)).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 fn inner_loop(steps: usize, lr: f64, optimizer: &str, beta1: f64, beta2: f64, eps: f64) -> PyResult<InnerLoop> {
     let optimizer = match optimizer {
         "sgd" => Optimizer::Sgd,
@@ -118,12 +132,11 @@ fn forward<'py, T: Real + Element>(
     num_threads: usize,
 ) -> PyResult<Forward<'py>> {
     let k = support.shape()[1];
-    let support = Csr::new("support", slice("support", &support)?, slice("support_offsets", &support_offsets)?, k)
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let threads = pool(num_threads)?;
+    let support = csr("support", &support, &support_offsets, &threads)?;
     let query = match &query {
         Some((q, qo)) => Some(
-            Csr::new("query", slice("query", q)?, slice("query_offsets", qo)?, q.shape()[1])
-                .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            csr("query", q, qo, &threads)?,
         ),
         None => None,
     };
@@ -165,30 +178,37 @@ fn backward<'py, T: Real + Element>(
     num_threads: usize,
 ) -> PyResult<Backward<'py>> {
     let k = support.shape()[1];
-    let support = Csr::new("support", slice("support", &support)?, slice("support_offsets", &support_offsets)?, k)
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let query = Csr::new("query", slice("query", &query)?, slice("query_offsets", &query_offsets)?, query.shape()[1])
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let threads = pool(num_threads)?;
+    let support = csr("support", &support, &support_offsets, &threads)?;
+    let query = csr("query", &query, &query_offsets, &threads)?;
     let start = start(&w0)?;
     let grad_losses = slice("grad_losses", &grad_losses)?;
     let mut grad_w0 = vec![T::ZERO; start_len(&start)];
-    let mut grad_support = vec![T::ZERO; support.values.len()];
-    let mut grad_query = vec![T::ZERO; query.values.len()];
-    run(py, num_threads, |ctl| {
-        mrm_core::backward(
-            start, support, query, grad_losses, &inner, first_order, &mut grad_w0, &mut grad_support,
-            &mut grad_query, ctl,
-        )
-    })?;
+    let grad_support = zeros(py, support.n_rows(), k);
+    let grad_query = zeros(py, query.n_rows(), query.k);
+    {
+        let (mut gs, mut gq) = (grad_support.readwrite(), grad_query.readwrite());
+        let (gs, gq) = (slice_mut("grad_support", &mut gs)?, slice_mut("grad_query", &mut gq)?);
+        run(py, num_threads, |ctl| {
+            mrm_core::backward(start, support, query, grad_losses, &inner, first_order, &mut grad_w0, gs, gq, ctl)
+        })?;
+    }
     let grad_w0 = match start {
         Start::Shared(_) => Array1::from_vec(grad_w0).into_pyarray(py).into_any(),
         Start::PerUser(_) => matrix(grad_w0, support.n_users(), k)?.into_pyarray(py).into_any(),
     };
-    Ok((
-        grad_w0,
-        matrix(grad_support, support.n_rows(), k)?.into_pyarray(py).into_any(),
-        matrix(grad_query, query.n_rows(), query.k)?.into_pyarray(py).into_any(),
-    ))
+    Ok((grad_w0, grad_support.into_any(), grad_query.into_any()))
+}
+
+/// A zeroed (rows, cols) array allocated by numpy, whose allocator asks the kernel for huge pages
+/// for large arrays: the first writes into a large output then cost a few page faults instead of
+/// one per 4 KiB.
+fn zeros<T: Element>(py: Python<'_>, rows: usize, cols: usize) -> Bound<'_, PyArray2<T>> {
+    PyArray2::zeros(py, [rows, cols], false)
+}
+
+fn slice_mut<'a, T: Element>(name: &str, array: &'a mut PyReadwriteArray2<'_, T>) -> PyResult<&'a mut [T]> {
+    array.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
 fn start_len<T>(start: &Start<'_, T>) -> usize {
@@ -215,9 +235,8 @@ fn score<'py, T: Real + Element>(
     weights: PyReadonlyArray2<'py, T>,
     num_threads: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let k = features.shape()[1];
-    let features = Csr::new("features", slice("features", &features)?, slice("feature_offsets", &feature_offsets)?, k)
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let threads = pool(num_threads)?;
+    let features = csr("features", &features, &feature_offsets, &threads)?;
     let weights = slice("weights", &weights)?;
     let mut rewards = vec![T::ZERO; features.n_rows()];
     run(py, num_threads, |ctl| mrm_core::score(features, weights, &mut rewards, ctl))?;
