@@ -181,3 +181,24 @@ def test_adapt_uses_native_kernel_on_phi_differences():
         for u in range(2):
             want = reference.adapt_user(model.shared_weight, d[offsets[u]:offsets[u + 1]], steps=3, lr=0.2, optimizer="sgd")
             np.testing.assert_allclose(got[u], want.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_rows, n_pairs", [(12, 40), (100, 20), (1000, 3)])  # all rows, some, few
+def test_pair_differences_and_their_gradient_match_direct_indexing(n_rows, n_pairs):
+    model = _random_model(CONFIGS[1]).double()
+    rng = np.random.default_rng(n_rows)
+    emb = torch.randn(n_rows, 6, dtype=torch.float64)
+    chosen, rejected = rng.integers(n_rows, size=n_pairs), rng.integers(n_rows, size=n_pairs)
+    upstream = torch.randn(n_pairs, 4, dtype=torch.float64)
+
+    def gradients(differences):
+        model.zero_grad()
+        d = differences()
+        (d * upstream).sum().backward()
+        return d.detach(), [p.grad.clone() for p in model.parameters()]
+
+    got, got_grads = gradients(lambda: model.pair_differences(emb, chosen, rejected))
+    want, want_grads = gradients(lambda: model.features(emb[chosen]) - model.features(emb[rejected]))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

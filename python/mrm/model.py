@@ -107,15 +107,17 @@ class MetaRewardModel(nn.Module):
     def pair_differences(self, embeddings: torch.Tensor, chosen, rejected) -> torch.Tensor:
         """d = φ(e_chosen) − φ(e_rejected) for index arrays into ``embeddings``.
 
-        φ runs once per distinct row (on all of ``embeddings`` without a copy when every row is
-        used); the K-wide results are then gathered per pair, so the backward pass scatters
-        K-wide gradients, never D-wide ones.
+        φ runs once per distinct row (on all of ``embeddings``, without gathering them, when at
+        least half of the rows are used); the K-wide results are then gathered per pair, so the
+        backward pass scatters K-wide gradients, never D-wide ones.
         """
         chosen = torch.as_tensor(np.asarray(chosen), dtype=torch.int64, device=embeddings.device)
         rejected = torch.as_tensor(np.asarray(rejected), dtype=torch.int64, device=embeddings.device)
-        rows, inverse = _unique_rows(torch.cat([chosen, rejected]), embeddings.shape[0])
-        x = embeddings if rows.numel() == embeddings.shape[0] else embeddings.index_select(0, rows)
-        phi = self.features(x)
+        rows, inverse = _used_rows(torch.cat([chosen, rejected]), embeddings.shape[0])
+        if rows is None:
+            phi = self.features(embeddings)
+            return phi.index_select(0, chosen) - phi.index_select(0, rejected)
+        phi = self.features(embeddings.index_select(0, rows))
         n = chosen.shape[0]
         return phi.index_select(0, inverse[:n]) - phi.index_select(0, inverse[n:])
 
@@ -235,13 +237,17 @@ class MetaRewardModel(nn.Module):
         return model
 
 
-def _unique_rows(index: torch.Tensor, n_rows: int):
-    """Distinct values of ``index`` (sorted) and each entry's position among them; a marking
-    pass (O(n_rows)) when that is cheaper than sorting."""
+def _used_rows(index: torch.Tensor, n_rows: int):
+    """``(None, None)`` when at least half of the ``n_rows`` rows occur in ``index`` (then φ on
+    every row is cheaper than gathering the used ones), else the distinct values of ``index``
+    (sorted) and each entry's position among them. A marking pass (O(n_rows)) when that is
+    cheaper than sorting."""
     if n_rows <= 8 * index.numel():
         mark = torch.zeros(n_rows, dtype=torch.bool, device=index.device)
         mark[index] = True
         rows = torch.nonzero(mark).flatten()
+        if 2 * rows.numel() >= n_rows:
+            return None, None
         position = torch.cumsum(mark, 0) - 1
         return rows, position[index]
     return torch.unique(index, return_inverse=True)

@@ -166,3 +166,23 @@ pub(crate) fn check_rows_finite<T: Real>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_non_finite_finds_the_first_bad_value_with_and_without_a_pool() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let n = 5 * SCAN_PIECE + 123;
+        for bad in [vec![], vec![0], vec![n - 1], vec![SCAN_PIECE - 1, SCAN_PIECE], vec![3 * SCAN_PIECE + 7, 4 * SCAN_PIECE + 1]] {
+            let mut values = vec![1.0f32; n];
+            for (i, &at) in bad.iter().enumerate() {
+                values[at] = if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+            }
+            let want = bad.iter().copied().min();
+            assert_eq!(first_non_finite(&values, None), want);
+            assert_eq!(first_non_finite(&values, Some(&pool)), want);
+        }
+    }
+}
