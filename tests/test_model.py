@@ -195,10 +195,11 @@ def test_pair_differences_and_their_gradient_match_direct_indexing(n_rows, n_pai
         model.zero_grad()
         d = differences()
         (d * upstream).sum().backward()
-        return d.detach(), [p.grad.clone() for p in model.parameters()]
+        return d.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     got, got_grads = gradients(lambda: model.pair_differences(emb, chosen, rejected))
     want, want_grads = gradients(lambda: model.features(emb[chosen]) - model.features(emb[rejected]))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert len(got_grads) == len(want_grads) == len(model.layers) * 2  # every weight and bias
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
