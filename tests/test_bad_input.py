@@ -227,3 +227,17 @@ def test_native_module_direct_calls_do_not_panic():
                                  np.array([0, 1]), np.ones(5), 1, 0.1, "sgd", 0.9, 0.999, 1e-8, False, 1)
     with pytest.raises(ValueError):
         mrm._native.score_f64(np.zeros((2, 3)), np.array([0, 2]), np.zeros((2, 3)), 1)
+
+
+def test_pair_differences_bad_input():
+    features = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"rejected\[2\] = -1 is out of range for 4 feature rows \(pair 2\)"):
+        ops.pair_differences(features, [0, 1, 2], [1, 2, -1])
+    with pytest.raises(ValueError, match="chosen has 2 entries but rejected has 1"):
+        ops.pair_differences(features, [0, 1], [1])
+    with pytest.raises(TypeError, match="chosen must be an integer array"):
+        ops.pair_differences(features, [0.0], [1])
+    with pytest.raises(ValueError, match=r"chosen\[0\] = 9 is out of range for 3 feature rows"):
+        ops.pair_differences_backward(np.ones((1, 2), np.float32), [9], [0], 3)
+    with pytest.raises(ValueError, match="n_rows must be a non-negative int"):
+        ops.pair_differences_backward(np.ones((1, 2), np.float32), [0], [0], -1)

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 import reference  # noqa: E402
 from mrm.model import MetaRewardModel, ModelConfig  # noqa: E402
-from mrm.torch_ops import rpo_objective, user_losses  # noqa: E402
+from mrm.torch_ops import pair_differences, rpo_objective, user_losses  # noqa: E402
 
 RTOL = 1e-9
 
@@ -136,6 +136,19 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.mrm.user_losses.default, args)
     losses = torch.rand(5, dtype=dtype, requires_grad=True)
     torch.library.opcheck(torch.ops.mrm.rpo.default, (losses, 0.5, 0.5))
+    features = torch.rand(6, 3, dtype=dtype, requires_grad=True)
+    chosen, rejected = torch.tensor([0, 5, 2, 2]), torch.tensor([1, 0, 2, 4])
+    torch.library.opcheck(torch.ops.mrm.pair_differences.default, (features, chosen, rejected))
+
+
+def test_pair_differences_match_indexing_and_pass_gradcheck():
+    features = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    chosen, rejected = torch.tensor([6, 0, 3, 3, 1]), torch.tensor([2, 0, 5, 6, 6])
+    torch.testing.assert_close(pair_differences(features, chosen, rejected), features[chosen] - features[rejected],
+                               rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda f: pair_differences(f, chosen, rejected), (features,), eps=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"chosen\[1\] = 7 is out of range for 7 feature rows"):
+        pair_differences(features, torch.tensor([0, 7]), torch.tensor([1, 1]))
 
 
 def test_float32_outputs_and_gradients_keep_dtype():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrm import ops
+from mrm import ops, torch_ops
 from mrm._io import atomic_dir
 
 CONFIG_NAME = "config.json"
@@ -116,10 +116,13 @@ class MetaRewardModel(nn.Module):
         rows, inverse = _used_rows(torch.cat([chosen, rejected]), embeddings.shape[0])
         if rows is None:
             phi = self.features(embeddings)
-            return phi.index_select(0, chosen) - phi.index_select(0, rejected)
-        phi = self.features(embeddings.index_select(0, rows))
-        n = chosen.shape[0]
-        return phi.index_select(0, inverse[:n]) - phi.index_select(0, inverse[n:])
+        else:
+            phi = self.features(embeddings.index_select(0, rows))
+            n = chosen.shape[0]
+            chosen, rejected = inverse[:n], inverse[n:]
+        if phi.device.type == "cpu":
+            return torch_ops.pair_differences(phi, chosen, rejected)
+        return phi.index_select(0, chosen) - phi.index_select(0, rejected)
 
     @torch.no_grad()
     def adapt(

@@ -20,7 +20,10 @@ import numpy as np
 
 from mrm import _native
 
-__all__ = ["MetaForward", "adapt", "meta_forward", "meta_backward", "rpo", "score", "resolve_threads"]
+__all__ = [
+    "MetaForward", "adapt", "meta_forward", "meta_backward", "rpo", "score", "pair_differences",
+    "pair_differences_backward", "resolve_threads",
+]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -284,3 +287,32 @@ def score(features, feature_offsets, weights, *, num_threads: Optional[int] = No
             f"weights has {weights.shape[0]} rows but feature_offsets describes {len(feature_offsets) - 1} users"
         )
     return _kernel("score", dtype)(features, feature_offsets, weights, resolve_threads(num_threads))
+
+
+def _index(name: str, value) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu" or array.dtype == np.bool_:
+        raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one entry per pair), got {array.ndim}-D with shape {array.shape}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} has a value too large for int64")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def pair_differences(features, chosen, rejected) -> np.ndarray:
+    """``features[chosen[i]] − features[rejected[i]]`` for every pair ``i``: (N, K) from
+    ``features`` (rows, K) and two index arrays (N,)."""
+    features = _float_array("features", features, (2,))
+    return _kernel("pair_differences", features.dtype)(features, _index("chosen", chosen), _index("rejected", rejected))
+
+
+def pair_differences_backward(grad, chosen, rejected, n_rows: int) -> np.ndarray:
+    """The adjoint of :func:`pair_differences`: the gradient with respect to ``features``
+    (n_rows, K) given the gradient ``grad`` (N, K) with respect to the differences."""
+    grad = _float_array("grad", grad, (2,))
+    if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral) or n_rows < 0:
+        raise ValueError(f"n_rows must be a non-negative int, got {n_rows!r}")
+    return _kernel("pair_differences_backward", grad.dtype)(
+        grad, _index("chosen", chosen), _index("rejected", rejected), int(n_rows)
+    )

@@ -3,7 +3,8 @@
 ``user_losses`` adapts every user from ``w0`` on its support differences and returns each
 user's query loss; autograd reaches ``w0``, ``support`` and ``query`` (and through them the
 base reward functions) via the native adjoint, with no unrolled graph. ``rpo_objective`` is
-the Robust Personalization Objective. CPU tensors only: move CUDA tensors with ``.cpu()``
+the Robust Personalization Objective. ``pair_differences`` gathers the pair differences of
+base rewards by index, with a native scatter as its backward. CPU tensors only: move CUDA tensors with ``.cpu()``
 (autograd follows the move).
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from mrm import ops
 
-__all__ = ["user_losses", "rpo_objective"]
+__all__ = ["user_losses", "rpo_objective", "pair_differences"]
 
 
 def _np(t: torch.Tensor):
@@ -132,6 +133,41 @@ def _rpo_grad(ctx, grad_objective):
 _rpo.register_autograd(_rpo_grad, setup_context=_rpo_setup_context)
 
 
+@torch.library.custom_op("mrm::pair_differences", mutates_args=())
+def _pair_differences(features: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(ops.pair_differences(_np(features), _np(chosen), _np(rejected)))
+
+
+@_pair_differences.register_fake
+def _(features, chosen, rejected):
+    return features.new_empty((chosen.shape[0], features.shape[1]))
+
+
+@torch.library.custom_op("mrm::pair_differences_backward", mutates_args=())
+def _pair_differences_backward(grad: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
+                               n_rows: int) -> torch.Tensor:
+    return torch.from_numpy(ops.pair_differences_backward(_np(grad), _np(chosen), _np(rejected), n_rows))
+
+
+@_pair_differences_backward.register_fake
+def _(grad, chosen, rejected, n_rows):
+    return grad.new_empty((n_rows, grad.shape[1]))
+
+
+def _pair_setup_context(ctx, inputs, output):
+    features, chosen, rejected = inputs
+    ctx.save_for_backward(chosen, rejected)
+    ctx.n_rows = features.shape[0]
+
+
+def _pair_grad(ctx, grad):
+    chosen, rejected = ctx.saved_tensors
+    return _pair_differences_backward(grad.contiguous(), chosen, rejected, ctx.n_rows), None, None
+
+
+_pair_differences.register_autograd(_pair_grad, setup_context=_pair_setup_context)
+
+
 def _check_cpu(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -194,3 +230,20 @@ def rpo_objective(losses: torch.Tensor, tail: float, gamma: float) -> torch.Tens
     """RPO over per-user losses (a scalar), differentiable in ``losses`` (SPEC §3)."""
     _check_cpu(losses=losses)
     return _rpo(losses, float(tail), float(gamma))
+
+
+def pair_differences(features: torch.Tensor, chosen, rejected) -> torch.Tensor:
+    """``features[chosen] − features[rejected]`` (N, K), differentiable in ``features`` (rows, K);
+    the backward pass is one native scatter instead of two index_add passes."""
+    chosen = _index_tensor("chosen", chosen)
+    rejected = _index_tensor("rejected", rejected)
+    _check_cpu(features=features, chosen=chosen, rejected=rejected)
+    return _pair_differences(features, chosen, rejected)
+
+
+def _index_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    return t.to(torch.int64)

@@ -8,11 +8,14 @@
 //! - [`batch::backward`]: the exact (or first-order) gradient of a weighted sum of query losses
 //!   with respect to the start and every support and query row;
 //! - [`rpo::rpo`]: the Robust Personalization Objective and its gradient;
-//! - [`batch::score`]: personalised rewards of feature rows.
+//! - [`batch::score`]: personalised rewards of feature rows;
+//! - [`gather::pair_differences`]: pair differences of feature rows picked by index, and their
+//!   adjoint.
 
 pub mod batch;
 pub mod csr;
 pub mod error;
+pub mod gather;
 pub mod inner;
 pub mod real;
 pub mod rpo;
@@ -20,6 +23,7 @@ pub mod rpo;
 pub use batch::{backward, evaluate, forward, score, Control, ForwardOutputs, Start};
 pub use csr::Csr;
 pub use error::{Error, Result};
+pub use gather::{pair_differences, pair_differences_backward};
 pub use inner::{InnerLoop, Optimizer};
 pub use real::Real;
 pub use rpo::rpo;

@@ -243,9 +243,37 @@ fn score<'py, T: Real + Element>(
     Ok(Array1::from_vec(rewards).into_pyarray(py).into_any())
 }
 
+fn gather<'py, T: Real + Element>(
+    py: Python<'py>,
+    features: PyReadonlyArray2<'py, T>,
+    chosen: PyReadonlyArray1<'py, i64>,
+    rejected: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let k = features.shape()[1];
+    let (f, c, r) = (slice("features", &features)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
+    let mut out = vec![T::ZERO; c.len() * k];
+    py.detach(|| mrm_core::pair_differences(f, k, c, r, &mut out)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(matrix(out, c.len(), k)?.into_pyarray(py).into_any())
+}
+
+fn gather_backward<'py, T: Real + Element>(
+    py: Python<'py>,
+    grad: PyReadonlyArray2<'py, T>,
+    chosen: PyReadonlyArray1<'py, i64>,
+    rejected: PyReadonlyArray1<'py, i64>,
+    n_rows: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let k = grad.shape()[1];
+    let (g, c, r) = (slice("grad", &grad)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
+    let mut out = vec![T::ZERO; n_rows * k];
+    py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out))
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(matrix(out, n_rows, k)?.into_pyarray(py).into_any())
+}
+
 /// The Python entry points for one dtype; `mrm.ops` picks the dtype.
 macro_rules! entry_points {
-    ($t:ty, $forward:ident, $backward:ident, $rpo:ident, $score:ident) => {
+    ($t:ty, $forward:ident, $backward:ident, $rpo:ident, $score:ident, $gather:ident, $gather_backward:ident) => {
         #[pyfunction]
         #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, steps, lr, optimizer, beta1, beta2, eps, with_support_loss, num_threads))]
         #[allow(clippy::too_many_arguments)]
@@ -308,11 +336,32 @@ macro_rules! entry_points {
         ) -> PyResult<Bound<'py, PyAny>> {
             score(py, features, feature_offsets, weights, num_threads)
         }
+
+        #[pyfunction]
+        fn $gather<'py>(
+            py: Python<'py>,
+            features: PyReadonlyArray2<'py, $t>,
+            chosen: PyReadonlyArray1<'py, i64>,
+            rejected: PyReadonlyArray1<'py, i64>,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            gather(py, features, chosen, rejected)
+        }
+
+        #[pyfunction]
+        fn $gather_backward<'py>(
+            py: Python<'py>,
+            grad: PyReadonlyArray2<'py, $t>,
+            chosen: PyReadonlyArray1<'py, i64>,
+            rejected: PyReadonlyArray1<'py, i64>,
+            n_rows: usize,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            gather_backward(py, grad, chosen, rejected, n_rows)
+        }
     };
 }
 
-entry_points!(f32, forward_f32, backward_f32, rpo_f32, score_f32);
-entry_points!(f64, forward_f64, backward_f64, rpo_f64, score_f64);
+entry_points!(f32, forward_f32, backward_f32, rpo_f32, score_f32, pair_differences_f32, pair_differences_backward_f32);
+entry_points!(f64, forward_f64, backward_f64, rpo_f64, score_f64, pair_differences_f64, pair_differences_backward_f64);
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -324,6 +373,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rpo_f64, m)?)?;
     m.add_function(wrap_pyfunction!(score_f32, m)?)?;
     m.add_function(wrap_pyfunction!(score_f64, m)?)?;
+    for f in [
+        wrap_pyfunction!(pair_differences_f32, m)?,
+        wrap_pyfunction!(pair_differences_f64, m)?,
+        wrap_pyfunction!(pair_differences_backward_f32, m)?,
+        wrap_pyfunction!(pair_differences_backward_f64, m)?,
+    ] {
+        m.add_function(f)?;
+    }
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,115 @@
+//! Pair differences `d_i = f[chosen_i] − f[rejected_i]` of feature rows picked by index, and
+//! their adjoint (the scatter of each `∂/∂d_i` back onto the two rows it came from).
+
+use crate::error::{invalid, Result};
+use crate::real::Real;
+
+/// Checks that every index is in `0..n_rows`; the error names the argument and the pair.
+fn check_indices(name: &str, index: &[i64], n_rows: usize) -> Result<()> {
+    if let Some(i) = index.iter().position(|&r| r < 0 || r as u64 >= n_rows as u64) {
+        return invalid(format!(
+            "{name}[{i}] = {} is out of range for {n_rows} feature rows (pair {i})",
+            index[i]
+        ));
+    }
+    Ok(())
+}
+
+fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
+    if chosen.len() != rejected.len() {
+        return invalid(format!(
+            "chosen has {} entries but rejected has {}: one of each per pair",
+            chosen.len(),
+            rejected.len()
+        ));
+    }
+    check_indices("chosen", chosen, n_rows)?;
+    check_indices("rejected", rejected, n_rows)
+}
+
+/// Writes `out[i] = features[chosen[i]] − features[rejected[i]]` (rows of width `k`).
+pub fn pair_differences<T: Real>(features: &[T], k: usize, chosen: &[i64], rejected: &[i64], out: &mut [T]) -> Result<()> {
+    if k == 0 || features.len() % k != 0 {
+        return invalid(format!("features must have K >= 1 columns and a whole number of rows (K = {k})"));
+    }
+    check_pairs(chosen, rejected, features.len() / k)?;
+    if out.len() != chosen.len() * k {
+        return invalid(format!("the output must have {} values, got {}", chosen.len() * k, out.len()));
+    }
+    for ((d, &c), &r) in out.chunks_exact_mut(k).zip(chosen).zip(rejected) {
+        let (c, r) = (c as usize * k, r as usize * k);
+        for ((o, &a), &b) in d.iter_mut().zip(&features[c..c + k]).zip(&features[r..r + k]) {
+            *o = a - b;
+        }
+    }
+    Ok(())
+}
+
+/// The adjoint of [`pair_differences`]: `out` (rows × K) is set to `Σ_i grad[i]` over the pairs
+/// whose chosen row it is, minus the same over the pairs whose rejected row it is, accumulated
+/// in pair order (so the result does not depend on anything but the inputs).
+pub fn pair_differences_backward<T: Real>(
+    grad: &[T],
+    k: usize,
+    chosen: &[i64],
+    rejected: &[i64],
+    out: &mut [T],
+) -> Result<()> {
+    if k == 0 || out.len() % k != 0 {
+        return invalid(format!("the output must have K >= 1 columns and a whole number of rows (K = {k})"));
+    }
+    check_pairs(chosen, rejected, out.len() / k)?;
+    if grad.len() != chosen.len() * k {
+        return invalid(format!("grad must have {} values (pairs × K), got {}", chosen.len() * k, grad.len()));
+    }
+    out.fill(T::ZERO);
+    for ((g, &c), &r) in grad.chunks_exact(k).zip(chosen).zip(rejected) {
+        let c = c as usize * k;
+        for (o, &x) in out[c..c + k].iter_mut().zip(g) {
+            *o += x;
+        }
+        let r = r as usize * k;
+        for (o, &x) in out[r..r + k].iter_mut().zip(g) {
+            *o -= x;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_and_adjoint_agree_with_the_definition() {
+        let k = 3;
+        let features: Vec<f64> = (0..5 * k).map(|i| (i * i) as f64 * 0.25 - 3.0).collect();
+        let (chosen, rejected) = ([4i64, 0, 2, 2], [1i64, 0, 3, 4]);
+        let mut d = vec![0.0; chosen.len() * k];
+        pair_differences(&features, k, &chosen, &rejected, &mut d).unwrap();
+        for i in 0..chosen.len() {
+            for j in 0..k {
+                let want = features[chosen[i] as usize * k + j] - features[rejected[i] as usize * k + j];
+                assert_eq!(d[i * k + j], want);
+            }
+        }
+        // <g, D f> = <Dᵀ g, f> for any g and f: the adjoint is the transpose
+        let g: Vec<f64> = (0..chosen.len() * k).map(|i| (i as f64).sin()).collect();
+        let mut back = vec![0.0; features.len()];
+        pair_differences_backward(&g, k, &chosen, &rejected, &mut back).unwrap();
+        let lhs: f64 = g.iter().zip(&d).map(|(a, b)| a * b).sum();
+        let rhs: f64 = back.iter().zip(&features).map(|(a, b)| a * b).sum();
+        assert!((lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn bad_indices_are_errors_naming_the_pair() {
+        let features = vec![0.0f32; 6];
+        let mut out = vec![0.0f32; 4];
+        let err = pair_differences(&features, 2, &[0, 3], &[1, 1], &mut out).unwrap_err();
+        assert!(err.to_string().contains("chosen[1] = 3"), "{err}");
+        let err = pair_differences(&features, 2, &[0, 1], &[-1, 1], &mut out).unwrap_err();
+        assert!(err.to_string().contains("rejected[0] = -1"), "{err}");
+        assert!(pair_differences(&features, 2, &[0], &[1, 1], &mut out).is_err());
+    }
+}
