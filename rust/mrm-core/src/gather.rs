@@ -29,7 +29,7 @@ fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
 
 /// Writes `out[i] = features[chosen[i]] − features[rejected[i]]` (rows of width `k`).
 pub fn pair_differences<T: Real>(features: &[T], k: usize, chosen: &[i64], rejected: &[i64], out: &mut [T]) -> Result<()> {
-    if k == 0 || features.len() % k != 0 {
+    if k == 0 || !features.len().is_multiple_of(k) {
         return invalid(format!("features must have K >= 1 columns and a whole number of rows (K = {k})"));
     }
     check_pairs(chosen, rejected, features.len() / k)?;
@@ -55,7 +55,7 @@ pub fn pair_differences_backward<T: Real>(
     rejected: &[i64],
     out: &mut [T],
 ) -> Result<()> {
-    if k == 0 || out.len() % k != 0 {
+    if k == 0 || !out.len().is_multiple_of(k) {
         return invalid(format!("the output must have K >= 1 columns and a whole number of rows (K = {k})"));
     }
     check_pairs(chosen, rejected, out.len() / k)?;
