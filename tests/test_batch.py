@@ -482,3 +482,37 @@ def test_existing_output_and_other_bad_input(tmp_path, model_dir):
 
     with pytest.raises(ValueError, match="lr must be"):
         batch.adapt_users(model_dir[0], logs, tmp_path / "x.parquet", steps=1, lr=-1.0, progress=False)
+
+
+def test_read_ahead_keeps_order_errors_and_stops_with_the_caller():
+    import threading
+
+    from mrm.batch import _read_ahead
+
+    assert list(_read_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("broken file")
+
+    seen = []
+    with pytest.raises(ValueError, match="broken file"):
+        for item in _read_ahead(failing()):
+            seen.append(item)
+    assert seen == [1, 2]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    for item in _read_ahead(endless()):
+        if item == 3:
+            break
+    assert len(produced) <= 6  # at most two ahead of the caller (and the one being made)
+    assert not any(t.name == "mrm-read-ahead" for t in threading.enumerate())

@@ -38,6 +38,8 @@ succeeds: a job killed part-way leaves the old output (or none), and can simply 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,6 +169,49 @@ def _iter_batches(files: Sequence[Path], columns: Sequence[str], batch_users: in
                 except (pa.ArrowException, OSError) as exc:
                     raise ValueError(f"{path} could not be read (corrupt or truncated Parquet?): {exc}") from None
                 yield batch
+
+
+def _read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The same batches, with the next ones decoded on a helper thread while the caller works on
+    the current one (Parquet decoding and the kernels both release the GIL). The reader runs at
+    most two batches ahead; its errors reach the caller in order, after the batches before them.
+    A caller that stops early stops the reader."""
+    slot: "queue.Queue" = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry) -> bool:
+        """Puts ``entry`` in the slot unless the consumer has gone; True when it was put."""
+        while not stop.is_set():
+            try:
+                slot.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in batches:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer((done, exc))
+
+    worker = threading.Thread(target=produce, name="mrm-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slot.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _total_rows(files: Sequence[Path]) -> int:
@@ -561,7 +606,7 @@ def adapt_users(
     seen_ids: List[pa.Array] = []
     with atomic_file(output) as handle, pq.ParquetWriter(handle, adapter.schema, **WRITE_OPTIONS) as writer, \
             _progress(_total_rows(files), "adapt", progress) as bar:
-        for batch in _iter_batches(files, adapter.columns, batch_users):
+        for batch in _read_ahead(_iter_batches(files, adapter.columns, batch_users)):
             result, warm_rows = adapter(batch)
             writer.write_batch(result)
             touched[warm_rows] = True
@@ -698,7 +743,7 @@ def score(
     n_users = n_pairs = n_candidates = n_fallback = 0
     with atomic_file(output) as handle, pq.ParquetWriter(handle, scorer.schema, **WRITE_OPTIONS) as writer, \
             _progress(_total_rows(files), "score", progress) as bar:
-        for batch in _iter_batches(files, scorer.columns, batch_users):
+        for batch in _read_ahead(_iter_batches(files, scorer.columns, batch_users)):
             result, pairs, candidates = scorer(batch)
             writer.write_batch(result)
             n_users += len(result)
