@@ -15,6 +15,8 @@ that its peak RSS (ru_maxrss, which includes the interpreter and its imports) is
   * score  — mrm: ``batch.score`` (rewards of both responses and P(chosen beats rejected)).
              baseline: pandas reads the per-pair Parquet and the weights table, merges them on
              user_id, torch computes softmax, rewards and sigmoid, writes one row per pair.
+A third measurement, ``read``, only decodes the user-major logs (pyarrow, no compute, no
+write): the floor for any job on that file.
 Both sides use ``--threads`` threads (mrm kernel threads / torch.set_num_threads), and both write
 Parquet without dictionary encoding (it costs most of the writing time for float columns).
 
@@ -170,8 +172,19 @@ def torch_score(d: Path, threads: int) -> None:
     out.to_parquet(d / "torch-scores.parquet", index=False, use_dictionary=False)
 
 
+def read_floor(d: Path, threads: int) -> None:
+    """Decoding alone: every row group of the user-major logs, the columns the jobs read, with
+    pyarrow's threads; nothing computed or written. No job on this file can take less."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(d / "logs.parquet")
+    for row_group in range(parquet.num_row_groups):
+        parquet.read_row_group(row_group, columns=["user_id", "chosen_features", "rejected_features"])
+
+
 JOBS = {("adapt", "mrm"): mrm_adapt, ("score", "mrm"): mrm_score,
-        ("adapt", "pandas+torch"): torch_adapt, ("score", "pandas+torch"): torch_score}
+        ("adapt", "pandas+torch"): torch_adapt, ("score", "pandas+torch"): torch_score,
+        ("read", "pyarrow"): read_floor}
 
 
 def worker(job: str, impl: str, directory: str, threads: int) -> None:
@@ -256,6 +269,10 @@ def main() -> None:
                     extra = f" {ratio:>9.2f}x {memory:>8.2f}x" if impl == "pandas+torch" else ""
                     print(f"{n:>9} {job:>5} {impl:>13} {r['seconds']:>8.2f} {n / r['seconds']:>10.0f} "
                           f"{r['peak_mb']:>8.0f}{extra}", flush=True)
+            floor = measure("read", "pyarrow", directory, args.threads)
+            results.append({"users": n, "job": "read", "impl": "pyarrow", **floor})
+            print(f"{'':>9} (decoding the user-major logs alone takes {floor['seconds']:.2f} s: the floor "
+                  f"for any job on them)", flush=True)
             print(f"{'':>9} (data generation {generated:.1f} s; max |w_mrm - w_torch| = "
                   f"{check_agreement(directory):.1e})", flush=True)
             shutil.rmtree(directory, ignore_errors=True)

@@ -113,6 +113,33 @@ def make_inputs(n_users, dtype, seed):
     return w0, support, support_offsets, query, query_offsets
 
 
+def memory_floor(n_users, dtype, seed, threads, repeats=5):
+    """Median seconds to copy the inputs once into fresh gradient-sized arrays on ``threads``
+    threads (numpy copies release the GIL). Forward+backward must read its inputs (twice, here
+    once) and write gradients as large as them into fresh memory, so no implementation of it can
+    be faster than this: a bound on the speedup any kernel can reach over a baseline."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, support, _, query, _ = make_inputs(n_users, dtype, seed)
+
+    def copy(part):
+        source, target, lo, hi = part
+        np.copyto(target[lo:hi], source[lo:hi])
+
+    times = []
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            parts = []
+            for source in (support, query):
+                target = np.empty_like(source)
+                bounds = np.linspace(0, len(source), threads + 1).astype(int)
+                parts += [(source, target, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            list(pool.map(copy, parts))
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def repeats_for(n_users, requested):
     if requested:
         return requested
@@ -554,6 +581,14 @@ def main(argv=None):
                 f"(> --baseline-max-users {args.baseline_max_users:,}).")
     rows = summarize(results, optimizers, users, args.baseline_max_users)
     print_tables(rows, results, threads, note)
+    floor_users = max((u for u in users if u <= args.baseline_max_users), default=None)
+    if floor_users is not None:
+        floor = memory_floor(floor_users, args.dtype, args.seed, threads)
+        padded = [r["padded_fwdbwd_s"] for r in rows if r["users"] == floor_users and r.get("padded_fwdbwd_s")]
+        bound = f"; padded fwd+bwd / floor = {min(padded) / floor:.1f}×, the most any kernel could gain" if padded else ""
+        print(f"\nmemory floor at {floor_users:,} users: {fmt_s(floor)} to copy the inputs once into fresh "
+              f"gradient-sized arrays on {threads} threads (fwd+bwd reads its inputs and writes gradients as "
+              f"large){bound}")
     loads = [r["loadavg_1min_after"] for r in results if "loadavg_1min_after" in r]
     print(f"\nthreads: {threads} (machine: {info['cpus_usable']} usable CPUs); 1-min load average "
           f"after the measurements: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} "
