@@ -164,8 +164,7 @@ pub(crate) struct Workspace<T> {
     mu: Vec<T>,
     a_mu: Vec<T>,
     tmp: Vec<T>,
-    // Trajectory of the current user, step-major: pre-step w, p, g_p, g; post-step m, v; s_i.
-    tr_w: Vec<T>,
+    // Trajectory of the current user, step-major: pre-step p, g_p, g; post-step m, v; s_i.
     tr_p: Vec<T>,
     tr_gp: Vec<T>,
     tr_g: Vec<T>,
@@ -186,7 +185,7 @@ impl<T: Real> Default for Workspace<T> {
         let e = Vec::new;
         Workspace {
             p: e(), gp: e(), g: e(), m: e(), v: e(), lam: e(), lam_m: e(), lam_v: e(), lam_g: e(),
-            mu: e(), a_mu: e(), tmp: e(), tr_w: e(), tr_p: e(), tr_gp: e(), tr_g: e(), tr_m: e(),
+            mu: e(), a_mu: e(), tmp: e(), tr_p: e(), tr_gp: e(), tr_g: e(), tr_m: e(),
             tr_v: e(), tr_s: e(), rows: e(),
         }
     }
@@ -203,7 +202,7 @@ impl<T: Real> Workspace<T> {
         }
         if record {
             for b in [
-                &mut self.tr_w, &mut self.tr_p, &mut self.tr_gp, &mut self.tr_g, &mut self.tr_m,
+                &mut self.tr_p, &mut self.tr_gp, &mut self.tr_g, &mut self.tr_m,
                 &mut self.tr_v,
             ] {
                 sized(b, steps * k);
@@ -226,7 +225,6 @@ impl<T: Real> Workspace<T> {
             if record {
                 self.tr_s[t * n..(t + 1) * n].copy_from_slice(&self.rows);
                 let r = t * k..(t + 1) * k;
-                self.tr_w[r.clone()].copy_from_slice(w);
                 self.tr_p[r.clone()].copy_from_slice(&self.p);
                 self.tr_gp[r.clone()].copy_from_slice(&self.gp);
                 self.tr_g[r].copy_from_slice(&self.g);
