@@ -241,3 +241,6 @@ def test_pair_differences_bad_input():
         ops.pair_differences_backward(np.ones((1, 2), np.float32), [9], [0], 3)
     with pytest.raises(ValueError, match="n_rows must be a non-negative int"):
         ops.pair_differences_backward(np.ones((1, 2), np.float32), [0], [0], -1)
+    with pytest.raises((ValueError, MemoryError)):
+        ops.pair_differences_backward(np.ones((0, 2), np.float32), [], [], 2**62)
+    assert ops.pair_differences(features, [], []).shape == (0, 2)

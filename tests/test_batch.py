@@ -436,6 +436,25 @@ def test_nan_feature_names_user(tmp_path, model_dir):
         batch.score(model_dir[0], None, logs, tmp_path / "s.parquet", progress=False)
 
 
+def test_infinite_embedding_is_an_error_even_where_phi_would_hide_it(tmp_path):
+    # tanh maps an infinite input to a finite feature: the embeddings themselves must be checked
+    directory = tmp_path / "tanh"
+    _torch_checkpoint(directory, hidden=(4,), activation="tanh")
+    row = [0.5] * D
+    bad = [float("inf")] + [0.5] * (D - 1)
+    table = pa.table({
+        "user_id": ["ann", "bob"],
+        "chosen_embeddings": _nested([[row], [row, bad]]),
+        "rejected_embeddings": _nested([[row], [row, row]]),
+    })
+    logs = _write(table, tmp_path / "logs.parquet")
+    with pytest.raises(ValueError, match=r"'chosen_embeddings': user 'bob' has a NaN, infinite or null value"):
+        batch.adapt_users(directory, logs, tmp_path / "o.parquet", steps=2, lr=0.1, progress=False)
+    assert not (tmp_path / "o.parquet").exists()
+    with pytest.raises(ValueError, match="user 'bob' has a NaN, infinite or null value"):
+        batch.score(directory, None, logs, tmp_path / "s.parquet", progress=False)
+
+
 def test_k_mismatch(tmp_path, model_dir):
     table = pa.table({
         "user_id": ["ann"],

@@ -203,3 +203,11 @@ def test_pair_differences_and_their_gradient_match_direct_indexing(n_rows, n_pai
     assert len(got_grads) == len(want_grads) == len(model.layers) * 2  # every weight and bias
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_pair_differences_index_out_of_range_is_named():
+    model = _random_model(CONFIGS[0])
+    emb = torch.randn(5, 6)
+    for chosen, rejected, message in [([0, 5], [1, 1], r"chosen\[1\] = 5"), ([0, 1], [-1, 2], r"rejected\[0\] = -1")]:
+        with pytest.raises(ValueError, match=message + " is out of range for 5 embedding rows"):
+            model.pair_differences(emb, np.array(chosen), np.array(rejected))

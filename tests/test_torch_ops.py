@@ -147,6 +147,7 @@ def test_pair_differences_match_indexing_and_pass_gradcheck():
     torch.testing.assert_close(pair_differences(features, chosen, rejected), features[chosen] - features[rejected],
                                rtol=0, atol=0)
     assert torch.autograd.gradcheck(lambda f: pair_differences(f, chosen, rejected), (features,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(lambda f: pair_differences(f, chosen, rejected), (features,))
     with pytest.raises(ValueError, match=r"chosen\[1\] = 7 is out of range for 7 feature rows"):
         pair_differences(features, torch.tensor([0, 7]), torch.tensor([1, 1]))
 

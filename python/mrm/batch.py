@@ -174,7 +174,7 @@ def _iter_batches(files: Sequence[Path], columns: Sequence[str], batch_users: in
 def _read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """The same batches, with the next ones decoded on a helper thread while the caller works on
     the current one (Parquet decoding and the kernels both release the GIL). The reader runs at
-    most two batches ahead; its errors reach the caller in order, after the batches before them.
+    most two batches ahead (three decoded batches exist at once at most); its errors reach the caller in order, after the batches before them.
     A caller that stops early stops the reader."""
     slot: "queue.Queue" = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -203,7 +203,10 @@ def _read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     worker.start()
     try:
         while True:
-            item, error = slot.get()
+            try:
+                item, error = slot.get(timeout=0.1)  # a timed wait, so Ctrl-C reaches us everywhere
+            except queue.Empty:
+                continue
             if item is done:
                 if error is not None:
                     raise error
@@ -328,6 +331,9 @@ class _Features:
 
     def rows(self, batch: pa.RecordBatch, column: str, user_ids: pa.Array,
              check_finite: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        # Embeddings are checked before φ, which can map an infinite value to a finite one
+        # (tanh, ReLU); the kernels check features themselves.
+        check_finite = check_finite or self.kind == "embeddings"
         values, offsets = _nested_rows(batch, column, user_ids, self.width, self.width_name, self.dtype, check_finite)
         if self.kind == "embeddings":
             values = np.ascontiguousarray(self.checkpoint.features(values), dtype=self.dtype)
@@ -678,25 +684,21 @@ class _Scorer:
             known = rows >= 0
             weights[known] = self.weights.weights[rows[known]]
             fallback = ~known
-        with _explained([self.pairs, self.candidates], batch, user_ids):
-            return self._score(batch, user_ids, weights, fallback)
-
-    def _score(self, batch: pa.RecordBatch, user_ids: pa.Array, weights: np.ndarray,
-               fallback: np.ndarray) -> Tuple[pa.RecordBatch, int, int]:
-        count = len(user_ids)
         columns = [user_ids]
         n_pairs = n_candidates = 0
+
+        def rewards(rows_k: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+            with _explained([self.pairs, self.candidates], batch, user_ids):
+                return ops.score(rows_k.astype(self.dtype, copy=False), offsets, weights, num_threads=self.threads)
+
         if self.candidates:
             (column,) = self.candidates.columns
             rows_k, offsets = self.candidates.rows(batch, column, user_ids)
-            rewards = ops.score(rows_k.astype(self.dtype, copy=False), offsets, weights, num_threads=self.threads)
-            columns.append(_list_array(rewards, offsets))
+            columns.append(_list_array(rewards(rows_k, offsets), offsets))
             n_candidates = int(offsets[-1])
         if self.pairs:
             chosen, rejected, offsets = self.pairs.pairs(batch, user_ids)
-            chosen_rewards = ops.score(chosen.astype(self.dtype, copy=False), offsets, weights, num_threads=self.threads)
-            rejected_rewards = ops.score(rejected.astype(self.dtype, copy=False), offsets, weights,
-                                         num_threads=self.threads)
+            chosen_rewards, rejected_rewards = rewards(chosen, offsets), rewards(rejected, offsets)
             # P(chosen beats rejected) = σ(r_c − r_r) (Bradley–Terry)
             p_chosen = _sigmoid(chosen_rewards - rejected_rewards)
             counts = np.diff(offsets)

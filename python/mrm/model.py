@@ -113,7 +113,12 @@ class MetaRewardModel(nn.Module):
         """
         chosen = torch.as_tensor(np.asarray(chosen), dtype=torch.int64, device=embeddings.device)
         rejected = torch.as_tensor(np.asarray(rejected), dtype=torch.int64, device=embeddings.device)
-        rows, inverse = _used_rows(torch.cat([chosen, rejected]), embeddings.shape[0])
+        index = torch.cat([chosen, rejected])
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= embeddings.shape[0]):
+            bad = int(torch.nonzero((index < 0) | (index >= embeddings.shape[0]))[0])
+            name, pair = ("chosen", bad) if bad < chosen.shape[0] else ("rejected", bad - chosen.shape[0])
+            raise ValueError(f"{name}[{pair}] = {int(index[bad])} is out of range for {embeddings.shape[0]} embedding rows")
+        rows, inverse = _used_rows(index, embeddings.shape[0])
         if rows is None:
             phi = self.features(embeddings)
         else:

@@ -291,6 +291,8 @@ def score(features, feature_offsets, weights, *, num_threads: Optional[int] = No
 
 def _index(name: str, value) -> np.ndarray:
     array = np.asarray(value)
+    if array.size == 0 and array.ndim == 1:
+        array = array.astype(np.int64)  # an empty list comes in as float64
     if array.dtype.kind not in "iu" or array.dtype == np.bool_:
         raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
     if array.ndim != 1:

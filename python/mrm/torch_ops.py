@@ -168,6 +168,20 @@ def _pair_grad(ctx, grad):
 _pair_differences.register_autograd(_pair_grad, setup_context=_pair_setup_context)
 
 
+def _pair_backward_setup_context(ctx, inputs, output):
+    _, chosen, rejected, _ = inputs
+    ctx.save_for_backward(chosen, rejected)
+
+
+def _pair_backward_grad(ctx, grad_features):
+    # the adjoint is linear in ``grad``, and its own adjoint is the gather: double backward works
+    chosen, rejected = ctx.saved_tensors
+    return _pair_differences(grad_features.contiguous(), chosen, rejected), None, None, None
+
+
+_pair_differences_backward.register_autograd(_pair_backward_grad, setup_context=_pair_backward_setup_context)
+
+
 def _check_cpu(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):

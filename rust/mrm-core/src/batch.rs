@@ -345,6 +345,9 @@ pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ct
 pub fn evaluate<T: Real>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], accuracy: &mut [T]) -> Result<()> {
     let (k, n_users) = (pairs.k, pairs.n_users());
     check_len("weights", weights, n_users * k)?;
+    if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
+        return invalid(format!("weights contains a non-finite value (user {})", pos / k));
+    }
     check_len("losses", losses, n_users)?;
     check_len("accuracy", accuracy, n_users)?;
     let (mut p, mut scratch) = (vec![T::ZERO; k], Vec::new());

@@ -88,12 +88,25 @@ macro_rules! impl_real {
 impl_real!(f32, exp_poly_f32, ln_1p_poly_f32);
 impl_real!(f64, exp_poly_f64, ln_1p_poly_f64);
 
+/// `x` limited to `[lo, hi]`; NaN stays NaN (unlike `max`/`min`, which would turn it into a
+/// bound), so a NaN input gives a NaN result and is caught by the output checks.
+#[inline(always)]
+fn clamp_keeping_nan<F: PartialOrd>(x: F, lo: F, hi: F) -> F {
+    if x < lo {
+        lo
+    } else if x > hi {
+        hi
+    } else {
+        x
+    }
+}
+
 /// `e^x = 2^n e^r`, `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`; `e^r` by Horner on its Taylor
 /// series (degree 7: truncation error below 6e-9 relative, under half an f32 ulp).
 #[inline(always)]
 fn exp_poly_f32(x: f32) -> f32 {
     const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer in the low bits
-    let x = x.max(-87.0).min(88.0);
+    let x = clamp_keeping_nan(x, -87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E + SHIFTER;
     let n = t - SHIFTER;
     let r = (x - n * 0.693_359_375) - n * -2.121_944_4e-4;
@@ -109,7 +122,7 @@ fn exp_poly_f32(x: f32) -> f32 {
 #[inline(always)]
 fn exp_poly_f64(x: f64) -> f64 {
     const SHIFTER: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
-    let x = x.max(-708.0).min(709.0);
+    let x = clamp_keeping_nan(x, -708.0, 709.0);
     let t = x * std::f64::consts::LOG2_E + SHIFTER;
     let n = t - SHIFTER;
     let r = (x - n * 6.931_471_803_691_238_2e-1) - n * 1.908_214_929_270_587_7e-10;
@@ -222,6 +235,10 @@ mod tests {
         }
         assert!(1000.0f64.exp_fast().is_finite() && (-1000.0f64).exp_fast() < 1e-300);
         assert!(1000.0f32.exp_fast().is_finite() && (-1000.0f32).exp_fast() < 1e-37);
+        assert!(f64::NAN.exp_fast().is_nan() && f32::NAN.exp_fast().is_nan());
+        let mut p = [0.0f64; 3];
+        softmax_into(&[0.0, f64::NAN, 1.0], &mut p);
+        assert!(p.iter().any(|x| x.is_nan()), "a NaN logit must not give a finite softmax: {p:?}");
     }
 
     #[test]

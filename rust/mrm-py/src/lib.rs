@@ -10,7 +10,7 @@ use numpy::{
     Element, IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
     PyReadwriteArray2, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 
 /// Users per chunk between two checks for Ctrl-C.
@@ -84,15 +84,17 @@ fn slice<'a, T: Element, D: numpy::ndarray::Dimension>(
         .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
-/// A CSR argument, checked: shape, offsets, and every value finite (scanned on `threads`).
+/// A CSR argument, checked: shape, offsets, and every value finite (scanned on `threads`,
+/// without the GIL).
 fn csr<'a, T: Real + Element>(
+    py: Python<'_>,
     name: &str,
     values: &'a PyReadonlyArray2<'_, T>,
     offsets: &'a PyReadonlyArray1<'_, i64>,
     threads: &rayon::ThreadPool,
 ) -> PyResult<Csr<'a, T>> {
-    let (v, o) = (slice(name, values)?, slice(&format!("{name}_offsets"), offsets)?);
-    Csr::new_in(name, v, o, values.shape()[1], Some(threads)).map_err(|e| PyValueError::new_err(e.to_string()))
+    let (v, o, k) = (slice(name, values)?, slice(&format!("{name}_offsets"), offsets)?, values.shape()[1]);
+    py.detach(|| Csr::new_in(name, v, o, k, Some(threads))).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 fn inner_loop(steps: usize, lr: f64, optimizer: &str, beta1: f64, beta2: f64, eps: f64) -> PyResult<InnerLoop> {
@@ -133,10 +135,10 @@ fn forward<'py, T: Real + Element>(
 ) -> PyResult<Forward<'py>> {
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
-    let support = csr("support", &support, &support_offsets, &threads)?;
+    let support = csr(py, "support", &support, &support_offsets, &threads)?;
     let query = match &query {
         Some((q, qo)) => Some(
-            csr("query", q, qo, &threads)?,
+            csr(py, "query", q, qo, &threads)?,
         ),
         None => None,
     };
@@ -179,8 +181,8 @@ fn backward<'py, T: Real + Element>(
 ) -> PyResult<Backward<'py>> {
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
-    let support = csr("support", &support, &support_offsets, &threads)?;
-    let query = csr("query", &query, &query_offsets, &threads)?;
+    let support = csr(py, "support", &support, &support_offsets, &threads)?;
+    let query = csr(py, "query", &query, &query_offsets, &threads)?;
     let start = start(&w0)?;
     let grad_losses = slice("grad_losses", &grad_losses)?;
     let mut grad_w0 = vec![T::ZERO; start_len(&start)];
@@ -236,7 +238,7 @@ fn score<'py, T: Real + Element>(
     num_threads: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     let threads = pool(num_threads)?;
-    let features = csr("features", &features, &feature_offsets, &threads)?;
+    let features = csr(py, "features", &features, &feature_offsets, &threads)?;
     let weights = slice("weights", &weights)?;
     let mut rewards = vec![T::ZERO; features.n_rows()];
     run(py, num_threads, |ctl| mrm_core::score(features, weights, &mut rewards, ctl))?;
@@ -265,7 +267,12 @@ fn gather_backward<'py, T: Real + Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let k = grad.shape()[1];
     let (g, c, r) = (slice("grad", &grad)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
-    let mut out = vec![T::ZERO; n_rows * k];
+    // n_rows comes from the caller: an impossible size is an error, never an abort
+    let len = n_rows.checked_mul(k).ok_or_else(|| PyValueError::new_err(format!("n_rows = {n_rows} is too large")))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len)
+        .map_err(|_| PyMemoryError::new_err(format!("cannot allocate the ({n_rows}, {k}) gradient")))?;
+    out.resize(len, T::ZERO);
     py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out))
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok(matrix(out, n_rows, k)?.into_pyarray(py).into_any())
