@@ -30,7 +30,7 @@ impl<'a, T: Real> Csr<'a, T> {
         if k == 0 {
             return invalid(format!("{name} must have at least one column (K >= 1)"));
         }
-        if values.len() % k != 0 {
+        if !values.len().is_multiple_of(k) {
             return invalid(format!(
                 "{name} has {} values, not a multiple of K = {k}",
                 values.len()
