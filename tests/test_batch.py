@@ -503,6 +503,39 @@ def test_existing_output_and_other_bad_input(tmp_path, model_dir):
         batch.adapt_users(model_dir[0], logs, tmp_path / "x.parquet", steps=1, lr=-1.0, progress=False)
 
 
+def test_preference_data_to_user_major_writes_every_pair_of_every_user(tmp_path, model_dir):
+    from mrm.data.pairs import PreferenceData, UserPairs
+
+    rng = np.random.default_rng(5)
+    n_texts = 30
+    texts = [("p", f"r{i}") for i in range(n_texts)]
+    train_lists, test_lists = [], []
+    for u in range(5):
+        pick = lambda n: [(int(rng.integers(n_texts)), int(rng.integers(n_texts)), i) for i in range(n)]  # noqa: E731
+        train_lists.append(pick(int(rng.integers(1, 5))))
+        test_lists.append(pick(int(rng.integers(0, 3))))
+    data = PreferenceData(texts, [f"u{u}" for u in range(5)], UserPairs.from_lists(train_lists),
+                          UserPairs.from_lists(test_lists), np.ones(5, bool))
+    embeddings = rng.normal(size=(n_texts, D)).astype(np.float32)
+    logs = batch.preference_data_to_user_major(data, embeddings, tmp_path / "logs.parquet", row_group_users=2)
+    table = pq.read_table(logs)
+    assert pq.ParquetFile(logs).num_row_groups == 3
+    assert table.column("user_id").to_pylist() == data.user_ids
+    for u in range(5):
+        pairs = train_lists[u] + test_lists[u]
+        got_c = np.array(table.column("chosen_embeddings")[u].as_py(), dtype=np.float32).reshape(-1, D)
+        got_r = np.array(table.column("rejected_embeddings")[u].as_py(), dtype=np.float32).reshape(-1, D)
+        np.testing.assert_array_equal(got_c, embeddings[[c for c, _, _ in pairs]].reshape(-1, D))
+        np.testing.assert_array_equal(got_r, embeddings[[r for _, r, _ in pairs]].reshape(-1, D))
+    summary = batch.adapt_users(model_dir[0], logs, tmp_path / "w.parquet", steps=2, lr=0.1, progress=False)
+    assert summary.users == 5 and summary.pairs == sum(len(a) + len(b) for a, b in zip(train_lists, test_lists))
+    with pytest.raises(FileExistsError):
+        batch.preference_data_to_user_major(data, embeddings, logs)
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(30, D\)"):
+        batch.preference_data_to_user_major(data, embeddings[:-1], tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
 def test_read_ahead_keeps_order_errors_and_stops_with_the_caller():
     import threading
 

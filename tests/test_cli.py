@@ -66,5 +66,40 @@ def test_errors_are_one_line(tmp_path):
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "mrm.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("demo", "embed", "train", "eval", "adapt", "score"):
+    for command in ("demo", "embed", "to-user-major", "train", "eval", "adapt", "score"):
         assert command in out.stdout
+
+
+def test_text_log_to_user_major_then_adapt_and_score(tmp_path):
+    """A JSONL text log -> embeddings of a tiny local encoder -> user-major logs -> adapt -> score."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import torch
+    from test_embed import save_tiny_bert
+
+    from mrm.model import MetaRewardModel, ModelConfig
+
+    save_tiny_bert(tmp_path / "bert", hidden_size=16)
+    rows = [
+        {"user_id": "ann", "prompt": "what is the weather today", "chosen": "sunny", "rejected": "rainy"},
+        {"user_id": "ann", "prompt": "tell me about cats", "chosen": "cats are good", "rejected": "no"},
+        {"user_id": "bob", "prompt": "why", "chosen": "because it is", "rejected": "maybe"},
+        {"user_id": "bob", "prompt": "explain dogs", "chosen": "dogs are good", "rejected": "dogs are bad"},
+        {"user_id": "bob", "prompt": "say no", "chosen": "no", "rejected": "yes"},
+    ]
+    (tmp_path / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    MetaRewardModel(ModelConfig(input_dim=16, num_bases=3, scale=1.0)).save_pretrained(tmp_path / "ckpt")
+    packed = _mrm("to-user-major", "--data", "log:feedback.jsonl", "--backbone", "bert", "--cache-dir", "cache",
+                  "--output", "logs.parquet", "--no-progress", cwd=tmp_path)
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    assert "2 users, 5 pairs, 16-dim embeddings" in packed.stdout
+    again = _mrm("to-user-major", "--data", "log:feedback.jsonl", "--backbone", "bert", "--cache-dir", "cache",
+                 "--output", "logs.parquet", "--no-progress", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    adapted = _mrm("adapt", "--checkpoint", "ckpt", "--logs", "logs.parquet", "--output", "w.parquet",
+                   "--steps", "3", "--lr", "0.1", "--no-progress", cwd=tmp_path)
+    assert adapted.returncode == 0, adapted.stderr[-2000:]
+    assert "adapted 2 users (5 pairs" in adapted.stdout
+    scored = _mrm("score", "--checkpoint", "ckpt", "--weights", "w.parquet", "--logs", "logs.parquet",
+                  "--output", "s.parquet", "--no-progress", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-2000:]

@@ -62,6 +62,7 @@ __all__ = [
     "adapt_users",
     "score",
     "pairs_to_user_major",
+    "preference_data_to_user_major",
     "user_major_table",
     "read_weights",
 ]
@@ -783,6 +784,58 @@ def user_major_table(user_ids: Sequence[str], offsets, chosen=None, rejected=Non
     if len(lengths) != 1:
         raise ValueError(f"user_ids and offsets describe different user counts: {sorted(lengths)}")
     return pa.table(arrays)
+
+
+def preference_data_to_user_major(
+    data,
+    embeddings,
+    output: PathLike,
+    *,
+    row_group_users: int = DEFAULT_BATCH_USERS,
+    overwrite: bool = False,
+) -> Path:
+    """Write a text dataset as user-major logs of response embeddings, for :func:`adapt_users`
+    and :func:`score` with a checkpoint whose ``input_dim`` is the embedding width.
+
+    ``data`` is a :class:`mrm.data.PreferenceData` (any loader, e.g. ``load_dataset("log:…")``)
+    and ``embeddings`` (rows, D) its texts' embeddings (``mrm.embed.embed_dataset``; the
+    ``mrm to-user-major`` command does both). Every pair of a user is written, its train pairs
+    then its test pairs: in production both are the user's feedback. Users keep the dataset's
+    order. Written atomically, ``row_group_users`` users per row group.
+    """
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(data.texts):
+        raise ValueError(
+            f"embeddings must have shape ({len(data.texts)}, D), one row per text of the dataset, "
+            f"got {embeddings.shape}"
+        )
+    if not np.issubdtype(embeddings.dtype, np.floating) or not np.isfinite(embeddings).all():
+        raise ValueError("embeddings must be finite floats")
+    _check_batch_users(row_group_users)
+    output = Path(output)
+    _check_output(output, overwrite)
+    train, test = data.train, data.test
+    n_train, n_test = np.diff(train.offsets), np.diff(test.offsets)
+    offsets = np.concatenate([[0], np.cumsum(n_train + n_test)]).astype(np.int64)
+    # position of every train pair, then every test pair, in the user-major order
+    position = np.concatenate([
+        np.repeat(offsets[:-1] - train.offsets[:-1], n_train) + np.arange(int(train.offsets[-1])),
+        np.repeat(offsets[:-1] + n_train - test.offsets[:-1], n_test) + np.arange(int(test.offsets[-1])),
+    ])
+    chosen = np.empty(int(offsets[-1]), np.int64)
+    rejected = np.empty(int(offsets[-1]), np.int64)
+    chosen[position] = np.concatenate([train.chosen, test.chosen])
+    rejected[position] = np.concatenate([train.rejected, test.rejected])
+    none = np.zeros((0, embeddings.shape[1]), embeddings.dtype)
+    schema = user_major_table([], [0], none, none, kind="embeddings").schema
+    with atomic_file(output) as handle, pq.ParquetWriter(handle, schema, **WRITE_OPTIONS) as writer:
+        for lo in range(0, len(data.user_ids), row_group_users):
+            hi = min(lo + row_group_users, len(data.user_ids))
+            rows = slice(int(offsets[lo]), int(offsets[hi]))
+            writer.write_table(user_major_table(data.user_ids[lo:hi], offsets[lo:hi + 1] - offsets[lo],
+                                                embeddings[chosen[rows]], embeddings[rejected[rows]],
+                                                kind="embeddings"))
+    return output
 
 
 def _read_pair_table(pairs) -> pa.Table:

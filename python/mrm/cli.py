@@ -31,6 +31,7 @@ examples:
   mrm train --data movielens --backbone minilm --output-dir run --num-bases 8 \\
             --inner-optimizer sgd --inner-steps 10 --inner-lr 1.0 --meta-lr 0.03 --tasks-per-batch 32 --epochs 60
   mrm eval --data movielens --checkpoint run/best --output-dir run/eval
+  mrm to-user-major --data log:feedback.jsonl --backbone minilm --output logs.parquet
   mrm adapt --checkpoint ckpt/ --logs logs.parquet --output weights.parquet --steps 1 --lr 1e-3
   mrm adapt --checkpoint ckpt/ --logs today.parquet --warm-start weights.parquet \\
             --output weights.parquet --overwrite --steps 1 --lr 1e-3
@@ -166,6 +167,31 @@ def _add_embed(subparsers) -> argparse.ArgumentParser:
 def _run_embed(args: argparse.Namespace) -> str:
     data, embeddings = _embeddings(args)
     return f"{data.summary()}; {embeddings.shape[0]} texts x {embeddings.shape[1]} dims cached in {args.cache_dir}"
+
+
+def _add_to_user_major(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "to-user-major", help="a text dataset -> user-major Parquet logs of embeddings (for adapt/score)",
+        description="Embed every (prompt, response) text of a dataset through the cache and write all of each "
+                    "user's pairs (train and test) as user-major Parquet logs with chosen_embeddings / "
+                    "rejected_embeddings columns, ready for `mrm adapt` and `mrm score` with a checkpoint "
+                    "trained on the same backbone.")
+    _add_data_and_backbone(parser)
+    parser.add_argument("--output", required=True, metavar="PARQUET", help="the user-major logs (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return parser
+
+
+def _run_to_user_major(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from mrm.batch import _check_output, preference_data_to_user_major
+
+    _check_output(Path(args.output), args.overwrite)  # before the (long) embedding, not after
+    data, embeddings = _embeddings(args)
+    path = preference_data_to_user_major(data, embeddings, args.output, overwrite=args.overwrite)
+    pairs = int(data.train.offsets[-1] + data.test.offsets[-1])
+    return f"{len(data.user_ids)} users, {pairs} pairs, {embeddings.shape[1]}-dim embeddings -> {path}"
 
 
 def _add_train(subparsers) -> argparse.ArgumentParser:
@@ -309,6 +335,7 @@ def _run_demo(args: argparse.Namespace) -> str:
 SUBCOMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], str]]] = {
     "demo": (_add_demo, _run_demo),
     "embed": (_add_embed, _run_embed),
+    "to-user-major": (_add_to_user_major, _run_to_user_major),
     "train": (_add_train, _run_train),
     "eval": (_add_eval, _run_eval),
     "adapt": (_add_adapt, _run_adapt),
