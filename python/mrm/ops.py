@@ -76,15 +76,21 @@ def _float_array(name: str, value, ndims: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _offsets(name: str, value) -> np.ndarray:
+def _int_array(name: str, value, shape: str = "(U + 1,)") -> np.ndarray:
+    """A 1-D integer argument as contiguous int64 (``shape`` describes it in errors)."""
     array = np.asarray(value)
+    if array.size == 0 and array.ndim == 1:
+        array = array.astype(np.int64)  # an empty list comes in as float64
     if array.dtype.kind not in "iu" or array.dtype == np.bool_:
         raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
     if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (U + 1,), got {array.ndim}-D with shape {array.shape}")
+        raise ValueError(f"{name} must be 1-D {shape}, got {array.ndim}-D with shape {array.shape}")
     if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} has a value too large for int64")
     return np.ascontiguousarray(array, dtype=np.int64)
+
+
+
 
 
 def _same_dtype(**arrays: np.ndarray) -> np.dtype:
@@ -142,11 +148,11 @@ def _kernel(name: str, dtype: np.dtype):
 def _prepare(w0, support, support_offsets, query=None, query_offsets=None):
     w0 = _float_array("w0", w0, (1, 2))
     support = _float_array("support", support, (2,))
-    support_offsets = _offsets("support_offsets", support_offsets)
+    support_offsets = _int_array("support_offsets", support_offsets)
     arrays = {"w0": w0, "support": support}
     if query is not None:
         query = _float_array("query", query, (2,))
-        query_offsets = _offsets("query_offsets", query_offsets)
+        query_offsets = _int_array("query_offsets", query_offsets)
         arrays["query"] = query
         if len(query_offsets) != len(support_offsets):
             raise ValueError(
@@ -278,7 +284,7 @@ def score(features, feature_offsets, weights, *, num_threads: Optional[int] = No
     Returns (N,).
     """
     features = _float_array("features", features, (2,))
-    feature_offsets = _offsets("feature_offsets", feature_offsets)
+    feature_offsets = _int_array("feature_offsets", feature_offsets)
     weights = _float_array("weights", weights, (2,))
     dtype = _same_dtype(features=features, weights=weights)
     _same_k(features=features, weights=weights)
@@ -290,16 +296,7 @@ def score(features, feature_offsets, weights, *, num_threads: Optional[int] = No
 
 
 def _index(name: str, value) -> np.ndarray:
-    array = np.asarray(value)
-    if array.size == 0 and array.ndim == 1:
-        array = array.astype(np.int64)  # an empty list comes in as float64
-    if array.dtype.kind not in "iu" or array.dtype == np.bool_:
-        raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one entry per pair), got {array.ndim}-D with shape {array.shape}")
-    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{name} has a value too large for int64")
-    return np.ascontiguousarray(array, dtype=np.int64)
+    return _int_array(name, value, "(one entry per pair)")
 
 
 def pair_differences(features, chosen, rejected) -> np.ndarray:

@@ -194,6 +194,7 @@ def _check_cpu(**tensors: torch.Tensor) -> None:
 
 
 def _offsets(name: str, t) -> torch.Tensor:
+    """An integer argument (offsets or indices) as an int64 tensor."""
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t)
     if t.dtype.is_floating_point or t.dtype == torch.bool:
@@ -249,15 +250,7 @@ def rpo_objective(losses: torch.Tensor, tail: float, gamma: float) -> torch.Tens
 def pair_differences(features: torch.Tensor, chosen, rejected) -> torch.Tensor:
     """``features[chosen] − features[rejected]`` (N, K), differentiable in ``features`` (rows, K);
     the backward pass is one native scatter instead of two index_add passes."""
-    chosen = _index_tensor("chosen", chosen)
-    rejected = _index_tensor("rejected", rejected)
+    chosen = _offsets("chosen", chosen)
+    rejected = _offsets("rejected", rejected)
     _check_cpu(features=features, chosen=chosen, rejected=rejected)
     return _pair_differences(features, chosen, rejected)
-
-
-def _index_tensor(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    return t.to(torch.int64)
