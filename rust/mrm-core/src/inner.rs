@@ -238,11 +238,11 @@ impl<T: Real> Workspace<T> {
                 Optimizer::Adam { beta1, beta2, eps } => {
                     let (c1, c2) = adam_constants(inner.lr, beta1, beta2, t + 1);
                     let (c1, c2, b1, b2, eps) = (T::of(c1), T::of(c2), T::of(beta1), T::of(beta2), T::of(eps));
-                    for j in 0..k {
-                        let gj = self.g[j];
-                        self.m[j] = b1 * self.m[j] + (T::ONE - b1) * gj;
-                        self.v[j] = b2 * self.v[j] + (T::ONE - b2) * gj * gj;
-                        w[j] -= c1 * self.m[j] / (self.v[j].sqrt() / c2 + eps);
+                    let moments = self.m.iter_mut().zip(self.v.iter_mut());
+                    for ((wj, (mj, vj)), &gj) in w.iter_mut().zip(moments).zip(&self.g) {
+                        *mj = b1 * *mj + (T::ONE - b1) * gj;
+                        *vj = b2 * *vj + (T::ONE - b2) * gj * gj;
+                        *wj -= c1 * *mj / (vj.sqrt() / c2 + eps);
                     }
                     if record {
                         let r = t * k..(t + 1) * k;
@@ -320,29 +320,31 @@ impl<T: Real> Workspace<T> {
             // λ_g: adjoint of this step's gradient g_t, from the update rule.
             match inner.optimizer {
                 Optimizer::Sgd => {
-                    for j in 0..k {
-                        self.lam_g[j] = -lr * self.lam[j];
+                    for (lg, &lam) in self.lam_g.iter_mut().zip(&self.lam) {
+                        *lg = -lr * lam;
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
                     let (c1, c2) = adam_constants(inner.lr, beta1, beta2, t + 1);
                     let (c1, c2, b1, b2, eps) = (T::of(c1), T::of(c2), T::of(beta1), T::of(beta2), T::of(eps));
                     let (m, v, g) = (&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]);
-                    for j in 0..k {
+                    let adjoints = self.lam_m.iter_mut().zip(self.lam_v.iter_mut()).zip(self.lam_g.iter_mut());
+                    let recorded = self.lam.iter().zip(m).zip(v).zip(g);
+                    for (((lm, lv), lg), (((&lam, &mj), &vj), &gj)) in adjoints.zip(recorded) {
                         // w_t = w_{t−1} − c1 m / (sqrt(v)/c2 + ε)
-                        let root = v[j].sqrt();
+                        let root = vj.sqrt();
                         let denom = root / c2 + eps;
-                        let lam_m = self.lam_m[j] - self.lam[j] * c1 / denom;
+                        let lam_m = *lm - lam * c1 / denom;
                         // ∂w/∂v = c1 m / (denom² · 2 c2 sqrt(v)); at v = 0 also m = 0: limit 0.
                         let dw_dv = if root > T::ZERO {
-                            c1 * m[j] / (denom * denom * T::of(2.0) * c2 * root)
+                            c1 * mj / (denom * denom * T::of(2.0) * c2 * root)
                         } else {
                             T::ZERO
                         };
-                        let lam_v = self.lam_v[j] + self.lam[j] * dw_dv;
-                        self.lam_g[j] = (T::ONE - b1) * lam_m + T::of(2.0) * (T::ONE - b2) * g[j] * lam_v;
-                        self.lam_m[j] = b1 * lam_m;
-                        self.lam_v[j] = b2 * lam_v;
+                        let lam_v = *lv + lam * dw_dv;
+                        *lg = (T::ONE - b1) * lam_m + T::of(2.0) * (T::ONE - b2) * gj * lam_v;
+                        *lm = b1 * lam_m;
+                        *lv = b2 * lam_v;
                     }
                 }
             }
@@ -360,8 +362,8 @@ impl<T: Real> Workspace<T> {
                 &mut self.rows,
                 grad_support,
             ));
-            for j in 0..k {
-                self.lam[j] += self.mu[j];
+            for (lam, &hvp) in self.lam.iter_mut().zip(&self.mu) {
+                *lam += hvp;
             }
         }
         grad_w0.copy_from_slice(&self.lam);
@@ -407,8 +409,8 @@ pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
     // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
     let p_gp = dot(p, gp);
     let p_lam = dot(p, lam);
-    for j in 0..k {
-        a_mu[j] = (gp[j] - p_gp) * lam[j] - gp[j] * p_lam + inv_n * a_mu[j];
+    for ((a, &gpj), &lj) in a_mu[..k].iter_mut().zip(gp).zip(lam) {
+        *a = (gpj - p_gp) * lj - gpj * p_lam + inv_n * *a;
     }
     softmax_jvp(p, &a_mu[..k], hvp);
 }
