@@ -116,7 +116,7 @@ def _select(offsets: np.ndarray, users: np.ndarray):
 
 def pair_differences(features: np.ndarray, pairs: UserPairs) -> np.ndarray:
     """d = φ(chosen) − φ(rejected) for every pair, from precomputed base rewards (rows, K)."""
-    return np.ascontiguousarray(features[pairs.chosen] - features[pairs.rejected])
+    return ops.pair_differences(features, pairs.chosen, pairs.rejected)
 
 
 def evaluate_features(

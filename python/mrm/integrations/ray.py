@@ -108,7 +108,6 @@ def _read_column(directory: Path, column: str) -> pa.ChunkedArray:
                             type=pq.read_schema(files[0]).field(column).type)
 
 
-
 def _start_job(checkpoint, logs, output, overwrite: bool, batch_users: int):
     """Checks shared by both jobs, in the driver, before Ray starts any work: Ray, the output
     path, the batch size, the checkpoint and the logs' schema."""
@@ -122,6 +121,7 @@ def _start_job(checkpoint, logs, output, overwrite: bool, batch_users: int):
     loaded = Checkpoint.load(checkpoint_dir)
     schema = local._schema(local.parquet_files(logs))
     return ray, started, output, checkpoint_dir, loaded, schema
+
 
 def adapt_users(
     checkpoint: Union[Checkpoint, PathLike],

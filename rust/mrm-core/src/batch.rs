@@ -299,6 +299,14 @@ pub fn backward<T: Real>(
     Ok(())
 }
 
+/// Per-user weights (U × K) must be finite; the error names the first bad user.
+fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
+    match weights.iter().position(|x| !x.is_finite()) {
+        Some(pos) => invalid(format!("weights contains a non-finite value (user {})", pos / k)),
+        None => Ok(()),
+    }
+}
+
 /// Personalised rewards `r = f · softmax(w_u)` for every row `f` of user `u`.
 pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
     let (k, n_users) = (features.k, features.n_users());
@@ -308,9 +316,7 @@ pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ct
             weights.len()
         ));
     }
-    if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("weights contains a non-finite value (user {})", pos / k));
-    }
+    check_weights(weights, k)?;
     check_len("rewards", rewards, features.n_rows())?;
     ctl.chunks(n_users, |lo, hi| {
         let feats = features.users(lo, hi);
@@ -345,9 +351,7 @@ pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ct
 pub fn evaluate<T: Real>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], accuracy: &mut [T]) -> Result<()> {
     let (k, n_users) = (pairs.k, pairs.n_users());
     check_len("weights", weights, n_users * k)?;
-    if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("weights contains a non-finite value (user {})", pos / k));
-    }
+    check_weights(weights, k)?;
     check_len("losses", losses, n_users)?;
     check_len("accuracy", accuracy, n_users)?;
     let (mut p, mut scratch) = (vec![T::ZERO; k], Vec::new());

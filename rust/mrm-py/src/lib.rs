@@ -46,13 +46,12 @@ fn pool(num_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(built)
 }
 
-/// Runs `f` without the GIL on the pool, with a Ctrl-C check between chunks of users.
+/// Runs `f` without the GIL on `pool`, with a Ctrl-C check between chunks of users.
 fn run<R: Send>(
     py: Python<'_>,
-    num_threads: usize,
+    pool: &rayon::ThreadPool,
     f: impl FnOnce(&Control<'_>) -> Result<R, Error> + Send,
 ) -> PyResult<R> {
-    let pool = pool(num_threads)?;
     let pending: Mutex<Option<PyErr>> = Mutex::new(None);
     let result = py.detach(|| {
         let keep_going = || match Python::attach(|py| py.check_signals()) {
@@ -62,7 +61,7 @@ fn run<R: Send>(
                 false
             }
         };
-        let ctl = Control { pool: &pool, chunk_users: CHUNK_USERS, keep_going: &keep_going };
+        let ctl = Control { pool, chunk_users: CHUNK_USERS, keep_going: &keep_going };
         f(&ctl)
     });
     result.map_err(|e| match e {
@@ -148,7 +147,7 @@ fn forward<'py, T: Real + Element>(
     let mut support_losses = if with_support_loss { Some(vec![T::ZERO; n_users]) } else { None };
     let mut losses = query.map(|_| vec![T::ZERO; n_users]);
     let mut accuracy = query.map(|_| vec![T::ZERO; n_users]);
-    run(py, num_threads, |ctl| {
+    run(py, &threads, |ctl| {
         let out = ForwardOutputs {
             weights: &mut weights,
             support_losses: support_losses.as_deref_mut(),
@@ -186,12 +185,14 @@ fn backward<'py, T: Real + Element>(
     let start = start(&w0)?;
     let grad_losses = slice("grad_losses", &grad_losses)?;
     let mut grad_w0 = vec![T::ZERO; start_len(&start)];
-    let grad_support = zeros(py, support.n_rows(), k);
-    let grad_query = zeros(py, query.n_rows(), query.k);
+    // Outputs allocated by numpy, whose allocator asks the kernel for huge pages for large
+    // arrays: the first writes then cost a few page faults instead of one per 4 KiB.
+    let grad_support = PyArray2::<T>::zeros(py, [support.n_rows(), k], false);
+    let grad_query = PyArray2::<T>::zeros(py, [query.n_rows(), query.k], false);
     {
         let (mut gs, mut gq) = (grad_support.readwrite(), grad_query.readwrite());
         let (gs, gq) = (slice_mut("grad_support", &mut gs)?, slice_mut("grad_query", &mut gq)?);
-        run(py, num_threads, |ctl| {
+        run(py, &threads, |ctl| {
             mrm_core::backward(start, support, query, grad_losses, &inner, first_order, &mut grad_w0, gs, gq, ctl)
         })?;
     }
@@ -200,13 +201,6 @@ fn backward<'py, T: Real + Element>(
         Start::PerUser(_) => matrix(grad_w0, support.n_users(), k)?.into_pyarray(py).into_any(),
     };
     Ok((grad_w0, grad_support.into_any(), grad_query.into_any()))
-}
-
-/// A zeroed (rows, cols) array allocated by numpy, whose allocator asks the kernel for huge pages
-/// for large arrays: the first writes into a large output then cost a few page faults instead of
-/// one per 4 KiB.
-fn zeros<T: Element>(py: Python<'_>, rows: usize, cols: usize) -> Bound<'_, PyArray2<T>> {
-    PyArray2::zeros(py, [rows, cols], false)
 }
 
 fn slice_mut<'a, T: Element>(name: &str, array: &'a mut PyReadwriteArray2<'_, T>) -> PyResult<&'a mut [T]> {
@@ -241,7 +235,7 @@ fn score<'py, T: Real + Element>(
     let features = csr(py, "features", &features, &feature_offsets, &threads)?;
     let weights = slice("weights", &weights)?;
     let mut rewards = vec![T::ZERO; features.n_rows()];
-    run(py, num_threads, |ctl| mrm_core::score(features, weights, &mut rewards, ctl))?;
+    run(py, &threads, |ctl| mrm_core::score(features, weights, &mut rewards, ctl))?;
     Ok(Array1::from_vec(rewards).into_pyarray(py).into_any())
 }
 
