@@ -1,5 +1,5 @@
 //! Single-process timing of the kernels without Python: best of several runs.
-//! `cargo run --release -p mrm-core --example kernel_timing -- [users] [threads]`
+//! `cargo run --release -p mrm-core --example kernel_timing -- [users] [threads] [K]`
 
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ fn main() {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("integer argument")).collect();
     let users = args.first().copied().unwrap_or(100_000);
     let threads = args.get(1).copied().unwrap_or(1);
-    let (k, per_user) = (8usize, 32usize);
+    let (k, per_user) = (args.get(2).copied().unwrap_or(8), 32usize);
     let mut seed = 1u64;
     let mut next = || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -53,6 +53,6 @@ fn main() {
             backward(Start::Shared(&w0), s, q, &ones, &inner, false, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
         });
         let check: f64 = l.iter().map(|&x| x as f64).sum::<f64>() + gw.iter().map(|&x| x as f64).sum::<f64>();
-        println!("{name}: users {users} threads {threads}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  (checksum {check:.6})");
+        println!("{name}: users {users} threads {threads} K {k}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  (checksum {check:.6})");
     }
 }

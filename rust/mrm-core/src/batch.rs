@@ -8,6 +8,7 @@ use crate::csr::{check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
 use crate::inner::{loss_and_accuracy, InnerLoop, Workspace};
 use crate::real::{softmax_into, Real};
+use crate::rows::{with_row_ops, RowOps, WithRowOps};
 
 /// Users per unit of parallel work. Fixed, so reductions do not depend on the thread count.
 const BLOCK_USERS: usize = 256;
@@ -178,25 +179,9 @@ pub fn forward<T: Real>(
         let a_parts = optional_parts(accuracy.as_deref_mut(), lo, hi, &sizes);
         let work: Vec<_> = blocks.iter().copied().zip(w_parts).zip(sl_parts).zip(l_parts).zip(a_parts).collect();
         ctl.pool.install(|| {
-            work.into_par_iter().for_each_init(Workspace::<T>::default, |ws, ((((b, w_out), mut sl), mut l), mut a)| {
-                for (i, u) in (b.0..b.1).enumerate() {
-                    let w = &mut w_out[i * k..(i + 1) * k];
-                    w.copy_from_slice(st.of(u, k));
-                    let rows = sup.rows(u);
-                    ws.adapt(w, rows, k, inner, false);
-                    if let Some(sl) = sl.as_deref_mut() {
-                        sl[i] = ws.support_loss(w, rows, k);
-                    }
-                    if let Some(q) = &qry {
-                        let (loss, acc) = ws.query_metrics(w, q.rows(u), k);
-                        if let Some(l) = l.as_deref_mut() {
-                            l[i] = loss;
-                        }
-                        if let Some(a) = a.as_deref_mut() {
-                            a[i] = acc;
-                        }
-                    }
-                }
+            work.into_par_iter().for_each_init(Workspace::<T>::default, |ws, ((((users, weights), support_losses), losses), accuracy)| {
+                let block = ForwardBlock { ws, users, start: st, support: sup, query: qry, inner, weights, support_losses, losses, accuracy };
+                with_row_ops(k, block)
             });
         });
         Ok(())
@@ -260,29 +245,23 @@ pub fn backward<T: Real>(
         ctl.pool.install(|| {
             work.into_par_iter().for_each_init(
                 || (Workspace::<T>::default(), vec![T::ZERO; k]),
-                |(ws, user_grad), (((b, gs), gq), gw)| {
-                    let (s_base, q_base) = (sup.row_range(b.0).start, qry.row_range(b.0).start);
-                    for (i, u) in (b.0..b.1).enumerate() {
-                        let (sr, qr) = (sup.row_range(u), qry.row_range(u));
-                        let target = if shared { &mut user_grad[..] } else { &mut gw[i * k..(i + 1) * k] };
-                        ws.backward(
-                            st.of(u, k),
-                            sup.rows(u),
-                            qry.rows(u),
-                            k,
-                            grad_losses[lo + u],
-                            inner,
-                            first_order,
-                            target,
-                            &mut gs[(sr.start - s_base) * k..(sr.end - s_base) * k],
-                            &mut gq[(qr.start - q_base) * k..(qr.end - q_base) * k],
-                        );
-                        if shared {
-                            for (acc, &x) in gw.iter_mut().zip(user_grad.iter()) {
-                                *acc += x;
-                            }
-                        }
-                    }
+                |(ws, user_grad), (((users, grad_support), grad_query), grad_w0)| {
+                    let block = BackwardBlock {
+                        ws,
+                        user_grad,
+                        users,
+                        start: st,
+                        support: sup,
+                        query: qry,
+                        grad_losses: &grad_losses[lo + users.0..lo + users.1],
+                        inner,
+                        first_order,
+                        shared,
+                        grad_w0,
+                        grad_support,
+                        grad_query,
+                    };
+                    with_row_ops(k, block)
                 },
             );
         });
@@ -297,6 +276,99 @@ pub fn backward<T: Real>(
     check_rows_finite("grad_support", grad_support, &support, ctl.pool)?;
     check_rows_finite("grad_query", grad_query, &query, ctl.pool)?;
     Ok(())
+}
+
+/// One block of users' forward work (users `users.0..users.1` of the chunk's batches).
+struct ForwardBlock<'a, 'd, T> {
+    ws: &'a mut Workspace<T>,
+    users: (usize, usize),
+    start: Start<'d, T>,
+    support: Csr<'d, T>,
+    query: Option<Csr<'d, T>>,
+    inner: &'a InnerLoop,
+    weights: &'a mut [T],
+    support_losses: Option<&'a mut [T]>,
+    losses: Option<&'a mut [T]>,
+    accuracy: Option<&'a mut [T]>,
+}
+
+impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<R: RowOps<T>>(self, ops: R) {
+        let ForwardBlock { ws, users, start, support, query, inner, weights, mut support_losses, mut losses, mut accuracy } = self;
+        let k = support.k;
+        for (i, u) in (users.0..users.1).enumerate() {
+            let w = &mut weights[i * k..(i + 1) * k];
+            w.copy_from_slice(start.of(u, k));
+            let rows = support.rows(u);
+            ws.adapt(ops, w, rows, k, inner, false);
+            if let Some(sl) = support_losses.as_deref_mut() {
+                sl[i] = ws.support_loss(ops, w, rows, k);
+            }
+            if let Some(q) = &query {
+                let (loss, acc) = ws.query_metrics(ops, w, q.rows(u), k);
+                if let Some(l) = losses.as_deref_mut() {
+                    l[i] = loss;
+                }
+                if let Some(a) = accuracy.as_deref_mut() {
+                    a[i] = acc;
+                }
+            }
+        }
+    }
+}
+
+/// One block of users' backward work. `grad_w0` holds the block's users' rows (per-user start)
+/// or the block's sum over its users in user order (shared start); `user_grad` is scratch.
+struct BackwardBlock<'a, 'd, T> {
+    ws: &'a mut Workspace<T>,
+    user_grad: &'a mut [T],
+    users: (usize, usize),
+    start: Start<'d, T>,
+    support: Csr<'d, T>,
+    query: Csr<'d, T>,
+    grad_losses: &'d [T],
+    inner: &'a InnerLoop,
+    first_order: bool,
+    shared: bool,
+    grad_w0: &'a mut [T],
+    grad_support: &'a mut [T],
+    grad_query: &'a mut [T],
+}
+
+impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<R: RowOps<T>>(self, ops: R) {
+        let BackwardBlock { ws, user_grad, users, start, support, query, grad_losses, inner, first_order, shared, grad_w0, grad_support, grad_query } = self;
+        let k = support.k;
+        let (s_base, q_base) = (support.row_range(users.0).start, query.row_range(users.0).start);
+        for (i, u) in (users.0..users.1).enumerate() {
+            let (sr, qr) = (support.row_range(u), query.row_range(u));
+            let target = if shared { &mut user_grad[..] } else { &mut grad_w0[i * k..(i + 1) * k] };
+            ws.backward(
+                ops,
+                start.of(u, k),
+                support.rows(u),
+                query.rows(u),
+                k,
+                grad_losses[i],
+                inner,
+                first_order,
+                target,
+                &mut grad_support[(sr.start - s_base) * k..(sr.end - s_base) * k],
+                &mut grad_query[(qr.start - q_base) * k..(qr.end - q_base) * k],
+            );
+            if shared {
+                for (acc, &x) in grad_w0.iter_mut().zip(user_grad.iter()) {
+                    *acc += x;
+                }
+            }
+        }
+    }
 }
 
 /// Per-user weights (U × K) must be finite; the error names the first bad user.
@@ -354,10 +426,28 @@ pub fn evaluate<T: Real>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], acc
     check_weights(weights, k)?;
     check_len("losses", losses, n_users)?;
     check_len("accuracy", accuracy, n_users)?;
-    let (mut p, mut scratch) = (vec![T::ZERO; k], Vec::new());
-    for u in 0..n_users {
-        softmax_into(&weights[u * k..(u + 1) * k], &mut p);
-        (losses[u], accuracy[u]) = loss_and_accuracy(pairs.rows(u), k, &p, &mut scratch);
-    }
+    with_row_ops(k, EvaluateAll { pairs, weights, losses, accuracy });
     Ok(())
+}
+
+/// [`evaluate`]'s loop over users.
+struct EvaluateAll<'a, T> {
+    pairs: Csr<'a, T>,
+    weights: &'a [T],
+    losses: &'a mut [T],
+    accuracy: &'a mut [T],
+}
+
+impl<T: Real> WithRowOps<T> for EvaluateAll<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<R: RowOps<T>>(self, ops: R) {
+        let k = self.pairs.k;
+        let (mut p, mut scratch) = (vec![T::ZERO; k], Vec::new());
+        for u in 0..self.pairs.n_users() {
+            softmax_into(&self.weights[u * k..(u + 1) * k], &mut p);
+            (self.losses[u], self.accuracy[u]) = loss_and_accuracy(ops, self.pairs.rows(u), k, &p, &mut scratch);
+        }
+    }
 }

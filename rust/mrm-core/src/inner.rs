@@ -5,6 +5,7 @@
 
 use crate::error::{invalid, Result};
 use crate::real::{dot, softmax_into, softmax_jvp, Real};
+use crate::rows::RowOps;
 
 /// The inner optimiser.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,37 +42,6 @@ impl InnerLoop {
     }
 }
 
-/// Calls `$f::<T, K>` for the common widths (the loops then keep their K-wide accumulators in
-/// registers and unroll) and `$f::<T, 0>` (K read from the data) otherwise. Both compute the same
-/// operations in the same order: results do not depend on which one runs.
-macro_rules! by_width {
-    ($k:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $k {
-            2 => $f::<T, 2>($($arg),*),
-            4 => $f::<T, 4>($($arg),*),
-            8 => $f::<T, 8>($($arg),*),
-            16 => $f::<T, 16>($($arg),*),
-            _ => $f::<T, 0>($($arg),*),
-        }
-    };
-}
-
-/// Row width: the compile-time `W` when it is not 0, else `k`.
-#[inline(always)]
-fn width<const W: usize>(k: usize) -> usize {
-    if W == 0 { k } else { W }
-}
-
-/// `z_i = d_i · p` for every row into `z` (resized to the row count).
-/// `W`: the row width when known at compile time (see `by_width!`), else 0.
-#[inline(always)]
-fn margins<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) {
-    let k = width::<W>(k);
-    let p = &p[..k];
-    z.clear();
-    z.extend(rows.chunks_exact(k).map(|d| dot(d, p)));
-}
-
 /// `s_i = σ(−z_i) = 1 / (1 + e^{z_i})` in place, in a loop that vectorises.
 #[inline(always)]
 fn neg_sigmoids<T: Real>(z: &mut [T]) {
@@ -82,46 +52,26 @@ fn neg_sigmoids<T: Real>(z: &mut [T]) {
 
 /// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
 /// The inner steps never need the loss itself, so none is computed here.
-/// `W` as in [`margins`].
 #[inline(always)]
-fn pairs_pass<T: Real, const W: usize>(rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut Vec<T>) {
-    margins::<T, W>(rows, k, p, s);
+fn pairs_pass<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut Vec<T>) {
+    ops.margins(rows, k, p, s);
     neg_sigmoids(s);
-    weighted_row_sums::<T, W>(rows, k, s, gp);
+    ops.weighted_row_sums(rows, k, s, gp);
     let scale = -T::ONE / T::of(s.len() as f64);
     for g in gp.iter_mut() {
         *g *= scale;
     }
 }
 
-/// `out = Σ_i x_i d_i` over the rows. `W` as in [`margins`].
-#[inline(always)]
-fn weighted_row_sums<T: Real, const W: usize>(rows: &[T], k: usize, x: &[T], out: &mut [T]) {
-    let k = width::<W>(k);
-    // With a compile-time width the sums live in a local array (registers), else in `out`.
-    let mut local = [T::ZERO; 16];
-    let out = &mut out[..k];
-    let acc: &mut [T] = if W != 0 { &mut local[..k] } else { &mut *out };
-    acc.fill(T::ZERO);
-    for (d, &xi) in rows.chunks_exact(k).zip(x) {
-        for (a, &v) in acc.iter_mut().zip(d) {
-            *a += xi * v;
-        }
-    }
-    if W != 0 {
-        out.copy_from_slice(&local[..k]);
-    }
-}
-
 /// Mean loss and accuracy (strict `d · p > 0`) of `rows` at `p`; `(0, 0)` without rows.
 /// `z` is scratch.
-#[inline]
-pub(crate) fn loss_and_accuracy<T: Real>(rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) -> (T, T) {
+#[inline(always)]
+pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) -> (T, T) {
     let n = rows.len() / k;
     if n == 0 {
         return (T::ZERO, T::ZERO);
     }
-    by_width!(k, margins(rows, k, p, z));
+    ops.margins(rows, k, p, z);
     let correct = z.iter().filter(|&&x| x > T::ZERO).count();
     // softplus(−z) = max(−z, 0) + ln(1 + e^{−|z|}), summed in eight lanes in a fixed order.
     for x in z.iter_mut() {
@@ -213,41 +163,44 @@ impl<T: Real> Workspace<T> {
 
     /// Runs the inner loop in place on `w` (holding the start on entry, `w_T` on exit).
     /// With `record`, keeps the trajectory for [`Workspace::backward`].
-    pub(crate) fn adapt(&mut self, w: &mut [T], support: &[T], k: usize, inner: &InnerLoop, record: bool) {
+    #[inline(always)]
+    pub(crate) fn adapt<R: RowOps<T>>(&mut self, ops: R, w: &mut [T], support: &[T], k: usize, inner: &InnerLoop, record: bool) {
         let n = support.len() / k;
         let steps = if n == 0 { 0 } else { inner.steps };
         self.prepare(k, steps, n, record);
+        // K-wide slices of a length the compiler knows when `ops` has a compile-time width.
+        let k = ops.width(k);
+        let w = &mut w[..k];
+        let (p, gp, g, m, v) = (&mut self.p[..k], &mut self.gp[..k], &mut self.g[..k], &mut self.m[..k], &mut self.v[..k]);
         let lr = T::of(inner.lr);
         for t in 0..steps {
-            softmax_into(w, &mut self.p);
-            by_width!(k, pairs_pass(support, k, &self.p, &mut self.gp, &mut self.rows));
-            softmax_jvp(&self.p, &self.gp, &mut self.g);
+            softmax_into(w, p);
+            pairs_pass(ops, support, k, p, gp, &mut self.rows);
+            softmax_jvp(p, gp, g);
             if record {
                 self.tr_s[t * n..(t + 1) * n].copy_from_slice(&self.rows);
-                let r = t * k..(t + 1) * k;
-                self.tr_p[r.clone()].copy_from_slice(&self.p);
-                self.tr_gp[r.clone()].copy_from_slice(&self.gp);
-                self.tr_g[r].copy_from_slice(&self.g);
+                self.tr_p[t * k..(t + 1) * k].copy_from_slice(p);
+                self.tr_gp[t * k..(t + 1) * k].copy_from_slice(gp);
+                self.tr_g[t * k..(t + 1) * k].copy_from_slice(g);
             }
             match inner.optimizer {
                 Optimizer::Sgd => {
-                    for (wi, &gi) in w.iter_mut().zip(&self.g) {
+                    for (wi, &gi) in w.iter_mut().zip(g.iter()) {
                         *wi -= lr * gi;
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
                     let (c1, c2) = adam_constants(inner.lr, beta1, beta2, t + 1);
                     let (c1, c2, b1, b2, eps) = (T::of(c1), T::of(c2), T::of(beta1), T::of(beta2), T::of(eps));
-                    let moments = self.m.iter_mut().zip(self.v.iter_mut());
-                    for ((wj, (mj, vj)), &gj) in w.iter_mut().zip(moments).zip(&self.g) {
+                    let moments = m.iter_mut().zip(v.iter_mut());
+                    for ((wj, (mj, vj)), &gj) in w.iter_mut().zip(moments).zip(g.iter()) {
                         *mj = b1 * *mj + (T::ONE - b1) * gj;
                         *vj = b2 * *vj + (T::ONE - b2) * gj * gj;
                         *wj -= c1 * *mj / (vj.sqrt() / c2 + eps);
                     }
                     if record {
-                        let r = t * k..(t + 1) * k;
-                        self.tr_m[r.clone()].copy_from_slice(&self.m);
-                        self.tr_v[r].copy_from_slice(&self.v);
+                        self.tr_m[t * k..(t + 1) * k].copy_from_slice(m);
+                        self.tr_v[t * k..(t + 1) * k].copy_from_slice(v);
                     }
                 }
             }
@@ -255,23 +208,27 @@ impl<T: Real> Workspace<T> {
     }
 
     /// Support loss at `w` (0 for a user without support pairs).
-    pub(crate) fn support_loss(&mut self, w: &[T], support: &[T], k: usize) -> T {
+    #[inline(always)]
+    pub(crate) fn support_loss<R: RowOps<T>>(&mut self, ops: R, w: &[T], support: &[T], k: usize) -> T {
         softmax_into(w, &mut self.p);
-        loss_and_accuracy(support, k, &self.p, &mut self.rows).0
+        loss_and_accuracy(ops, support, k, &self.p, &mut self.rows).0
     }
 
     /// Query loss and accuracy at `w`.
-    pub(crate) fn query_metrics(&mut self, w: &[T], query: &[T], k: usize) -> (T, T) {
+    #[inline(always)]
+    pub(crate) fn query_metrics<R: RowOps<T>>(&mut self, ops: R, w: &[T], query: &[T], k: usize) -> (T, T) {
         softmax_into(w, &mut self.p);
-        loss_and_accuracy(query, k, &self.p, &mut self.rows)
+        loss_and_accuracy(ops, query, k, &self.p, &mut self.rows)
     }
 
     /// Exact gradient of `grad_loss · L(w_T(w0, S); Q)` with respect to `w0` (into `grad_w0`),
     /// every support row (into `grad_support`) and every query row (into `grad_query`).
     /// Recomputes the trajectory. `first_order` treats the inner gradients as constants.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn backward(
+    #[inline(always)]
+    pub(crate) fn backward<R: RowOps<T>>(
         &mut self,
+        ops: R,
         w0: &[T],
         support: &[T],
         query: &[T],
@@ -288,14 +245,14 @@ impl<T: Real> Workspace<T> {
         let steps = if n == 0 { 0 } else { inner.steps };
         grad_w0.copy_from_slice(w0);
         // grad_w0 holds w during the forward sweep, then the adjoint λ_w.
-        self.adapt(grad_w0, support, k, inner, true);
+        self.adapt(ops, grad_w0, support, k, inner, true);
 
         // Query: L_q = mean_j softplus(−q_j·p_T); ∂/∂q_j = −(1/m) s_j p_T; ∂/∂w_T = J g_p.
         softmax_into(grad_w0, &mut self.p);
         let scale = -grad_loss / T::of(m_q as f64);
-        by_width!(k, margins(query, k, &self.p, &mut self.rows));
+        ops.margins(query, k, &self.p, &mut self.rows);
         neg_sigmoids(&mut self.rows);
-        by_width!(k, weighted_row_sums(query, k, &self.rows, &mut self.gp));
+        ops.weighted_row_sums(query, k, &self.rows, &mut self.gp);
         for (out, &s) in grad_query.chunks_exact_mut(k).zip(&self.rows) {
             let a = scale * s;
             for (o, &pj) in out.iter_mut().zip(&self.p) {
@@ -349,7 +306,8 @@ impl<T: Real> Workspace<T> {
                 }
             }
             // λ_{w,t−1} = λ_{w,t} + H_t λ_g, and each support row gets ∂(λ_g · g_t)/∂d_i.
-            by_width!(k, hvp_and_row_grads(
+            hvp_and_row_grads(
+                ops,
                 support,
                 k,
                 &self.tr_p[r.clone()],
@@ -361,7 +319,7 @@ impl<T: Real> Workspace<T> {
                 &mut self.tmp,
                 &mut self.rows,
                 grad_support,
-            ));
+            );
             for (lam, &hvp) in self.lam.iter_mut().zip(&self.mu) {
                 *lam += hvp;
             }
@@ -371,11 +329,11 @@ impl<T: Real> Workspace<T> {
 }
 
 /// For one inner step at `p` (with its `g_p` and `s_i`): writes `H λ` into `hvp` and adds
-/// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu`, `tmp` and `c_vals` are scratch;
-/// `W` as in [`margins`].
+/// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu`, `tmp` and `c_vals` are scratch.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
+pub(crate) fn hvp_and_row_grads<T: Real, R: RowOps<T>>(
+    ops: R,
     rows: &[T],
     k: usize,
     p: &[T],
@@ -388,17 +346,17 @@ pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
     c_vals: &mut Vec<T>,
     grad_rows: &mut [T],
 ) {
-    let k = width::<W>(k);
+    let k = ops.width(k);
     let inv_n = T::ONE / T::of((rows.len() / k) as f64);
     let mu = &mut tmp[..k];
     let (p, gp, lam) = (&p[..k], &gp[..k], &lam[..k]);
     softmax_jvp(p, lam, mu);
     // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
-    margins::<T, W>(rows, k, mu, c_vals);
+    ops.margins(rows, k, mu, c_vals);
     for (c, &s) in c_vals.iter_mut().zip(s_vals) {
         *c *= s * (T::ONE - s);
     }
-    weighted_row_sums::<T, W>(rows, k, c_vals, a_mu);
+    ops.weighted_row_sums(rows, k, c_vals, a_mu);
     let mu = &mu[..];
     for ((out, &s), &c) in grad_rows.chunks_exact_mut(k).zip(s_vals).zip(c_vals.iter()) {
         let (s_scaled, c_scaled) = (inv_n * s, inv_n * c);
@@ -418,13 +376,14 @@ pub(crate) fn hvp_and_row_grads<T: Real, const W: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rows::Portable;
 
     /// ∇_w L at `w` through the closed forms (g = J g_p).
     fn gradient(w: &[f64], rows: &[f64], k: usize) -> Vec<f64> {
         let (mut p, mut gp, mut g) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         softmax_into(w, &mut p);
         let mut s = Vec::new();
-        pairs_pass::<f64, 0>(rows, k, &p, &mut gp, &mut s);
+        pairs_pass(Portable::<0>, rows, k, &p, &mut gp, &mut s);
         softmax_jvp(&p, &gp, &mut g);
         g
     }
@@ -432,7 +391,7 @@ mod tests {
     fn loss(w: &[f64], rows: &[f64], k: usize) -> f64 {
         let mut p = vec![0.0; k];
         softmax_into(w, &mut p);
-        loss_and_accuracy(rows, k, &p, &mut Vec::new()).0
+        loss_and_accuracy(Portable::<0>, rows, k, &p, &mut Vec::new()).0
     }
 
     fn lcg(seed: &mut u64) -> f64 {
@@ -466,10 +425,10 @@ mod tests {
         let lam: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
         let (mut p, mut gp, mut s) = (vec![0.0; k], vec![0.0; k], Vec::new());
         softmax_into(&w, &mut p);
-        pairs_pass::<f64, 0>(&rows, k, &p, &mut gp, &mut s);
+        pairs_pass(Portable::<0>, &rows, k, &p, &mut gp, &mut s);
         let (mut hvp, mut a, mut t) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
         let mut row_grads = vec![0.0; n * k];
-        hvp_and_row_grads::<f64, 4>(&rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut Vec::new(), &mut row_grads);
+        hvp_and_row_grads(Portable::<4>, &rows, k, &p, &gp, &s, &lam, &mut hvp, &mut a, &mut t, &mut Vec::new(), &mut row_grads);
 
         let h = 1e-6;
         // H λ = d/dε ∇L(w + ε λ)
@@ -490,6 +449,60 @@ mod tests {
             minus[idx] -= h;
             let fd = (objective(&plus) - objective(&minus)) / (2.0 * h);
             assert!((fd - row_grads[idx]).abs() < 1e-8, "row value {idx}: fd {fd} vs {}", row_grads[idx]);
+        }
+    }
+
+    /// One user's adapted weights, support and query losses and all three gradients.
+    fn user_run<T: Real, R: RowOps<T>>(ops: R, w0: &[T], support: &[T], query: &[T], k: usize, inner: &InnerLoop) -> Vec<f64> {
+        let mut ws = Workspace::<T>::default();
+        let mut w = w0.to_vec();
+        ws.adapt(ops, &mut w, support, k, inner, false);
+        let support_loss = ws.support_loss(ops, &w, support, k);
+        let (query_loss, _) = ws.query_metrics(ops, &w, query, k);
+        let (mut gw, mut gs, mut gq) = (vec![T::ZERO; k], vec![T::ZERO; support.len()], vec![T::ZERO; query.len()]);
+        ws.backward(ops, w0, support, query, k, T::of(0.7), inner, false, &mut gw, &mut gs, &mut gq);
+        let mut out: Vec<f64> = [support_loss, query_loss].iter().map(|x| x.to_f64()).collect();
+        out.extend(w.iter().chain(&gw).chain(&gs).chain(&gq).map(|x| x.to_f64()));
+        out
+    }
+
+    /// The f32 kernels this CPU runs (hand-vectorised ones where it has them) give the same
+    /// inner loop and gradients as the f64 portable ones, to f32 rounding, for ragged users.
+    #[test]
+    fn f32_kernels_match_f64_portable_kernels() {
+        use crate::rows::{with_row_ops, WithRowOps};
+        struct Run<'a> {
+            w0: &'a [f32],
+            support: &'a [f32],
+            query: &'a [f32],
+            k: usize,
+            inner: &'a InnerLoop,
+        }
+        impl WithRowOps<f32> for Run<'_> {
+            type Output = Vec<f64>;
+            fn run<R: RowOps<f32>>(self, ops: R) -> Vec<f64> {
+                user_run(ops, self.w0, self.support, self.query, self.k, self.inner)
+            }
+        }
+        let mut seed = 11;
+        let optimizers = [Optimizer::Sgd, Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }];
+        for k in [2, 8, 16, 64] {
+            for n in [0, 1, 3, 7, 8, 9, 17, 40] {
+                for optimizer in optimizers {
+                    let inner = InnerLoop { steps: 3, lr: 0.3, optimizer };
+                    let support: Vec<f64> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+                    let query: Vec<f64> = (0..5 * k).map(|_| lcg(&mut seed)).collect();
+                    let w0: Vec<f64> = (0..k).map(|_| 0.5 * lcg(&mut seed)).collect();
+                    let narrow = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
+                    let (s32, q32, w32) = (narrow(&support), narrow(&query), narrow(&w0));
+                    let want = user_run(Portable::<0>, &w0, &support, &query, k, &inner);
+                    let got = with_row_ops(k, Run { w0: &w32, support: &s32, query: &q32, k, inner: &inner });
+                    let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!((a - b).abs() <= 1e-5 * scale, "K {k} n {n} {optimizer:?} value {i}: {a} vs {b}");
+                    }
+                }
+            }
         }
     }
 }

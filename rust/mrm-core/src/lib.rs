@@ -18,6 +18,7 @@ pub mod error;
 pub mod gather;
 pub mod inner;
 pub mod real;
+pub mod rows;
 pub mod rpo;
 
 pub use batch::{backward, evaluate, forward, score, Control, ForwardOutputs, Start};
