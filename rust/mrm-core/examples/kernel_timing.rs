@@ -31,6 +31,10 @@ fn main() {
     let w0 = vec![0.0f32; k];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let ctl = Control { pool: &pool, chunk_users: 1 << 16, keep_going: &|| true };
+    let check = best(5, || {
+        Csr::new_in("support", &support, &offsets, k, Some(&pool)).unwrap();
+    });
+    println!("finite check of the support rows on the pool: {check:.4} s");
     let s = Csr::new("support", &support, &offsets, k).unwrap();
     let q = Csr::new("query", &query, &offsets, k).unwrap();
     for (name, optimizer, lr) in [

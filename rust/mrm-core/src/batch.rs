@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::csr::{check_output_finite, check_rows_finite, Csr};
+use crate::csr::{all_finite, check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
 use crate::inner::{loss_and_accuracy, InnerLoop, Workspace};
 use crate::real::{softmax_into, Real};
@@ -178,13 +178,19 @@ pub fn forward<T: Real>(
         let l_parts = optional_parts(losses.as_deref_mut(), lo, hi, &sizes);
         let a_parts = optional_parts(accuracy.as_deref_mut(), lo, hi, &sizes);
         let work: Vec<_> = blocks.iter().copied().zip(w_parts).zip(sl_parts).zip(l_parts).zip(a_parts).collect();
-        ctl.pool.install(|| {
-            work.into_par_iter().for_each_init(Workspace::<T>::default, |ws, ((((users, weights), support_losses), losses), accuracy)| {
-                let block = ForwardBlock { ws, users, start: st, support: sup, query: qry, inner, weights, support_losses, losses, accuracy };
-                with_row_ops(k, block)
-            });
+        let inputs_finite = ctl.pool.install(|| {
+            work.into_par_iter()
+                .map_init(Workspace::<T>::default, |ws, ((((users, weights), support_losses), losses), accuracy)| {
+                    let block = ForwardBlock { ws, users, start: st, support: sup, query: qry, inner, weights, support_losses, losses, accuracy };
+                    with_row_ops(k, block)
+                })
+                .reduce(|| true, |a, b| a & b)
         });
-        Ok(())
+        if inputs_finite {
+            Ok(())
+        } else {
+            input_error(&support, query.as_ref(), ctl.pool)
+        }
     })?;
     check_output_finite("adapted weights", weights, k, ctl.pool)?;
     if let Some(l) = &losses {
@@ -226,6 +232,9 @@ pub fn backward<T: Real>(
     check_len("grad_query", grad_query, query.values.len())?;
     grad_w0.fill(T::ZERO);
 
+    // Each user's rows are checked as they are read, and its gradient rows as they are written;
+    // only when some are not finite are whole arrays scanned, to name the first bad user.
+    let mut all_outputs_finite = true;
     ctl.chunks(n_users, |lo, hi| {
         let (sup, qry, st) = (support.users(lo, hi), query.users(lo, hi), start.users(lo, hi, k));
         let blocks = block_bounds(hi - lo);
@@ -242,8 +251,9 @@ pub fn backward<T: Real>(
             split_lengths(&mut grad_w0[lo * k..hi * k], blocks.iter().map(|b| (b.1 - b.0) * k))
         };
         let work: Vec<_> = blocks.iter().copied().zip(gs_parts).zip(gq_parts).zip(gw_parts).collect();
-        ctl.pool.install(|| {
-            work.into_par_iter().for_each_init(
+        let (inputs_finite, outputs_finite) = ctl.pool.install(|| {
+            work.into_par_iter()
+                .map_init(
                 || (Workspace::<T>::default(), vec![T::ZERO; k]),
                 |(ws, user_grad), (((users, grad_support), grad_query), grad_w0)| {
                     let block = BackwardBlock {
@@ -263,8 +273,13 @@ pub fn backward<T: Real>(
                     };
                     with_row_ops(k, block)
                 },
-            );
+                )
+                .reduce(|| (true, true), |a, b| (a.0 & b.0, a.1 & b.1))
         });
+        if !inputs_finite {
+            return input_error(&support, Some(&query), ctl.pool);
+        }
+        all_outputs_finite &= outputs_finite;
         for block in block_sums.chunks_exact(k) {
             for (acc, &x) in grad_w0.iter_mut().zip(block) {
                 *acc += x;
@@ -273,8 +288,10 @@ pub fn backward<T: Real>(
         Ok(())
     })?;
     check_output_finite("grad_w0", grad_w0, if shared { usize::MAX } else { k }, ctl.pool)?;
-    check_rows_finite("grad_support", grad_support, &support, ctl.pool)?;
-    check_rows_finite("grad_query", grad_query, &query, ctl.pool)?;
+    if !all_outputs_finite {
+        check_rows_finite("grad_support", grad_support, &support, ctl.pool)?;
+        check_rows_finite("grad_query", grad_query, &query, ctl.pool)?;
+    }
     Ok(())
 }
 
@@ -293,16 +310,23 @@ struct ForwardBlock<'a, 'd, T> {
 }
 
 impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
-    type Output = ();
+    /// Whether every row of the block's users was finite (a user with a non-finite row is
+    /// skipped: the call ends in an error naming it).
+    type Output = bool;
 
     #[inline(always)]
-    fn run<R: RowOps<T>>(self, ops: R) {
+    fn run<R: RowOps<T>>(self, ops: R) -> bool {
         let ForwardBlock { ws, users, start, support, query, inner, weights, mut support_losses, mut losses, mut accuracy } = self;
         let k = support.k;
+        let mut inputs_finite = true;
         for (i, u) in (users.0..users.1).enumerate() {
             let w = &mut weights[i * k..(i + 1) * k];
             w.copy_from_slice(start.of(u, k));
             let rows = support.rows(u);
+            if !(all_finite(rows) && query.is_none_or(|q| all_finite(q.rows(u)))) {
+                inputs_finite = false;
+                continue;
+            }
             ws.adapt(ops, w, rows, k, inner, false);
             if let Some(sl) = support_losses.as_deref_mut() {
                 sl[i] = ws.support_loss(ops, w, rows, k);
@@ -317,6 +341,7 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
                 }
             }
         }
+        inputs_finite
     }
 }
 
@@ -339,36 +364,45 @@ struct BackwardBlock<'a, 'd, T> {
 }
 
 impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
-    type Output = ();
+    /// Whether every input row and every gradient row of the block's users was finite (a user
+    /// with a non-finite input row is skipped: the call ends in an error naming it).
+    type Output = (bool, bool);
 
     #[inline(always)]
-    fn run<R: RowOps<T>>(self, ops: R) {
+    fn run<R: RowOps<T>>(self, ops: R) -> (bool, bool) {
         let BackwardBlock { ws, user_grad, users, start, support, query, grad_losses, inner, first_order, shared, grad_w0, grad_support, grad_query } = self;
         let k = support.k;
         let (s_base, q_base) = (support.row_range(users.0).start, query.row_range(users.0).start);
+        let (mut inputs_finite, mut outputs_finite) = (true, true);
         for (i, u) in (users.0..users.1).enumerate() {
             let (sr, qr) = (support.row_range(u), query.row_range(u));
+            let (s_rows, q_rows) = (support.rows(u), query.rows(u));
+            if !(all_finite(s_rows) && all_finite(q_rows)) {
+                inputs_finite = false;
+                continue;
+            }
             let target = if shared { &mut user_grad[..] } else { &mut grad_w0[i * k..(i + 1) * k] };
-            ws.backward(
-                ops,
-                start.of(u, k),
-                support.rows(u),
-                query.rows(u),
-                k,
-                grad_losses[i],
-                inner,
-                first_order,
-                target,
-                &mut grad_support[(sr.start - s_base) * k..(sr.end - s_base) * k],
-                &mut grad_query[(qr.start - q_base) * k..(qr.end - q_base) * k],
-            );
+            let gs = &mut grad_support[(sr.start - s_base) * k..(sr.end - s_base) * k];
+            let gq = &mut grad_query[(qr.start - q_base) * k..(qr.end - q_base) * k];
+            ws.backward(ops, start.of(u, k), s_rows, q_rows, k, grad_losses[i], inner, first_order, target, gs, gq);
+            outputs_finite &= all_finite(gs) & all_finite(gq);
             if shared {
                 for (acc, &x) in grad_w0.iter_mut().zip(user_grad.iter()) {
                     *acc += x;
                 }
             }
         }
+        (inputs_finite, outputs_finite)
     }
+}
+
+/// The error for non-finite input rows, naming the first one (support before query).
+fn input_error<T: Real>(support: &Csr<'_, T>, query: Option<&Csr<'_, T>>, pool: &rayon::ThreadPool) -> Result<()> {
+    support.check_values("support", Some(pool))?;
+    if let Some(q) = query {
+        q.check_values("query", Some(pool))?;
+    }
+    invalid("support or query contains a non-finite value")
 }
 
 /// Per-user weights (U × K) must be finite; the error names the first bad user.

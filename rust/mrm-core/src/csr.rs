@@ -27,6 +27,15 @@ impl<'a, T: Real> Csr<'a, T> {
         k: usize,
         pool: Option<&rayon::ThreadPool>,
     ) -> Result<Self> {
+        let batch = Self::shaped(name, values, offsets, k)?;
+        batch.check_values(name, pool)?;
+        Ok(batch)
+    }
+
+    /// A batch whose shape and offsets are checked but whose values are not scanned yet.
+    /// [`crate::forward`] and [`crate::backward`] check each user's rows as they read them
+    /// (while they are in cache) and then give the same error as [`Csr::new`] would.
+    pub fn shaped(name: &str, values: &'a [T], offsets: &'a [i64], k: usize) -> Result<Self> {
         if k == 0 {
             return invalid(format!("{name} must have at least one column (K >= 1)"));
         }
@@ -36,17 +45,20 @@ impl<'a, T: Real> Csr<'a, T> {
                 values.len()
             ));
         }
-        let n_rows = values.len() / k;
-        check_offsets(name, offsets, n_rows)?;
-        let batch = Csr { values, offsets, k };
-        if let Some(pos) = first_non_finite(values, pool) {
-            let row = pos / k;
+        check_offsets(name, offsets, values.len() / k)?;
+        Ok(Csr { values, offsets, k })
+    }
+
+    /// An error naming the first non-finite value's row and user, if there is one.
+    pub fn check_values(&self, name: &str, pool: Option<&rayon::ThreadPool>) -> Result<()> {
+        if let Some(pos) = first_non_finite(self.values, pool) {
+            let row = pos / self.k;
             return invalid(format!(
                 "{name} contains a non-finite value (row {row}, user {})",
-                batch.user_of_row(row)
+                self.user_of_row(row)
             ));
         }
-        Ok(batch)
+        Ok(())
     }
 
     #[inline]
@@ -121,9 +133,15 @@ pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
 /// vectorises), and only a piece that has a non-finite value is searched for its position.
 const SCAN_PIECE: usize = 1 << 14;
 
+/// Whether every value is finite, in a loop without an early exit (so that it vectorises).
+#[inline(always)]
+pub fn all_finite<T: Real>(values: &[T]) -> bool {
+    values.iter().fold(true, |ok, x| ok & x.is_finite())
+}
+
 /// Index of the first non-finite value, scanning on `pool` when one is given.
 pub fn first_non_finite<T: Real>(values: &[T], pool: Option<&rayon::ThreadPool>) -> Option<usize> {
-    let clean = |piece: &[T]| piece.iter().fold(true, |ok, x| ok & x.is_finite());
+    let clean = all_finite::<T>;
     let piece = match pool {
         Some(pool) if values.len() > SCAN_PIECE => {
             use rayon::prelude::*;

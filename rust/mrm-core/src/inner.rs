@@ -42,20 +42,12 @@ impl InnerLoop {
     }
 }
 
-/// `s_i = σ(−z_i) = 1 / (1 + e^{z_i})` in place, in a loop that vectorises.
-#[inline(always)]
-fn neg_sigmoids<T: Real>(z: &mut [T]) {
-    for x in z.iter_mut() {
-        *x = T::ONE / (T::ONE + x.exp_fast());
-    }
-}
-
 /// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
 /// The inner steps never need the loss itself, so none is computed here.
 #[inline(always)]
 fn pairs_pass<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut Vec<T>) {
     ops.margins(rows, k, p, s);
-    neg_sigmoids(s);
+    ops.neg_sigmoids(s);
     ops.weighted_row_sums(rows, k, s, gp);
     let scale = -T::ONE / T::of(s.len() as f64);
     for g in gp.iter_mut() {
@@ -251,7 +243,7 @@ impl<T: Real> Workspace<T> {
         softmax_into(grad_w0, &mut self.p);
         let scale = -grad_loss / T::of(m_q as f64);
         ops.margins(query, k, &self.p, &mut self.rows);
-        neg_sigmoids(&mut self.rows);
+        ops.neg_sigmoids(&mut self.rows);
         ops.weighted_row_sums(query, k, &self.rows, &mut self.gp);
         for (out, &s) in grad_query.chunks_exact_mut(k).zip(&self.rows) {
             let a = scale * s;

@@ -26,6 +26,13 @@ pub trait RowOps<T: Real>: Copy {
     fn margins(self, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>);
     /// `out = Σ_i x_i d_i` over the rows (`x` has one value per row).
     fn weighted_row_sums(self, rows: &[T], k: usize, x: &[T], out: &mut [T]);
+    /// `z_i ← σ(−z_i) = 1 / (1 + e^{z_i})` for every value.
+    #[inline(always)]
+    fn neg_sigmoids(self, z: &mut [T]) {
+        for x in z.iter_mut() {
+            *x = T::ONE / (T::ONE + x.exp_fast());
+        }
+    }
 }
 
 /// Code to run with some [`RowOps`]: a block of users' work, generic over the kernels.
@@ -173,6 +180,53 @@ pub mod avx2 {
             let n = (rows.len() / k).min(x.len());
             // SAFETY: as in `margins`, with stores inside `out` (8 C values).
             unsafe { weighted_row_sums::<C>(&rows[..k * n], &x[..n], out) }
+        }
+
+        #[inline(always)]
+        fn neg_sigmoids(self, z: &mut [f32]) {
+            // SAFETY: the CPU has the features; `neg_sigmoids` stays inside `z`.
+            unsafe { neg_sigmoids(z) }
+        }
+    }
+
+    /// `e^x` in each lane, as `exp_fast` for f32 (same reduction and polynomial) with fused
+    /// multiply-adds; NaN stays NaN.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        // max/min return their second operand when either is NaN: a NaN `x` passes through.
+        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.0), x));
+        let shifter = _mm256_set1_ps(12_582_912.0);
+        let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), shifter);
+        let n = _mm256_sub_ps(t, shifter);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+        let mut poly = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+        }
+        // 2^n from the low mantissa bits of `t`, as in `exp_fast`.
+        let bits = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B40_0000));
+        _mm256_mul_ps(poly, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+    }
+
+    /// `z_i ← 1 / (1 + e^{z_i})`, eight at a time; the last few through a padded register.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn neg_sigmoids(z: &mut [f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let mut chunks = z.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_div_ps(one, _mm256_add_ps(one, exp(v))));
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut pad = [0.0f32; 8];
+            pad[..rest.len()].copy_from_slice(rest);
+            let v = _mm256_loadu_ps(pad.as_ptr());
+            _mm256_storeu_ps(pad.as_mut_ptr(), _mm256_div_ps(one, _mm256_add_ps(one, exp(v))));
+            rest.copy_from_slice(&pad[..rest.len()]);
         }
     }
 

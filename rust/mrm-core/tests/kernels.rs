@@ -153,6 +153,41 @@ fn keep_going_false_interrupts() {
     assert_eq!(score(s, &[0.0; 20], &mut r, &ctl), Err(Error::Interrupted));
 }
 
+/// Rows whose values were not scanned up front (`Csr::shaped`) are checked by `forward` and
+/// `backward` as they read them, with the same error as a scan up front: the first bad row of
+/// support, else of query, whichever chunk it is in.
+#[test]
+fn deferred_value_checks_give_the_up_front_error() {
+    let d = data(40, 3, 5);
+    let p = pool(2);
+    let ctl = Control { pool: &p, chunk_users: 7, keep_going: &|| true };
+    let last = d.support.len() - 1;
+    for (bad_support, bad_query) in [(Some(5), None), (None, Some(9)), (Some(60), Some(2)), (Some(last), None)] {
+        for inner in inner_loops() {
+            let (mut s, mut q) = (d.support.clone(), d.query.clone());
+            if let Some(i) = bad_support {
+                s[i] = f64::NAN;
+            }
+            if let Some(i) = bad_query {
+                q[i] = f64::NEG_INFINITY;
+            }
+            let want = Csr::new("support", &s, &d.s_off, d.k).and_then(|_| Csr::new("query", &q, &d.q_off, d.k)).unwrap_err();
+            let ss = Csr::shaped("support", &s, &d.s_off, d.k).unwrap();
+            let qs = Csr::shaped("query", &q, &d.q_off, d.k).unwrap();
+            let n = ss.n_users();
+            let mut w = vec![0.0; n * d.k];
+            let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
+            let query = bad_query.map(|_| qs);
+            if bad_support.is_some() || query.is_some() {
+                assert_eq!(forward(Start::Shared(&d.w0), ss, query, &inner, out, &ctl).unwrap_err(), want);
+            }
+            let (mut gw, mut gs, mut gq) = (vec![0.0; d.k], vec![0.0; s.len()], vec![0.0; q.len()]);
+            let got = backward(Start::Shared(&d.w0), ss, qs, &vec![1.0; n], &inner, false, &mut gw, &mut gs, &mut gq, &ctl);
+            assert_eq!(got.unwrap_err(), want);
+        }
+    }
+}
+
 proptest! {
     #[test]
     fn arbitrary_inputs_never_panic(
@@ -165,7 +200,7 @@ proptest! {
     ) {
         let p = pool(1);
         let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
-        if let Ok(batch) = Csr::new("support", &values, &offsets, k) {
+        if let Ok(batch) = Csr::shaped("support", &values, &offsets, k) {
             let n = batch.n_users();
             let inner = InnerLoop { steps, lr: 0.3, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } };
             let mut w = vec![0.0; n * k];

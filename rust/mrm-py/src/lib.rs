@@ -83,17 +83,20 @@ fn slice<'a, T: Element, D: numpy::ndarray::Dimension>(
         .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
-/// A CSR argument, checked: shape, offsets, and every value finite (scanned on `threads`,
-/// without the GIL).
+/// A CSR argument with its shape and offsets checked. With `scan`, every value is also checked
+/// to be finite here (on `threads`, without the GIL); without, the kernel checks each user's
+/// rows as it reads them (`forward` and `backward` do) and gives the same error.
 fn csr<'a, T: Real + Element>(
     py: Python<'_>,
     name: &str,
     values: &'a PyReadonlyArray2<'_, T>,
     offsets: &'a PyReadonlyArray1<'_, i64>,
     threads: &rayon::ThreadPool,
+    scan: bool,
 ) -> PyResult<Csr<'a, T>> {
     let (v, o, k) = (slice(name, values)?, slice(&format!("{name}_offsets"), offsets)?, values.shape()[1]);
-    py.detach(|| Csr::new_in(name, v, o, k, Some(threads))).map_err(|e| PyValueError::new_err(e.to_string()))
+    let checked = if scan { py.detach(|| Csr::new_in(name, v, o, k, Some(threads))) } else { Csr::shaped(name, v, o, k) };
+    checked.map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 fn inner_loop(steps: usize, lr: f64, optimizer: &str, beta1: f64, beta2: f64, eps: f64) -> PyResult<InnerLoop> {
@@ -134,10 +137,10 @@ fn forward<'py, T: Real + Element>(
 ) -> PyResult<Forward<'py>> {
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
-    let support = csr(py, "support", &support, &support_offsets, &threads)?;
+    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
     let query = match &query {
         Some((q, qo)) => Some(
-            csr(py, "query", q, qo, &threads)?,
+            csr(py, "query", q, qo, &threads, false)?,
         ),
         None => None,
     };
@@ -180,8 +183,8 @@ fn backward<'py, T: Real + Element>(
 ) -> PyResult<Backward<'py>> {
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
-    let support = csr(py, "support", &support, &support_offsets, &threads)?;
-    let query = csr(py, "query", &query, &query_offsets, &threads)?;
+    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
+    let query = csr(py, "query", &query, &query_offsets, &threads, false)?;
     let start = start(&w0)?;
     let grad_losses = slice("grad_losses", &grad_losses)?;
     let mut grad_w0 = vec![T::ZERO; start_len(&start)];
@@ -232,7 +235,7 @@ fn score<'py, T: Real + Element>(
     num_threads: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     let threads = pool(num_threads)?;
-    let features = csr(py, "features", &features, &feature_offsets, &threads)?;
+    let features = csr(py, "features", &features, &feature_offsets, &threads, true)?;
     let weights = slice("weights", &weights)?;
     let mut rewards = vec![T::ZERO; features.n_rows()];
     run(py, &threads, |ctl| mrm_core::score(features, weights, &mut rewards, ctl))?;
