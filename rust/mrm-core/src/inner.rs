@@ -65,11 +65,8 @@ pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: us
     }
     ops.margins(rows, k, p, z);
     let correct = z.iter().filter(|&&x| x > T::ZERO).count();
-    // softplus(−z) = max(−z, 0) + ln(1 + e^{−|z|}), summed in eight lanes in a fixed order.
-    for x in z.iter_mut() {
-        let pos = if *x < T::ZERO { -*x } else { T::ZERO };
-        *x = pos + (-x.abs()).exp_fast().ln_1p_fast();
-    }
+    // softplus(−z), summed in eight lanes in a fixed order.
+    ops.neg_softplus(z);
     let mut lanes = [T::ZERO; 8];
     let mut groups = z.chunks_exact(8);
     for g in &mut groups {
@@ -117,9 +114,12 @@ pub(crate) struct Workspace<T> {
     rows: Vec<T>,
 }
 
+/// Gives `buf` length `len`. Its values are left as they are: every buffer is written before it
+/// is read within a user, except the Adam moments, which [`Workspace::adapt`] zeroes.
 fn sized<T: Real>(buf: &mut Vec<T>, len: usize) {
-    buf.clear();
-    buf.resize(len, T::ZERO);
+    if buf.len() != len {
+        buf.resize(len, T::ZERO);
+    }
 }
 
 impl<T: Real> Default for Workspace<T> {
@@ -164,6 +164,8 @@ impl<T: Real> Workspace<T> {
         let k = ops.width(k);
         let w = &mut w[..k];
         let (p, gp, g, m, v) = (&mut self.p[..k], &mut self.gp[..k], &mut self.g[..k], &mut self.m[..k], &mut self.v[..k]);
+        m.fill(T::ZERO);
+        v.fill(T::ZERO);
         let lr = T::of(inner.lr);
         for t in 0..steps {
             softmax_into(w, p);
@@ -349,13 +351,7 @@ pub(crate) fn hvp_and_row_grads<T: Real, R: RowOps<T>>(
         *c *= s * (T::ONE - s);
     }
     ops.weighted_row_sums(rows, k, c_vals, a_mu);
-    let mu = &mu[..];
-    for ((out, &s), &c) in grad_rows.chunks_exact_mut(k).zip(s_vals).zip(c_vals.iter()) {
-        let (s_scaled, c_scaled) = (inv_n * s, inv_n * c);
-        for ((o, &mj), &pj) in out.iter_mut().zip(mu).zip(p) {
-            *o -= s_scaled * mj - c_scaled * pj;
-        }
-    }
+    ops.sub_rank2(grad_rows, k, inv_n, s_vals, mu, c_vals, p);
     // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
     let p_gp = dot(p, gp);
     let p_lam = dot(p, lam);

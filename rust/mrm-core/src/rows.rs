@@ -26,6 +26,28 @@ pub trait RowOps<T: Real>: Copy {
     fn margins(self, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>);
     /// `out = Σ_i x_i d_i` over the rows (`x` has one value per row).
     fn weighted_row_sums(self, rows: &[T], k: usize, x: &[T], out: &mut [T]);
+    /// `out_i −= (a s_i) μ − (a c_i) p` for every row `out_i` of `out` (one `s_i`, `c_i` per row).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn sub_rank2(self, out: &mut [T], k: usize, a: T, s: &[T], mu: &[T], c: &[T], p: &[T]) {
+        let k = self.width(k);
+        let (mu, p) = (&mu[..k], &p[..k]);
+        for ((row, &si), &ci) in out.chunks_exact_mut(k).zip(s).zip(c) {
+            let (s_scaled, c_scaled) = (a * si, a * ci);
+            for ((o, &mj), &pj) in row.iter_mut().zip(mu).zip(p) {
+                *o -= s_scaled * mj - c_scaled * pj;
+            }
+        }
+    }
+    /// `z_i ← softplus(−z_i) = max(−z_i, 0) + ln(1 + e^{−|z_i|})` for every value.
+    #[inline(always)]
+    fn neg_softplus(self, z: &mut [T]) {
+        for x in z.iter_mut() {
+            let pos = if *x < T::ZERO { -*x } else { T::ZERO };
+            *x = pos + (-x.abs()).exp_fast().ln_1p_fast();
+        }
+    }
+
     /// `z_i ← σ(−z_i) = 1 / (1 + e^{z_i})` for every value.
     #[inline(always)]
     fn neg_sigmoids(self, z: &mut [T]) {
@@ -183,50 +205,24 @@ pub mod avx2 {
         }
 
         #[inline(always)]
+        fn sub_rank2(self, out: &mut [f32], k: usize, a: f32, s: &[f32], mu: &[f32], c: &[f32], p: &[f32]) {
+            assert!(k == 8 * C && mu.len() >= k && p.len() >= k);
+            let n = (out.len() / k).min(s.len()).min(c.len());
+            // SAFETY: the CPU has the features; reads and writes stay inside the n rows of
+            // `out`, the n values of `s` and `c` and the k values of `mu` and `p`.
+            unsafe { sub_rank2::<C>(&mut out[..k * n], a, &s[..n], &mu[..k], &c[..n], &p[..k]) }
+        }
+
+        #[inline(always)]
+        fn neg_softplus(self, z: &mut [f32]) {
+            // SAFETY: the CPU has the features; `map_lanes` stays inside `z`.
+            unsafe { map_lanes(z, neg_softplus) }
+        }
+
+        #[inline(always)]
         fn neg_sigmoids(self, z: &mut [f32]) {
-            // SAFETY: the CPU has the features; `neg_sigmoids` stays inside `z`.
-            unsafe { neg_sigmoids(z) }
-        }
-    }
-
-    /// `e^x` in each lane, as `exp_fast` for f32 (same reduction and polynomial) with fused
-    /// multiply-adds; NaN stays NaN.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn exp(x: __m256) -> __m256 {
-        // max/min return their second operand when either is NaN: a NaN `x` passes through.
-        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.0), x));
-        let shifter = _mm256_set1_ps(12_582_912.0);
-        let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), shifter);
-        let n = _mm256_sub_ps(t, shifter);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
-        let mut poly = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
-        }
-        // 2^n from the low mantissa bits of `t`, as in `exp_fast`.
-        let bits = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B40_0000));
-        _mm256_mul_ps(poly, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
-    }
-
-    /// `z_i ← 1 / (1 + e^{z_i})`, eight at a time; the last few through a padded register.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn neg_sigmoids(z: &mut [f32]) {
-        let one = _mm256_set1_ps(1.0);
-        let mut chunks = z.chunks_exact_mut(8);
-        for c in &mut chunks {
-            let v = _mm256_loadu_ps(c.as_ptr());
-            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_div_ps(one, _mm256_add_ps(one, exp(v))));
-        }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
-            let mut pad = [0.0f32; 8];
-            pad[..rest.len()].copy_from_slice(rest);
-            let v = _mm256_loadu_ps(pad.as_ptr());
-            _mm256_storeu_ps(pad.as_mut_ptr(), _mm256_div_ps(one, _mm256_add_ps(one, exp(v))));
-            rest.copy_from_slice(&pad[..rest.len()]);
+            // SAFETY: as in `neg_softplus`.
+            unsafe { map_lanes(z, neg_sigmoid) }
         }
     }
 
@@ -305,6 +301,94 @@ pub mod avx2 {
         for (c, (((x0, x1), x2), x3)) in a0.into_iter().zip(a1).zip(a2).zip(a3).enumerate() {
             let total = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), total);
+        }
+    }
+
+    /// `out_i −= (a s_i) μ − (a c_i) p` by two fused multiply-adds per register.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sub_rank2<const C: usize>(out: &mut [f32], a: f32, s: &[f32], mu: &[f32], c: &[f32], p: &[f32]) {
+        let (mut mv, mut pv) = ([_mm256_setzero_ps(); C], [_mm256_setzero_ps(); C]);
+        for j in 0..C {
+            mv[j] = _mm256_loadu_ps(mu.as_ptr().add(8 * j));
+            pv[j] = _mm256_loadu_ps(p.as_ptr().add(8 * j));
+        }
+        for ((row, &si), &ci) in out.chunks_exact_mut(8 * C).zip(s).zip(c) {
+            let (sv, cv) = (_mm256_set1_ps(a * si), _mm256_set1_ps(a * ci));
+            for j in 0..C {
+                let o = row.as_mut_ptr().add(8 * j);
+                let updated = _mm256_fmadd_ps(cv, pv[j], _mm256_fnmadd_ps(sv, mv[j], _mm256_loadu_ps(o)));
+                _mm256_storeu_ps(o, updated);
+            }
+        }
+    }
+
+    /// `e^x` in each lane, as `exp_fast` for f32 (same reduction and polynomial) with fused
+    /// multiply-adds; NaN stays NaN.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        // max/min return their second operand when either is NaN: a NaN `x` passes through.
+        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.0), x));
+        let shifter = _mm256_set1_ps(12_582_912.0);
+        let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), shifter);
+        let n = _mm256_sub_ps(t, shifter);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+        let mut poly = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+        }
+        // 2^n from the low mantissa bits of `t`, as in `exp_fast`.
+        let bits = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B40_0000));
+        _mm256_mul_ps(poly, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+    }
+
+    /// `1 / (1 + e^z)` in each lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn neg_sigmoid(z: __m256) -> __m256 {
+        let one = _mm256_set1_ps(1.0);
+        _mm256_div_ps(one, _mm256_add_ps(one, exp(z)))
+    }
+
+    /// `max(−z, 0) + ln(1 + e^{−|z|})` in each lane; `ln(1 + y)` for `0 < y ≤ 1` as
+    /// `ln_1p_fast` for f32 (same reduction and series) with fused multiply-adds.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn neg_softplus(z: __m256) -> __m256 {
+        let (zero, one, half) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0), _mm256_set1_ps(0.5));
+        let minus_abs = _mm256_min_ps(z, _mm256_sub_ps(zero, z));
+        let y = exp(minus_abs);
+        let u = _mm256_add_ps(one, y);
+        let correction = _mm256_div_ps(_mm256_sub_ps(y, _mm256_sub_ps(u, one)), u);
+        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(u, _mm256_set1_ps(std::f32::consts::SQRT_2));
+        let m = _mm256_blendv_ps(u, _mm256_mul_ps(half, u), big);
+        let e = _mm256_and_ps(big, _mm256_set1_ps(std::f32::consts::LN_2));
+        let t = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
+        let t2 = _mm256_mul_ps(t, t);
+        let mut poly = _mm256_set1_ps(1.0 / 9.0);
+        for c in [1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
+            poly = _mm256_fmadd_ps(poly, t2, _mm256_set1_ps(c));
+        }
+        let ln = _mm256_add_ps(e, _mm256_fmadd_ps(_mm256_add_ps(t, t), poly, correction));
+        _mm256_add_ps(_mm256_max_ps(_mm256_sub_ps(zero, z), zero), ln)
+    }
+
+    /// `z_i ← f(z_i)`, eight at a time; the last few through a padded register.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn map_lanes(z: &mut [f32], f: unsafe fn(__m256) -> __m256) {
+        let mut chunks = z.chunks_exact_mut(8);
+        for c in &mut chunks {
+            _mm256_storeu_ps(c.as_mut_ptr(), f(_mm256_loadu_ps(c.as_ptr())));
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut pad = [0.0f32; 8];
+            pad[..rest.len()].copy_from_slice(rest);
+            _mm256_storeu_ps(pad.as_mut_ptr(), f(_mm256_loadu_ps(pad.as_ptr())));
+            rest.copy_from_slice(&pad[..rest.len()]);
         }
     }
 }
