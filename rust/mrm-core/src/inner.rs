@@ -4,8 +4,8 @@
 //! `g_p = −(1/n) Σ s_i d_i` (gradient in p), `g = J g_p` (gradient in w).
 
 use crate::error::{invalid, Result};
-use crate::real::{dot, softmax_into, softmax_jvp, Real};
-use crate::rows::RowOps;
+use crate::real::{dot, Real};
+use crate::rows::{AdamStep, RowOps};
 
 /// The inner optimiser.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -80,13 +80,6 @@ pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: us
     let total = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
     let n = T::of(n as f64);
     (total / n, T::of(correct as f64) / n)
-}
-
-/// Adam's bias corrections for step `t` (1-based): `(α / (1−β1^t), sqrt(1−β2^t))`.
-#[inline]
-fn adam_constants(lr: f64, beta1: f64, beta2: f64, t: usize) -> (f64, f64) {
-    let t = t as i32;
-    (lr / (1.0 - beta1.powi(t)), (1.0 - beta2.powi(t)).sqrt())
 }
 
 /// Per-thread scratch memory for one user at a time. Nothing here outlives a user.
@@ -168,9 +161,9 @@ impl<T: Real> Workspace<T> {
         v.fill(T::ZERO);
         let lr = T::of(inner.lr);
         for t in 0..steps {
-            softmax_into(w, p);
+            ops.softmax(w, p);
             pairs_pass(ops, support, k, p, gp, &mut self.rows);
-            softmax_jvp(p, gp, g);
+            ops.softmax_jvp(p, gp, g);
             if record {
                 self.tr_s[t * n..(t + 1) * n].copy_from_slice(&self.rows);
                 self.tr_p[t * k..(t + 1) * k].copy_from_slice(p);
@@ -184,14 +177,7 @@ impl<T: Real> Workspace<T> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let (c1, c2) = adam_constants(inner.lr, beta1, beta2, t + 1);
-                    let (c1, c2, b1, b2, eps) = (T::of(c1), T::of(c2), T::of(beta1), T::of(beta2), T::of(eps));
-                    let moments = m.iter_mut().zip(v.iter_mut());
-                    for ((wj, (mj, vj)), &gj) in w.iter_mut().zip(moments).zip(g.iter()) {
-                        *mj = b1 * *mj + (T::ONE - b1) * gj;
-                        *vj = b2 * *vj + (T::ONE - b2) * gj * gj;
-                        *wj -= c1 * *mj / (vj.sqrt() / c2 + eps);
-                    }
+                    ops.adam_step(&AdamStep::new(inner.lr, beta1, beta2, eps, t + 1), w, m, v, g);
                     if record {
                         self.tr_m[t * k..(t + 1) * k].copy_from_slice(m);
                         self.tr_v[t * k..(t + 1) * k].copy_from_slice(v);
@@ -204,14 +190,14 @@ impl<T: Real> Workspace<T> {
     /// Support loss at `w` (0 for a user without support pairs).
     #[inline(always)]
     pub(crate) fn support_loss<R: RowOps<T>>(&mut self, ops: R, w: &[T], support: &[T], k: usize) -> T {
-        softmax_into(w, &mut self.p);
+        ops.softmax(w, &mut self.p);
         loss_and_accuracy(ops, support, k, &self.p, &mut self.rows).0
     }
 
     /// Query loss and accuracy at `w`.
     #[inline(always)]
     pub(crate) fn query_metrics<R: RowOps<T>>(&mut self, ops: R, w: &[T], query: &[T], k: usize) -> (T, T) {
-        softmax_into(w, &mut self.p);
+        ops.softmax(w, &mut self.p);
         loss_and_accuracy(ops, query, k, &self.p, &mut self.rows)
     }
 
@@ -242,7 +228,7 @@ impl<T: Real> Workspace<T> {
         self.adapt(ops, grad_w0, support, k, inner, true);
 
         // Query: L_q = mean_j softplus(−q_j·p_T); ∂/∂q_j = −(1/m) s_j p_T; ∂/∂w_T = J g_p.
-        softmax_into(grad_w0, &mut self.p);
+        ops.softmax(grad_w0, &mut self.p);
         let scale = -grad_loss / T::of(m_q as f64);
         ops.margins(query, k, &self.p, &mut self.rows);
         ops.neg_sigmoids(&mut self.rows);
@@ -256,7 +242,7 @@ impl<T: Real> Workspace<T> {
         for x in self.gp.iter_mut() {
             *x *= scale;
         }
-        softmax_jvp(&self.p, &self.gp, &mut self.lam);
+        ops.softmax_jvp(&self.p, &self.gp, &mut self.lam);
         grad_support.fill(T::ZERO);
 
         if first_order || steps == 0 {
@@ -276,27 +262,9 @@ impl<T: Real> Workspace<T> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let (c1, c2) = adam_constants(inner.lr, beta1, beta2, t + 1);
-                    let (c1, c2, b1, b2, eps) = (T::of(c1), T::of(c2), T::of(beta1), T::of(beta2), T::of(eps));
-                    let (m, v, g) = (&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]);
-                    let adjoints = self.lam_m.iter_mut().zip(self.lam_v.iter_mut()).zip(self.lam_g.iter_mut());
-                    let recorded = self.lam.iter().zip(m).zip(v).zip(g);
-                    for (((lm, lv), lg), (((&lam, &mj), &vj), &gj)) in adjoints.zip(recorded) {
-                        // w_t = w_{t−1} − c1 m / (sqrt(v)/c2 + ε)
-                        let root = vj.sqrt();
-                        let denom = root / c2 + eps;
-                        let lam_m = *lm - lam * c1 / denom;
-                        // ∂w/∂v = c1 m / (denom² · 2 c2 sqrt(v)); at v = 0 also m = 0: limit 0.
-                        let dw_dv = if root > T::ZERO {
-                            c1 * mj / (denom * denom * T::of(2.0) * c2 * root)
-                        } else {
-                            T::ZERO
-                        };
-                        let lam_v = *lv + lam * dw_dv;
-                        *lg = (T::ONE - b1) * lam_m + T::of(2.0) * (T::ONE - b2) * gj * lam_v;
-                        *lm = b1 * lam_m;
-                        *lv = b2 * lam_v;
-                    }
+                    let step = AdamStep::new(inner.lr, beta1, beta2, eps, t + 1);
+                    let recorded = [&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]];
+                    ops.adam_adjoint(&step, &self.lam, recorded, &mut self.lam_m, &mut self.lam_v, &mut self.lam_g);
                 }
             }
             // λ_{w,t−1} = λ_{w,t} + H_t λ_g, and each support row gets ∂(λ_g · g_t)/∂d_i.
@@ -344,7 +312,7 @@ pub(crate) fn hvp_and_row_grads<T: Real, R: RowOps<T>>(
     let inv_n = T::ONE / T::of((rows.len() / k) as f64);
     let mu = &mut tmp[..k];
     let (p, gp, lam) = (&p[..k], &gp[..k], &lam[..k]);
-    softmax_jvp(p, lam, mu);
+    ops.softmax_jvp(p, lam, mu);
     // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
     ops.margins(rows, k, mu, c_vals);
     for (c, &s) in c_vals.iter_mut().zip(s_vals) {
@@ -358,12 +326,13 @@ pub(crate) fn hvp_and_row_grads<T: Real, R: RowOps<T>>(
     for ((a, &gpj), &lj) in a_mu[..k].iter_mut().zip(gp).zip(lam) {
         *a = (gpj - p_gp) * lj - gpj * p_lam + inv_n * *a;
     }
-    softmax_jvp(p, &a_mu[..k], hvp);
+    ops.softmax_jvp(p, &a_mu[..k], hvp);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::real::{softmax_into, softmax_jvp};
     use crate::rows::Portable;
 
     /// ∇_w L at `w` through the closed forms (g = J g_p).
