@@ -105,6 +105,9 @@ pub(crate) struct Workspace<T> {
     tr_s: Vec<T>,
     /// Per-row scratch: `s_i` of the current step when no trajectory is kept, margins.
     rows: Vec<T>,
+    /// Adam's constants of every step, for the inner loop `adam_for`.
+    adam: Vec<AdamStep<T>>,
+    adam_for: Option<InnerLoop>,
 }
 
 /// Gives `buf` length `len`. Its values are left as they are: every buffer is written before it
@@ -121,7 +124,7 @@ impl<T: Real> Default for Workspace<T> {
         Workspace {
             p: e(), gp: e(), g: e(), m: e(), v: e(), lam: e(), lam_m: e(), lam_v: e(), lam_g: e(),
             mu: e(), a_mu: e(), tmp: e(), tr_p: e(), tr_gp: e(), tr_g: e(), tr_m: e(),
-            tr_v: e(), tr_s: e(), rows: e(),
+            tr_v: e(), tr_s: e(), rows: e(), adam: Vec::new(), adam_for: None,
         }
     }
 }
@@ -153,6 +156,10 @@ impl<T: Real> Workspace<T> {
         let n = support.len() / k;
         let steps = if n == 0 { 0 } else { inner.steps };
         self.prepare(k, steps, n, record);
+        if let (Optimizer::Adam { beta1, beta2, eps }, false) = (inner.optimizer, self.adam_for == Some(*inner)) {
+            self.adam = (1..=inner.steps).map(|t| AdamStep::new(inner.lr, beta1, beta2, eps, t)).collect();
+            self.adam_for = Some(*inner);
+        }
         // K-wide slices of a length the compiler knows when `ops` has a compile-time width.
         let k = ops.width(k);
         let w = &mut w[..k];
@@ -176,8 +183,8 @@ impl<T: Real> Workspace<T> {
                         *wi -= lr * gi;
                     }
                 }
-                Optimizer::Adam { beta1, beta2, eps } => {
-                    ops.adam_step(&AdamStep::new(inner.lr, beta1, beta2, eps, t + 1), w, m, v, g);
+                Optimizer::Adam { .. } => {
+                    ops.adam_step(&self.adam[t], w, m, v, g);
                     if record {
                         self.tr_m[t * k..(t + 1) * k].copy_from_slice(m);
                         self.tr_v[t * k..(t + 1) * k].copy_from_slice(v);
@@ -233,12 +240,7 @@ impl<T: Real> Workspace<T> {
         ops.margins(query, k, &self.p, &mut self.rows);
         ops.neg_sigmoids(&mut self.rows);
         ops.weighted_row_sums(query, k, &self.rows, &mut self.gp);
-        for (out, &s) in grad_query.chunks_exact_mut(k).zip(&self.rows) {
-            let a = scale * s;
-            for (o, &pj) in out.iter_mut().zip(&self.p) {
-                *o = a * pj;
-            }
-        }
+        ops.outer(grad_query, k, scale, &self.rows, &self.p);
         for x in self.gp.iter_mut() {
             *x *= scale;
         }
@@ -261,8 +263,8 @@ impl<T: Real> Workspace<T> {
                         *lg = -lr * lam;
                     }
                 }
-                Optimizer::Adam { beta1, beta2, eps } => {
-                    let step = AdamStep::new(inner.lr, beta1, beta2, eps, t + 1);
+                Optimizer::Adam { .. } => {
+                    let step = self.adam[t];
                     let recorded = [&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]];
                     ops.adam_adjoint(&step, &self.lam, recorded, &mut self.lam_m, &mut self.lam_v, &mut self.lam_g);
                 }

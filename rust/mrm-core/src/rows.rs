@@ -70,6 +70,19 @@ pub trait RowOps<T: Real>: Copy {
         }
     }
 
+    /// `out_i = (a s_i) p` for every row `out_i` of `out` (one `s_i` per row).
+    #[inline(always)]
+    fn outer(self, out: &mut [T], k: usize, a: T, s: &[T], p: &[T]) {
+        let k = self.width(k);
+        let p = &p[..k];
+        for (row, &si) in out.chunks_exact_mut(k).zip(s) {
+            let scaled = a * si;
+            for (o, &pj) in row.iter_mut().zip(p) {
+                *o = scaled * pj;
+            }
+        }
+    }
+
     /// `out_i −= (a s_i) μ − (a c_i) p` for every row `out_i` of `out` (one `s_i`, `c_i` per row).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
@@ -252,8 +265,10 @@ pub mod avx2 {
         fn margins(self, rows: &[f32], k: usize, p: &[f32], z: &mut Vec<f32>) {
             assert!(k == 8 * C && p.len() >= k);
             let n = rows.len() / k;
-            z.clear();
-            z.resize(n, 0.0);
+            // Every value is written below: only the length needs setting.
+            if z.len() != n {
+                z.resize(n, 0.0);
+            }
             // SAFETY: the CPU has the features (an `F32Rows` holds a `Cpu`); every read is
             // inside `rows` (n rows of 8 C) or `p` (8 C), every store inside `z` (n values).
             unsafe { margins::<C>(&rows[..k * n], p, z) }
@@ -303,6 +318,15 @@ pub mod avx2 {
             let (lam, lam_m, lam_v, lam_g) = (&lam[..8 * C], &mut lam_m[..8 * C], &mut lam_v[..8 * C], &mut lam_g[..8 * C]);
             // SAFETY: as in `softmax`.
             unsafe { adam_adjoint::<C>(c, lam, [m, v, g], lam_m, lam_v, lam_g) }
+        }
+
+        #[inline(always)]
+        fn outer(self, out: &mut [f32], k: usize, a: f32, s: &[f32], p: &[f32]) {
+            assert!(k == 8 * C && p.len() >= k);
+            let n = (out.len() / k).min(s.len());
+            // SAFETY: the CPU has the features; writes stay inside the n rows of `out`, reads
+            // inside `s` (n values) and `p` (8 C).
+            unsafe { outer::<C>(&mut out[..k * n], a, &s[..n], &p[..k]) }
         }
 
         #[inline(always)]
@@ -376,18 +400,26 @@ pub mod avx2 {
     unsafe fn weighted_row_sums<const C: usize>(rows: &[f32], x: &[f32], out: &mut [f32]) {
         // Four independent accumulator sets hide the latency of the multiply-adds.
         const SETS: usize = 4;
-        let (n, r) = (x.len(), rows.as_ptr());
+        let (n, r, xs) = (x.len(), rows.as_ptr(), x.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); C]; SETS];
         let mut i = 0;
-        while i < n {
-            for (j, set) in acc.iter_mut().enumerate().take(n - i) {
-                let xi = _mm256_set1_ps(*x.get_unchecked(i + j));
+        while i + SETS <= n {
+            for (j, set) in acc.iter_mut().enumerate() {
+                let xi = _mm256_broadcast_ss(&*xs.add(i + j));
                 let row = r.add(8 * C * (i + j));
                 for (c, a) in set.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(xi, _mm256_loadu_ps(row.add(8 * c)), *a);
                 }
             }
             i += SETS;
+        }
+        while i < n {
+            let xi = _mm256_broadcast_ss(&*xs.add(i));
+            let row = r.add(8 * C * i);
+            for (c, a) in acc[0].iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(xi, _mm256_loadu_ps(row.add(8 * c)), *a);
+            }
+            i += 1;
         }
         let [a0, a1, a2, a3] = acc;
         for (c, (((x0, x1), x2), x3)) in a0.into_iter().zip(a1).zip(a2).zip(a3).enumerate() {
@@ -520,6 +552,20 @@ pub mod avx2 {
         }
     }
 
+    /// `out_i = (a s_i) p` over rows of 8 C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn outer<const C: usize>(out: &mut [f32], a: f32, s: &[f32], p: &[f32]) {
+        let pv = load::<C>(p);
+        let (o, sp, av) = (out.as_mut_ptr(), s.as_ptr(), _mm256_set1_ps(a));
+        for i in 0..s.len() {
+            let scaled = _mm256_mul_ps(av, _mm256_broadcast_ss(&*sp.add(i)));
+            for (j, &pj) in pv.iter().enumerate() {
+                _mm256_storeu_ps(o.add(8 * C * i + 8 * j), _mm256_mul_ps(scaled, pj));
+            }
+        }
+    }
+
     /// `out_i −= (a s_i) μ − (a c_i) p` by two fused multiply-adds per register.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -529,12 +575,15 @@ pub mod avx2 {
             mv[j] = _mm256_loadu_ps(mu.as_ptr().add(8 * j));
             pv[j] = _mm256_loadu_ps(p.as_ptr().add(8 * j));
         }
-        for ((row, &si), &ci) in out.chunks_exact_mut(8 * C).zip(s).zip(c) {
-            let (sv, cv) = (_mm256_set1_ps(a * si), _mm256_set1_ps(a * ci));
+        let (o, sp, cp) = (out.as_mut_ptr(), s.as_ptr(), c.as_ptr());
+        let av = _mm256_set1_ps(a);
+        for i in 0..s.len() {
+            let sv = _mm256_mul_ps(av, _mm256_broadcast_ss(&*sp.add(i)));
+            let cv = _mm256_mul_ps(av, _mm256_broadcast_ss(&*cp.add(i)));
             for j in 0..C {
-                let o = row.as_mut_ptr().add(8 * j);
-                let updated = _mm256_fmadd_ps(cv, pv[j], _mm256_fnmadd_ps(sv, mv[j], _mm256_loadu_ps(o)));
-                _mm256_storeu_ps(o, updated);
+                let at = o.add(8 * C * i + 8 * j);
+                let updated = _mm256_fmadd_ps(cv, pv[j], _mm256_fnmadd_ps(sv, mv[j], _mm256_loadu_ps(at)));
+                _mm256_storeu_ps(at, updated);
             }
         }
     }
