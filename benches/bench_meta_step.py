@@ -140,6 +140,20 @@ def memory_floor(n_users, dtype, seed, threads, repeats=5):
     return statistics.median(times)
 
 
+def adapt_alone(n_users, optimizer, dtype, seed, threads, repeats=3):
+    """Median seconds of ``mrm.ops.adapt`` (the inner loop alone, no losses) for ``n_users``."""
+    import mrm
+
+    w0, support, support_offsets, _, _ = make_inputs(n_users, dtype, seed)
+    hyper = dict(steps=STEPS, lr=LR[optimizer], optimizer=optimizer, betas=BETAS, eps=EPS)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mrm.ops.adapt(w0, support, support_offsets, num_threads=threads, **hyper)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def repeats_for(n_users, requested):
     if requested:
         return requested
@@ -589,6 +603,10 @@ def main(argv=None):
         print(f"\nmemory floor at {floor_users:,} users: {fmt_s(floor)} to copy the inputs once into fresh "
               f"gradient-sized arrays on {threads} threads (fwd+bwd reads its inputs and writes gradients as "
               f"large){bound}")
+    most = max(users)
+    alone = ", ".join(f"{opt} {fmt_s(adapt_alone(most, opt, args.dtype, args.seed, threads))}"
+                      for opt in optimizers)
+    print(f"\nadaptation alone (mrm.ops.adapt, no losses) at {most:,} users: {alone}")
     loads = [r["loadavg_1min_after"] for r in results if "loadavg_1min_after" in r]
     print(f"\nthreads: {threads} (machine: {info['cpus_usable']} usable CPUs); 1-min load average "
           f"after the measurements: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} "
