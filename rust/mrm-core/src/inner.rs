@@ -105,7 +105,7 @@ pub(crate) struct Workspace<T> {
     tr_s: Vec<T>,
     /// Per-row scratch: `s_i` of the current step when no trajectory is kept, margins.
     rows: Vec<T>,
-    /// Adam's constants of every step, for the inner loop `adam_for`.
+    /// Adam's constants of the first [`ADAM_TABLE`] steps, for the inner loop `adam_for`.
     adam: Vec<AdamStep<T>>,
     adam_for: Option<InnerLoop>,
 }
@@ -126,6 +126,18 @@ impl<T: Real> Default for Workspace<T> {
             mu: e(), a_mu: e(), tmp: e(), tr_p: e(), tr_gp: e(), tr_g: e(), tr_m: e(),
             tr_v: e(), tr_s: e(), rows: e(), adam: Vec::new(), adam_for: None,
         }
+    }
+}
+
+/// Steps whose Adam constants a workspace keeps (later ones are computed when needed).
+const ADAM_TABLE: usize = 64;
+
+/// Adam's constants of step `t` (0-based): from `table` when it has them.
+#[inline(always)]
+fn adam_constants<T: Real>(table: &[AdamStep<T>], lr: f64, betas: (f64, f64), eps: f64, t: usize) -> AdamStep<T> {
+    match table.get(t) {
+        Some(&step) => step,
+        None => AdamStep::new(lr, betas.0, betas.1, eps, t + 1),
     }
 }
 
@@ -156,8 +168,9 @@ impl<T: Real> Workspace<T> {
         let n = support.len() / k;
         let steps = if n == 0 { 0 } else { inner.steps };
         self.prepare(k, steps, n, record);
-        if let (Optimizer::Adam { beta1, beta2, eps }, false) = (inner.optimizer, self.adam_for == Some(*inner)) {
-            self.adam = (1..=inner.steps).map(|t| AdamStep::new(inner.lr, beta1, beta2, eps, t)).collect();
+        if let (Optimizer::Adam { beta1, beta2, eps }, true) = (inner.optimizer, steps > 0 && self.adam_for != Some(*inner)) {
+            let table = inner.steps.min(ADAM_TABLE);
+            self.adam = (1..=table).map(|t| AdamStep::new(inner.lr, beta1, beta2, eps, t)).collect();
             self.adam_for = Some(*inner);
         }
         // K-wide slices of a length the compiler knows when `ops` has a compile-time width.
@@ -183,8 +196,9 @@ impl<T: Real> Workspace<T> {
                         *wi -= lr * gi;
                     }
                 }
-                Optimizer::Adam { .. } => {
-                    ops.adam_step(&self.adam[t], w, m, v, g);
+                Optimizer::Adam { beta1, beta2, eps } => {
+                    let step = adam_constants(&self.adam, inner.lr, (beta1, beta2), eps, t);
+                    ops.adam_step(&step, w, m, v, g);
                     if record {
                         self.tr_m[t * k..(t + 1) * k].copy_from_slice(m);
                         self.tr_v[t * k..(t + 1) * k].copy_from_slice(v);
@@ -263,8 +277,8 @@ impl<T: Real> Workspace<T> {
                         *lg = -lr * lam;
                     }
                 }
-                Optimizer::Adam { .. } => {
-                    let step = self.adam[t];
+                Optimizer::Adam { beta1, beta2, eps } => {
+                    let step = adam_constants(&self.adam, inner.lr, (beta1, beta2), eps, t);
                     let recorded = [&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]];
                     ops.adam_adjoint(&step, &self.lam, recorded, &mut self.lam_m, &mut self.lam_v, &mut self.lam_g);
                 }

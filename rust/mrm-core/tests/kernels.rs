@@ -72,6 +72,8 @@ fn inner_loops() -> Vec<InnerLoop> {
     vec![
         InnerLoop { steps: 4, lr: 0.5, optimizer: Optimizer::Sgd },
         InnerLoop { steps: 4, lr: 0.05, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } },
+        // More steps than a workspace keeps Adam constants for (64).
+        InnerLoop { steps: 70, lr: 0.01, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } },
     ]
 }
 
@@ -186,6 +188,23 @@ fn deferred_value_checks_give_the_up_front_error() {
             assert_eq!(got.unwrap_err(), want);
         }
     }
+}
+
+/// A huge Adam step count costs nothing for users without support pairs (their weights stay at
+/// the start) and allocates nothing in proportion to it.
+#[test]
+fn huge_adam_step_count_without_support_pairs_returns_the_start() {
+    let (k, n) = (8, 3);
+    let p = pool(2);
+    let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
+    let offsets = vec![0i64; n + 1];
+    let s = Csr::new("support", &[] as &[f32], &offsets, k).unwrap();
+    let inner = InnerLoop { steps: 1 << 60, lr: 0.1, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } };
+    let w0: Vec<f32> = (0..k).map(|j| j as f32 * 0.25).collect();
+    let mut w = vec![0.0f32; n * k];
+    let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
+    forward(Start::Shared(&w0), s, None, &inner, out, &ctl).unwrap();
+    assert!(w.chunks_exact(k).all(|row| row == w0.as_slice()));
 }
 
 proptest! {
