@@ -107,3 +107,58 @@ def test_gil_is_released_during_kernel_calls():
         done.wait(0.001)
     worker.join()
     assert ticks > 20
+
+
+_PORTABLE_RUN = """
+import sys
+import numpy as np
+from mrm import ops
+data = dict(np.load(sys.argv[1]))
+grad_losses = data.pop("grad_losses")
+hyper = dict(steps=3, lr=0.1, optimizer="sgd")
+out = ops.meta_forward(**data, **hyper)
+grads = ops.meta_backward(**data, grad_losses=grad_losses, **hyper)
+np.savez(sys.argv[2], losses=out.losses, weights=out.weights, grad_w0=grads[0],
+         grad_support=grads[1], grad_query=grads[2])
+"""
+
+
+def _has_avx2_and_fma():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.parametrize("k", [8, 16])
+def test_portable_kernels_switch(tmp_path, k):
+    """MRM_PORTABLE_KERNELS=1 turns the hand-vectorised float32 kernels off: the results agree with
+    the default ones to rounding, and (on a CPU that has AVX2 and FMA) are not the same bits."""
+    import subprocess
+    import sys
+
+    data = workload(n_users=3000, k=k, seed=4)
+    grad_losses = np.linspace(0.5, 1.5, len(data["support_offsets"]) - 1).astype(np.float32)
+    np.savez(tmp_path / "in.npz", grad_losses=grad_losses, **data)
+    results = {}
+    for flag in ("0", "1"):
+        env = dict(__import__("os").environ, MRM_PORTABLE_KERNELS=flag)
+        subprocess.run([sys.executable, "-c", _PORTABLE_RUN, str(tmp_path / "in.npz"), str(tmp_path / f"{flag}.npz")],
+                       env=env, check=True)
+        results[flag] = np.load(tmp_path / f"{flag}.npz")
+    differs = False
+    for name in results["0"].files:
+        fast, portable = results["0"][name], results["1"][name]
+        np.testing.assert_allclose(fast, portable, rtol=2e-4, atol=1e-6 * np.abs(portable).max(), err_msg=name)
+        differs |= not np.array_equal(fast, portable)
+    if _has_avx2_and_fma():
+        assert differs, "MRM_PORTABLE_KERNELS=1 gave the same bits as the hand-vectorised kernels"
+
+
+def test_portable_kernels_bad_value(monkeypatch):
+    monkeypatch.setenv("MRM_PORTABLE_KERNELS", "yes")
+    data = workload(n_users=10)
+    with pytest.raises(ValueError, match="MRM_PORTABLE_KERNELS must be 0 or 1"):
+        ops.adapt(data["w0"], data["support"], data["support_offsets"], steps=1, lr=0.1)

@@ -5,7 +5,10 @@ user ``u`` owning rows ``offsets[u]:offsets[u + 1]``. A row is a pair difference
 ``d = φ(chosen) − φ(rejected)``. float32 and float64 are both supported, never mixed in one call.
 Arrays that are not C-contiguous are copied once. The GIL is released while the kernels run, on
 a private thread pool of ``num_threads`` threads (else ``$MRM_NUM_THREADS``, else every CPU).
-Results are bit-identical for any thread count.
+Results are bit-identical for any thread count. On x86-64 CPUs with AVX2 and FMA, float32 rows of
+K = 8, 16, 32 or 64 run hand-vectorised kernels, whose results differ from other CPUs' by rounding;
+``MRM_PORTABLE_KERNELS=1`` (read at the first kernel call) turns them off, for the same bits on
+every CPU.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ class MetaForward:
 
 
 def resolve_threads(num_threads: Optional[int]) -> int:
-    """Thread count: the argument, else ``$MRM_NUM_THREADS``, else the CPUs this process may use."""
+    """Thread count: the argument, else ``$MRM_NUM_THREADS``, else the CPUs this process may use.
+    Also checks ``$MRM_PORTABLE_KERNELS``, which every kernel call reads through here."""
+    portable = os.environ.get("MRM_PORTABLE_KERNELS", "").strip()
+    if portable not in ("", "0", "1"):
+        raise ValueError(f"MRM_PORTABLE_KERNELS must be 0 or 1, got {portable!r}")
     if num_threads is None:
         env = os.environ.get("MRM_NUM_THREADS", "").strip()
         if env:

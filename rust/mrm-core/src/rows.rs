@@ -142,9 +142,13 @@ pub trait WithRowOps<T: Real> {
 /// Runs `job` with the fastest row kernels for rows of width `k` of type `T` on this CPU.
 #[inline]
 pub fn with_row_ops<T: Real, J: WithRowOps<T>>(k: usize, job: J) -> J::Output {
-    let job = match T::run_accelerated(k, job) {
-        Ok(out) => return out,
-        Err(job) => job,
+    let job = if hand_vectorised_allowed() {
+        match T::run_accelerated(k, job) {
+            Ok(out) => return out,
+            Err(job) => job,
+        }
+    } else {
+        job
     };
     match k {
         2 => run_portable(Portable::<2>, job),
@@ -153,6 +157,14 @@ pub fn with_row_ops<T: Real, J: WithRowOps<T>>(k: usize, job: J) -> J::Output {
         16 => run_portable(Portable::<16>, job),
         _ => run_portable(Portable::<0>, job),
     }
+}
+
+/// Whether the hand-vectorised kernels may run: not when the environment variable
+/// `MRM_PORTABLE_KERNELS` is `1` (read once per process, at the first kernel call). With it,
+/// results are the same bits on every x86-64 CPU, AVX2 or not, at some cost in speed.
+fn hand_vectorised_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("MRM_PORTABLE_KERNELS").map_or(true, |v| v.trim() != "1"))
 }
 
 /// Runs `job` with portable kernels, compiled for AVX2 + FMA where the CPU has them. The plain
