@@ -244,3 +244,51 @@ def test_pair_differences_bad_input():
     with pytest.raises((ValueError, MemoryError)):
         ops.pair_differences_backward(np.ones((0, 2), np.float32), [], [], 2**62)
     assert ops.pair_differences(features, [], []).shape == (0, 2)
+
+
+def _backward_out(data, **hyper):
+    return ops.meta_backward(*data.values(), np.ones(2), steps=2, lr=0.1, **hyper)
+
+
+def test_backward_out_buffers_are_written_and_returned():
+    data = good()
+    want = _backward_out(data)
+    out = tuple(np.full_like(data[name], np.nan) for name in ("w0", "support", "query"))
+    got = _backward_out(data, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    per_user = {**data, "w0": np.zeros((2, K))}
+    out = tuple(np.empty_like(per_user[name]) for name in ("w0", "support", "query"))
+    for g, w in zip(_backward_out(per_user, out=out), _backward_out(per_user)):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize(
+    "which,buffer,error,match",
+    [
+        (1, np.zeros((4, K)), ValueError, r"out\[1\] must have the shape of support \(5, 3\)"),
+        (2, np.zeros((4, K), dtype=np.float32), TypeError, r"out\[2\] must have dtype float64"),
+        (1, np.zeros((K, 5)).T, ValueError, r"out\[1\] must be C-contiguous"),
+        (0, [0.0, 0.0, 0.0], TypeError, r"out\[0\] must be a numpy array"),
+    ],
+)
+def test_backward_out_bad_buffers(which, buffer, error, match):
+    data = good()
+    out = [np.empty_like(data[name]) for name in ("w0", "support", "query")]
+    out[which] = buffer
+    with pytest.raises(error, match=match):
+        _backward_out(data, out=tuple(out))
+
+
+def test_backward_out_read_only_or_sharing_an_input():
+    data = good()
+    out = [np.empty_like(data[name]) for name in ("w0", "support", "query")]
+    out[2].flags.writeable = False
+    with pytest.raises(ValueError, match=r"out\[2\] must be writeable"):
+        _backward_out(data, out=tuple(out))
+    out = (np.empty_like(data["w0"]), data["support"], np.empty_like(data["query"]))
+    with pytest.raises(ValueError, match=r"out\[1\] must not share memory with an input array"):
+        _backward_out(data, out=out)
+    with pytest.raises(TypeError, match="out must be a tuple of 3 arrays"):
+        _backward_out(data, out=out[:2])

@@ -245,6 +245,7 @@ def meta_backward(
     eps: float = 1e-8,
     first_order: bool = False,
     num_threads: Optional[int] = None,
+    out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact gradient of ``Σ_u grad_losses[u] · L_u`` (``L_u`` as in :func:`meta_forward`).
 
@@ -252,6 +253,10 @@ def meta_backward(
     over users when ``w0`` is shared), the others the shapes of ``support`` and ``query``.
     The inner trajectory is recomputed, not stored. ``first_order=True`` treats the inner
     gradients as constants (FOMAML): support rows then get a zero gradient.
+
+    ``out``: three writeable C-contiguous arrays of those shapes and the inputs' dtype, written
+    and returned instead of new ones (a training loop can then reuse its gradient memory). They
+    must not share memory with any input.
     """
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(
         w0, support, support_offsets, query, query_offsets
@@ -263,10 +268,31 @@ def meta_backward(
             f"grad_losses has {grad_losses.shape[0]} entries but there are {len(support_offsets) - 1} users"
         )
     hyper = _hyper(steps, lr, optimizer, betas, eps)
+    if out is not None:
+        out = _gradient_buffers(out, dtype, w0=w0, support=support, query=query)
     return _kernel("backward", dtype)(
         w0, support, support_offsets, query, query_offsets, grad_losses, *hyper, bool(first_order),
-        resolve_threads(num_threads),
+        resolve_threads(num_threads), out,
     )
+
+
+def _gradient_buffers(out, dtype: np.dtype, **like: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checks ``meta_backward``'s ``out``: one writeable C-contiguous array per gradient, each
+    with the shape of its input (``like``, in order) and ``dtype``."""
+    if not isinstance(out, (tuple, list)) or len(out) != len(like):
+        raise TypeError(f"out must be a tuple of {len(like)} arrays (grad_w0, grad_support, grad_query)")
+    for i, (buffer, (name, array)) in enumerate(zip(out, like.items())):
+        if not isinstance(buffer, np.ndarray):
+            raise TypeError(f"out[{i}] must be a numpy array, got {type(buffer).__name__}")
+        if buffer.dtype != dtype:
+            raise TypeError(f"out[{i}] must have dtype {dtype} like the inputs, got {buffer.dtype}")
+        if buffer.shape != array.shape:
+            raise ValueError(f"out[{i}] must have the shape of {name} {array.shape}, got {buffer.shape}")
+        if not buffer.flags.c_contiguous:
+            raise ValueError(f"out[{i}] must be C-contiguous")
+        if not buffer.flags.writeable:
+            raise ValueError(f"out[{i}] must be writeable")
+    return tuple(out)
 
 
 def rpo(losses, tail: float, gamma: float) -> Tuple[float, np.ndarray]:

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use mrm_core::{Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
 use numpy::ndarray::{Array1, Array2};
 use numpy::{
-    Element, IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
+    Element, IntoPyArray, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
     PyReadwriteArray2, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyValueError};
@@ -123,6 +123,8 @@ fn matrix<T: Element>(values: Vec<T>, rows: usize, cols: usize) -> PyResult<Arra
 
 type Forward<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 type Backward<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+/// Caller-given gradient buffers: grad_w0 (the shape of w0), grad_support, grad_query.
+type BackwardOut<'py, T> = (Bound<'py, PyArrayDyn<T>>, Bound<'py, PyArray2<T>>, Bound<'py, PyArray2<T>>);
 
 #[allow(clippy::too_many_arguments)]
 fn forward<'py, T: Real + Element>(
@@ -180,6 +182,7 @@ fn backward<'py, T: Real + Element>(
     inner: InnerLoop,
     first_order: bool,
     num_threads: usize,
+    out: Option<BackwardOut<'py, T>>,
 ) -> PyResult<Backward<'py>> {
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
@@ -187,34 +190,34 @@ fn backward<'py, T: Real + Element>(
     let query = csr(py, "query", &query, &query_offsets, &threads, false)?;
     let start = start(&w0)?;
     let grad_losses = slice("grad_losses", &grad_losses)?;
-    let mut grad_w0 = vec![T::ZERO; start_len(&start)];
-    // Outputs allocated by numpy, whose allocator asks the kernel for huge pages for large
-    // arrays: the first writes then cost a few page faults instead of one per 4 KiB.
-    let grad_support = PyArray2::<T>::zeros(py, [support.n_rows(), k], false);
-    let grad_query = PyArray2::<T>::zeros(py, [query.n_rows(), query.k], false);
-    {
-        let (mut gs, mut gq) = (grad_support.readwrite(), grad_query.readwrite());
-        let (gs, gq) = (slice_mut("grad_support", &mut gs)?, slice_mut("grad_query", &mut gq)?);
-        run(py, &threads, |ctl| {
-            mrm_core::backward(start, support, query, grad_losses, &inner, first_order, &mut grad_w0, gs, gq, ctl)
-        })?;
-    }
-    let grad_w0 = match start {
-        Start::Shared(_) => Array1::from_vec(grad_w0).into_pyarray(py).into_any(),
-        Start::PerUser(_) => matrix(grad_w0, support.n_users(), k)?.into_pyarray(py).into_any(),
+    let (grad_w0, grad_support, grad_query) = match out {
+        Some(buffers) => buffers,
+        None => {
+            let grad_w0 = PyArrayDyn::<T>::zeros(py, w0.shape(), false);
+            // Outputs allocated by numpy, whose allocator asks the kernel for huge pages for
+            // large arrays: the first writes then cost a few page faults instead of one per 4 KiB.
+            let grad_support = PyArray2::<T>::zeros(py, [support.n_rows(), k], false);
+            let grad_query = PyArray2::<T>::zeros(py, [query.n_rows(), query.k], false);
+            (grad_w0, grad_support, grad_query)
+        }
     };
-    Ok((grad_w0, grad_support.into_any(), grad_query.into_any()))
+    {
+        // A buffer that overlaps an input (already borrowed read-only) cannot be borrowed here.
+        let overlap = |name: &str| PyValueError::new_err(format!("{name} must not share memory with an input array"));
+        let mut gw = grad_w0.try_readwrite().map_err(|_| overlap("out[0]"))?;
+        let mut gs = grad_support.try_readwrite().map_err(|_| overlap("out[1]"))?;
+        let mut gq = grad_query.try_readwrite().map_err(|_| overlap("out[2]"))?;
+        let gw = gw.as_slice_mut().map_err(|_| PyValueError::new_err("out[0] must be C-contiguous"))?;
+        let (gs, gq) = (slice_mut("out[1]", &mut gs)?, slice_mut("out[2]", &mut gq)?);
+        run(py, &threads, |ctl| mrm_core::backward(start, support, query, grad_losses, &inner, first_order, gw, gs, gq, ctl))?;
+    }
+    Ok((grad_w0.into_any(), grad_support.into_any(), grad_query.into_any()))
 }
 
 fn slice_mut<'a, T: Element>(name: &str, array: &'a mut PyReadwriteArray2<'_, T>) -> PyResult<&'a mut [T]> {
     array.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
-fn start_len<T>(start: &Start<'_, T>) -> usize {
-    match start {
-        Start::Shared(w) | Start::PerUser(w) => w.len(),
-    }
-}
 
 fn rpo<'py, T: Real + Element>(
     py: Python<'py>,
@@ -302,7 +305,7 @@ macro_rules! entry_points {
         }
 
         #[pyfunction]
-        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, grad_losses, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads))]
+        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, grad_losses, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads, out=None))]
         #[allow(clippy::too_many_arguments)]
         fn $backward<'py>(
             py: Python<'py>,
@@ -320,9 +323,10 @@ macro_rules! entry_points {
             eps: f64,
             first_order: bool,
             num_threads: usize,
+            out: Option<BackwardOut<'py, $t>>,
         ) -> PyResult<Backward<'py>> {
             let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
-            backward(py, w0, support, support_offsets, query, query_offsets, grad_losses, inner, first_order, num_threads)
+            backward(py, w0, support, support_offsets, query, query_offsets, grad_losses, inner, first_order, num_threads, out)
         }
 
         #[pyfunction]
