@@ -117,6 +117,30 @@ def test_float32_close_to_float64(optimizer):
         assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("k", [5, 16, 32, 64])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_float32_close_to_float64_other_widths(optimizer, k):
+    """As above for other K: 16, 32 and 64 run the hand-vectorised float32 kernels on CPUs with
+    AVX2, 5 the portable ones. Users get at least 4 support pairs: with 1 or 2, Adam's first steps
+    divide by sqrt(v) of coordinates whose gradient is nearly 0, and float32 rounding (in either
+    kernel) is then amplified beyond 1e-4 in a few support-row gradients."""
+    rng = np.random.default_rng(11)
+    n_support, n_query = rng.integers(4, 40, size=50), rng.integers(1, 40, size=50)
+    s_off = np.concatenate([[0], np.cumsum(n_support)])
+    q_off = np.concatenate([[0], np.cumsum(n_query)])
+    support, query = rng.normal(size=(s_off[-1], k)), rng.normal(size=(q_off[-1], k))
+    w0, gl = rng.normal(scale=0.3, size=k), np.linspace(0.5, 1.5, 50)
+    kw = dict(steps=5, optimizer=optimizer, **HYPER[optimizer])
+    f64 = mrm.ops.meta_forward(w0, support, s_off, query, q_off, **kw)
+    g64 = mrm.ops.meta_backward(w0, support, s_off, query, q_off, gl, **kw)
+    narrow = [a.astype(np.float32) for a in (w0, support, query, gl)]
+    f32 = mrm.ops.meta_forward(narrow[0], narrow[1], s_off, narrow[2], q_off, **kw)
+    g32 = mrm.ops.meta_backward(narrow[0], narrow[1], s_off, narrow[2], q_off, narrow[3], **kw)
+    for a, b in [(f32.losses, f64.losses), (f32.weights, f64.weights), *zip(g32, g64)]:
+        assert a.dtype == np.float32
+        assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_score_matches_reference():
     rng = np.random.default_rng(3)
     offsets = np.array([0, 4, 4, 9])
