@@ -32,9 +32,8 @@ pub trait Real:
     /// the argument is clamped to that range (results below the smallest normal come out as
     /// about that number instead of smaller; inputs are finite here).
     fn exp_fast(self) -> Self;
-    fn ln_1p(self) -> Self;
     /// `ln(1 + x)` for `0 ≤ x ≤ 1` by range reduction and the series of `atanh`: no call and no
-    /// branch, so loops over it vectorise. Within a few ulp of `ln_1p` on that range.
+    /// branch, so loops over it vectorise. Within a few ulp of the standard `ln_1p` on that range.
     fn ln_1p_fast(self) -> Self;
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
@@ -69,10 +68,6 @@ macro_rules! impl_real {
             #[inline(always)]
             fn exp_fast(self) -> Self {
                 $exp_fast(self)
-            }
-            #[inline(always)]
-            fn ln_1p(self) -> Self {
-                <$t>::ln_1p(self)
             }
             #[inline(always)]
             fn ln_1p_fast(self) -> Self {

@@ -354,15 +354,6 @@ pub mod avx2 {
         }
     }
 
-    /// The sum of the eight lanes of `v`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn horizontal_sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
     /// Row `i` (of `8 C` values at `r`) times `p`, lane by lane, its `C` registers summed.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -401,7 +392,7 @@ pub mod avx2 {
             i += 8;
         }
         while i < n {
-            *out.add(i) = horizontal_sum(product(r, i, &pv));
+            *out.add(i) = _mm256_cvtss_f32(across_lanes(product(r, i, &pv), _mm256_add_ps));
             i += 1;
         }
     }

@@ -8,7 +8,7 @@ use mrm_core::{Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, 
 use numpy::ndarray::{Array1, Array2};
 use numpy::{
     Element, IntoPyArray, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
-    PyReadwriteArray2, PyUntypedArrayMethods,
+    PyReadwriteArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyValueError};
 use pyo3::prelude::*;
@@ -140,12 +140,7 @@ fn forward<'py, T: Real + Element>(
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
     let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
-    let query = match &query {
-        Some((q, qo)) => Some(
-            csr(py, "query", q, qo, &threads, false)?,
-        ),
-        None => None,
-    };
+    let query = query.as_ref().map(|(q, qo)| csr(py, "query", q, qo, &threads, false)).transpose()?;
     let start = start(&w0)?;
     let n_users = support.n_users();
     let mut weights = vec![T::ZERO; n_users * k];
@@ -207,17 +202,18 @@ fn backward<'py, T: Real + Element>(
         let mut gw = grad_w0.try_readwrite().map_err(|_| overlap("out[0]"))?;
         let mut gs = grad_support.try_readwrite().map_err(|_| overlap("out[1]"))?;
         let mut gq = grad_query.try_readwrite().map_err(|_| overlap("out[2]"))?;
-        let gw = gw.as_slice_mut().map_err(|_| PyValueError::new_err("out[0] must be C-contiguous"))?;
-        let (gs, gq) = (slice_mut("out[1]", &mut gs)?, slice_mut("out[2]", &mut gq)?);
+        let (gw, gs, gq) = (slice_mut("out[0]", &mut gw)?, slice_mut("out[1]", &mut gs)?, slice_mut("out[2]", &mut gq)?);
         run(py, &threads, |ctl| mrm_core::backward(start, support, query, grad_losses, &inner, first_order, gw, gs, gq, ctl))?;
     }
     Ok((grad_w0.into_any(), grad_support.into_any(), grad_query.into_any()))
 }
 
-fn slice_mut<'a, T: Element>(name: &str, array: &'a mut PyReadwriteArray2<'_, T>) -> PyResult<&'a mut [T]> {
+fn slice_mut<'a, T: Element, D: numpy::ndarray::Dimension>(
+    name: &str,
+    array: &'a mut PyReadwriteArray<'_, T, D>,
+) -> PyResult<&'a mut [T]> {
     array.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
-
 
 fn rpo<'py, T: Real + Element>(
     py: Python<'py>,
