@@ -1,5 +1,6 @@
 //! Single-process timing of the kernels without Python: best of several runs.
-//! `cargo run --release -p mrm-core --example kernel_timing -- [users] [threads] [K]`
+//! `cargo run --release -p mrm-core --example kernel_timing -- [users] [threads] [K] [steps]`
+//! (defaults 100000, 1, 8, 5); steps 0 leaves the part of each call that does not repeat per step.
 
 use std::time::Instant;
 
@@ -20,6 +21,7 @@ fn main() {
     let users = args.first().copied().unwrap_or(100_000);
     let threads = args.get(1).copied().unwrap_or(1);
     let (k, per_user) = (args.get(2).copied().unwrap_or(8), 32usize);
+    let steps = args.get(3).copied().unwrap_or(5);
     let mut seed = 1u64;
     let mut next = || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -41,7 +43,7 @@ fn main() {
         ("sgd", Optimizer::Sgd, 0.1),
         ("adam", Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 0.01),
     ] {
-        let inner = InnerLoop { steps: 5, lr, optimizer };
+        let inner = InnerLoop { steps, lr, optimizer };
         let (mut w, mut l, mut sl, mut a) = (vec![0.0; users * k], vec![0.0; users], vec![0.0; users], vec![0.0; users]);
         let adapt = best(5, || {
             let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
@@ -57,6 +59,6 @@ fn main() {
             backward(Start::Shared(&w0), s, q, &ones, &inner, false, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
         });
         let check: f64 = l.iter().map(|&x| x as f64).sum::<f64>() + gw.iter().map(|&x| x as f64).sum::<f64>();
-        println!("{name}: users {users} threads {threads} K {k}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  (checksum {check:.6})");
+        println!("{name}: users {users} threads {threads} K {k} steps {steps}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  (checksum {check:.6})");
     }
 }

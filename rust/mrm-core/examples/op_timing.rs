@@ -1,0 +1,66 @@
+//! Per-operation timing of the row kernels on one user's rows held in L1 (32 rows, K = 8, f32,
+//! the kernels this CPU runs): each operation repeated on its own, then one whole SGD step
+//! (softmax, margins, sigmoids, row sums, softmax Jacobian, update) repeated on the same user,
+//! where each step waits on the one before. The gap between the sum of the parts and the whole
+//! step is time spent waiting on dependencies, not on arithmetic.
+//! `cargo run --release -p mrm-core --example op_timing`
+use std::hint::black_box;
+use std::time::Instant;
+
+use mrm_core::rows::{with_row_ops, AdamStep, RowOps, WithRowOps};
+
+struct Job;
+impl WithRowOps<f32> for Job {
+    type Output = ();
+    fn run<R: RowOps<f32>>(self, ops: R) {
+        let (k, n, reps) = (8usize, 32usize, 2_000_000usize);
+        let mut seed = 1u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let rows: Vec<f32> = (0..n * k).map(|_| next()).collect();
+        let mut w: Vec<f32> = (0..k).map(|_| 0.1 * next()).collect();
+        let (mut p, mut gp, mut g, mut m, mut v) = (vec![0.0f32; k], vec![0.0f32; k], vec![0.0f32; k], vec![0.0f32; k], vec![0.0f32; k]);
+        let mut z: Vec<f32> = Vec::new();
+        let mut grad = vec![0.0f32; n * k];
+        let c = AdamStep::<f32>::new(0.01, 0.9, 0.999, 1e-8, 1);
+        let time = |name: &str, f: &mut dyn FnMut()| -> f64 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            let ns = t.elapsed().as_secs_f64() / reps as f64 * 1e9;
+            println!("{name:>16}: {ns:6.2} ns");
+            ns
+        };
+        ops.softmax(&w, &mut p);
+        ops.margins(&rows, k, &p, &mut z);
+        let mut parts = 0.0;
+        parts += time("softmax", &mut || { ops.softmax(black_box(&w), &mut p); black_box(&p); });
+        parts += time("margins", &mut || { ops.margins(black_box(&rows), k, black_box(&p), &mut z); black_box(&z); });
+        let z0 = z.clone();
+        parts += time("neg_sigmoids", &mut || { z.copy_from_slice(black_box(&z0)); ops.neg_sigmoids(&mut z); black_box(&z); });
+        time("neg_softplus", &mut || { z.copy_from_slice(black_box(&z0)); ops.neg_softplus(&mut z); black_box(&z); });
+        parts += time("row_sums", &mut || { ops.weighted_row_sums(black_box(&rows), k, black_box(&z0), &mut gp); black_box(&gp); });
+        parts += time("softmax_jvp", &mut || { ops.softmax_jvp(black_box(&p), black_box(&gp), &mut g); black_box(&g); });
+        time("adam_step", &mut || { ops.adam_step(&c, &mut w, &mut m, &mut v, black_box(&g)); black_box(&w); });
+        time("sub_rank2", &mut || { ops.sub_rank2(&mut grad, k, 0.1, black_box(&z0), black_box(&p), black_box(&z0), black_box(&g)); black_box(&grad); });
+        time("outer", &mut || { ops.outer(&mut grad, k, 0.1, black_box(&z0), black_box(&p)); black_box(&grad); });
+        let mut zz = z0.clone();
+        println!("{:>16}: {parts:6.2} ns (softmax, margins, sigmoids, row sums, Jacobian)", "parts of a step");
+        time("one sgd step", &mut || {
+            ops.softmax(black_box(&w), &mut p);
+            ops.margins(&rows, k, &p, &mut zz);
+            ops.neg_sigmoids(&mut zz);
+            ops.weighted_row_sums(&rows, k, &zz, &mut gp);
+            ops.softmax_jvp(&p, &gp, &mut g);
+            for (a, b) in w.iter_mut().zip(&g) { *a -= 0.001 * b; }
+            black_box(&w);
+        });
+    }
+}
+
+fn main() {
+    with_row_ops::<f32, _>(8, Job);
+}
