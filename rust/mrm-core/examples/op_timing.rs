@@ -36,6 +36,7 @@ impl WithRowOps<f32> for Job {
         };
         ops.softmax(&w, &mut p);
         ops.margins(&rows, k, &p, &mut z);
+        let mut zz = z.clone();
         let mut parts = 0.0;
         parts += time("softmax", &mut || { ops.softmax(black_box(&w), &mut p); black_box(&p); });
         parts += time("margins", &mut || { ops.margins(black_box(&rows), k, black_box(&p), &mut z); black_box(&z); });
@@ -47,8 +48,29 @@ impl WithRowOps<f32> for Job {
         time("adam_step", &mut || { ops.adam_step(&c, &mut w, &mut m, &mut v, black_box(&g)); black_box(&w); });
         time("sub_rank2", &mut || { ops.sub_rank2(&mut grad, k, 0.1, black_box(&z0), black_box(&p), black_box(&z0), black_box(&g)); black_box(&grad); });
         time("outer", &mut || { ops.outer(&mut grad, k, 0.1, black_box(&z0), black_box(&p)); black_box(&grad); });
-        let mut zz = z0.clone();
         println!("{:>16}: {parts:6.2} ns (softmax, margins, sigmoids, row sums, Jacobian)", "parts of a step");
+        time("chain: softmax", &mut || {
+            ops.softmax(black_box(&w), &mut p);
+            for (a, b) in w.iter_mut().zip(&p) { *a -= 0.001 * b; }
+        });
+        time("+ margins", &mut || {
+            ops.softmax(&w, &mut p);
+            ops.margins(&rows, k, &p, &mut zz);
+            w[0] -= 1e-6 * zz[31];
+        });
+        time("+ sigmoids", &mut || {
+            ops.softmax(&w, &mut p);
+            ops.margins(&rows, k, &p, &mut zz);
+            ops.neg_sigmoids(&mut zz);
+            w[0] -= 1e-6 * zz[31];
+        });
+        time("+ row sums", &mut || {
+            ops.softmax(&w, &mut p);
+            ops.margins(&rows, k, &p, &mut zz);
+            ops.neg_sigmoids(&mut zz);
+            ops.weighted_row_sums(&rows, k, &zz, &mut gp);
+            for (a, b) in w.iter_mut().zip(&gp) { *a -= 0.001 * b; }
+        });
         time("one sgd step", &mut || {
             ops.softmax(black_box(&w), &mut p);
             ops.margins(&rows, k, &p, &mut zz);
