@@ -6,7 +6,9 @@ use rayon::prelude::*;
 
 use crate::csr::{all_finite, check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
-use crate::inner::{loss_and_accuracy, InnerLoop, Workspace};
+use crate::group::{lane_values, Group, Members};
+use crate::inner::{loss_and_accuracy, InnerLoop};
+use crate::lanes::LANES;
 use crate::real::{softmax_into, Real};
 use crate::rows::{with_row_ops, RowOps, WithRowOps};
 
@@ -180,8 +182,8 @@ pub fn forward<T: Real>(
         let work: Vec<_> = blocks.iter().copied().zip(w_parts).zip(sl_parts).zip(l_parts).zip(a_parts).collect();
         let inputs_finite = ctl.pool.install(|| {
             work.into_par_iter()
-                .map_init(Workspace::<T>::default, |ws, ((((users, weights), support_losses), losses), accuracy)| {
-                    let block = ForwardBlock { ws, users, start: st, support: sup, query: qry, inner, weights, support_losses, losses, accuracy };
+                .map(|((((users, weights), support_losses), losses), accuracy)| {
+                    let block = ForwardBlock { users, start: st, support: sup, query: qry, inner, weights, support_losses, losses, accuracy };
                     with_row_ops(k, block)
                 })
                 .reduce(|| true, |a, b| a & b)
@@ -253,12 +255,9 @@ pub fn backward<T: Real>(
         let work: Vec<_> = blocks.iter().copied().zip(gs_parts).zip(gq_parts).zip(gw_parts).collect();
         let (inputs_finite, outputs_finite) = ctl.pool.install(|| {
             work.into_par_iter()
-                .map_init(
-                || (Workspace::<T>::default(), vec![T::ZERO; k]),
-                |(ws, user_grad), (((users, grad_support), grad_query), grad_w0)| {
+                .map(
+                |(((users, grad_support), grad_query), grad_w0)| {
                     let block = BackwardBlock {
-                        ws,
-                        user_grad,
                         users,
                         start: st,
                         support: sup,
@@ -297,7 +296,6 @@ pub fn backward<T: Real>(
 
 /// One block of users' forward work (users `users.0..users.1` of the chunk's batches).
 struct ForwardBlock<'a, 'd, T> {
-    ws: &'a mut Workspace<T>,
     users: (usize, usize),
     start: Start<'d, T>,
     support: Csr<'d, T>,
@@ -309,6 +307,38 @@ struct ForwardBlock<'a, 'd, T> {
     accuracy: Option<&'a mut [T]>,
 }
 
+/// The group of up to [`LANES`] consecutive users of the block from `lo` on (before `end`):
+/// the members and their user indices. A user with a non-finite row gets no rows (it is
+/// skipped, and the call ends in an error naming it) and clears `inputs_finite`.
+#[inline(always)]
+fn group_at<'d, T: Real>(
+    lo: usize,
+    end: usize,
+    start: Start<'d, T>,
+    support: Csr<'d, T>,
+    query: Option<Csr<'d, T>>,
+    inputs_finite: &mut bool,
+) -> (Members<'d, T>, std::ops::Range<usize>) {
+    let k = support.k;
+    let hi = (lo + LANES).min(end);
+    let mut members = Members::new();
+    members.len = hi - lo;
+    for (l, u) in (lo..hi).enumerate() {
+        members.start[l] = start.of(u, k);
+        let s = support.rows(u);
+        let q = match &query {
+            Some(q) => q.rows(u),
+            None => &[],
+        };
+        if all_finite(s) && all_finite(q) {
+            (members.support[l], members.query[l]) = (s, q);
+        } else {
+            *inputs_finite = false;
+        }
+    }
+    (members, lo..hi)
+}
+
 impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
     /// Whether every row of the block's users was finite (a user with a non-finite row is
     /// skipped: the call ends in an error naming it).
@@ -316,28 +346,34 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> bool {
-        let ForwardBlock { ws, users, start, support, query, inner, weights, mut support_losses, mut losses, mut accuracy } = self;
+        let ForwardBlock { users, start, support, query, inner, weights, mut support_losses, mut losses, mut accuracy } = self;
         let k = support.k;
+        let mut group = Group::<T, R::Lanes>::new(k);
+        let mut scratch = Vec::new();
         let mut inputs_finite = true;
-        for (i, u) in (users.0..users.1).enumerate() {
-            let w = &mut weights[i * k..(i + 1) * k];
-            w.copy_from_slice(start.of(u, k));
-            let rows = support.rows(u);
-            if !(all_finite(rows) && query.is_none_or(|q| all_finite(q.rows(u)))) {
-                inputs_finite = false;
-                continue;
-            }
-            ws.adapt(ops, w, rows, k, inner, false);
-            if let Some(sl) = support_losses.as_deref_mut() {
-                sl[i] = ws.support_loss(ops, w, rows, k);
-            }
-            if let Some(q) = &query {
-                let (loss, acc) = ws.query_metrics(ops, w, q.rows(u), k);
-                if let Some(l) = losses.as_deref_mut() {
-                    l[i] = loss;
+        let mut lo = users.0;
+        while lo < users.1 {
+            let (members, range) = group_at(lo, users.1, start, support, query, &mut inputs_finite);
+            lo = range.end;
+            let members = &members;
+            group.adapt(ops, members, inner, false);
+            let first = range.start - users.0;
+            let w_rows = group.weight_rows(ops);
+            weights[first * k..(first + members.len) * k].copy_from_slice(&w_rows[..members.len * k]);
+            let p_rows = group.softmax_rows(ops);
+            for l in 0..members.len {
+                let (i, p) = (first + l, &p_rows[l * k..(l + 1) * k]);
+                if let Some(sl) = support_losses.as_deref_mut() {
+                    sl[i] = loss_and_accuracy(ops, members.support[l], k, p, &mut scratch).0;
                 }
-                if let Some(a) = accuracy.as_deref_mut() {
-                    a[i] = acc;
+                if query.is_some() {
+                    let (loss, acc) = loss_and_accuracy(ops, members.query[l], k, p, &mut scratch);
+                    if let Some(out) = losses.as_deref_mut() {
+                        out[i] = loss;
+                    }
+                    if let Some(out) = accuracy.as_deref_mut() {
+                        out[i] = acc;
+                    }
                 }
             }
         }
@@ -346,10 +382,8 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
 }
 
 /// One block of users' backward work. `grad_w0` holds the block's users' rows (per-user start)
-/// or the block's sum over its users in user order (shared start); `user_grad` is scratch.
+/// or the block's sum over its users in user order (shared start).
 struct BackwardBlock<'a, 'd, T> {
-    ws: &'a mut Workspace<T>,
-    user_grad: &'a mut [T],
     users: (usize, usize),
     start: Start<'d, T>,
     support: Csr<'d, T>,
@@ -363,6 +397,22 @@ struct BackwardBlock<'a, 'd, T> {
     grad_query: &'a mut [T],
 }
 
+/// The rows of consecutive users `range` of `batch` in `buf` (which holds the rows of the
+/// batch's users from row `base` on), one slice per user; lanes past the users get none.
+fn member_rows<'b, T: Real>(buf: &'b mut [T], batch: &Csr<'_, T>, base: usize, range: std::ops::Range<usize>) -> [&'b mut [T]; LANES] {
+    let k = batch.k;
+    let mut out: [&'b mut [T]; LANES] = Default::default();
+    let lo = batch.row_range(range.start).start;
+    let hi = batch.row_range(range.end - 1).end;
+    let mut rest = &mut buf[(lo - base) * k..(hi - base) * k];
+    for (slot, u) in out.iter_mut().zip(range) {
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(batch.row_range(u).len() * k);
+        *slot = mine;
+        rest = tail;
+    }
+    out
+}
+
 impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
     /// Whether every input row and every gradient row of the block's users was finite (a user
     /// with a non-finite input row is skipped: the call ends in an error naming it).
@@ -370,25 +420,44 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> (bool, bool) {
-        let BackwardBlock { ws, user_grad, users, start, support, query, grad_losses, inner, first_order, shared, grad_w0, grad_support, grad_query } = self;
+        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, grad_w0, grad_support, grad_query } = self;
         let k = support.k;
         let (s_base, q_base) = (support.row_range(users.0).start, query.row_range(users.0).start);
+        let mut group = Group::<T, R::Lanes>::new(k);
         let (mut inputs_finite, mut outputs_finite) = (true, true);
-        for (i, u) in (users.0..users.1).enumerate() {
-            let (sr, qr) = (support.row_range(u), query.row_range(u));
-            let (s_rows, q_rows) = (support.rows(u), query.rows(u));
-            if !(all_finite(s_rows) && all_finite(q_rows)) {
-                inputs_finite = false;
-                continue;
+        let mut lo = users.0;
+        while lo < users.1 {
+            let (members, range) = group_at(lo, users.1, start, support, Some(query), &mut inputs_finite);
+            lo = range.end;
+            let members = &members;
+            let first = range.start - users.0;
+            let mut scale = [T::ZERO; LANES];
+            scale[..members.len].copy_from_slice(&grad_losses[first..first + members.len]);
+            let mut gs = member_rows(grad_support, &support, s_base, range.clone());
+            let mut gq = member_rows(grad_query, &query, q_base, range.clone());
+            // A user skipped for non-finite input gets no gradient rows (the call fails).
+            for (l, (a, b)) in gs.iter_mut().zip(gq.iter_mut()).enumerate().take(members.len) {
+                if members.query[l].is_empty() {
+                    (*a, *b) = (&mut [], &mut []);
+                }
             }
-            let target = if shared { &mut user_grad[..] } else { &mut grad_w0[i * k..(i + 1) * k] };
-            let gs = &mut grad_support[(sr.start - s_base) * k..(sr.end - s_base) * k];
-            let gq = &mut grad_query[(qr.start - q_base) * k..(qr.end - q_base) * k];
-            ws.backward(ops, start.of(u, k), s_rows, q_rows, k, grad_losses[i], inner, first_order, target, gs, gq);
-            outputs_finite &= all_finite(gs) & all_finite(gq);
-            if shared {
-                for (acc, &x) in grad_w0.iter_mut().zip(user_grad.iter()) {
-                    *acc += x;
+            group.backward(ops, members, scale, inner, first_order, &mut gs, &mut gq);
+            for (a, b) in gs.iter().zip(&gq) {
+                outputs_finite &= all_finite(a) & all_finite(b);
+            }
+            let mut lam = vec![[T::ZERO; LANES]; k];
+            for (row, &v) in lam.iter_mut().zip(&group.lam) {
+                *row = lane_values(v);
+            }
+            for l in 0..members.len {
+                if shared {
+                    for (acc, row) in grad_w0.iter_mut().zip(&lam) {
+                        *acc += row[l];
+                    }
+                } else {
+                    for (j, row) in lam.iter().enumerate() {
+                        grad_w0[(first + l) * k + j] = row[l];
+                    }
                 }
             }
         }

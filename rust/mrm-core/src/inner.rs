@@ -1,11 +1,20 @@
-//! One user's inner loop (SPEC §2) and its exact reverse-mode adjoint (SPEC §3).
+//! The inner loop's settings, and one user's inner loop (SPEC §2) with its exact reverse-mode
+//! adjoint (SPEC §3), one user at a time.
+//!
+//! The batch drivers run users eight at a time ([`crate::group`]); the one-user [`Workspace`]
+//! here is kept, for the tests only, as the reference the groups are checked against (it is the
+//! implementation the earlier releases ran, checked against autograd and finite differences).
 //!
 //! Notation: `p = softmax(w)`, `J = diag(p) − p pᵀ`, `z_i = d_i · p`, `s_i = σ(−z_i)`,
 //! `g_p = −(1/n) Σ s_i d_i` (gradient in p), `g = J g_p` (gradient in w).
 
 use crate::error::{invalid, Result};
-use crate::real::{dot, Real};
-use crate::rows::{AdamStep, RowOps};
+use crate::real::Real;
+#[cfg(test)]
+use crate::real::dot;
+use crate::rows::RowOps;
+#[cfg(test)]
+use crate::rows::AdamStep;
 
 /// The inner optimiser.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,6 +51,7 @@ impl InnerLoop {
     }
 }
 
+#[cfg(test)]
 /// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
 /// The inner steps never need the loss itself, so none is computed here.
 #[inline(always)]
@@ -82,6 +92,7 @@ pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: us
     (total / n, T::of(correct as f64) / n)
 }
 
+#[cfg(test)]
 /// Per-thread scratch memory for one user at a time. Nothing here outlives a user.
 pub(crate) struct Workspace<T> {
     p: Vec<T>,
@@ -110,6 +121,7 @@ pub(crate) struct Workspace<T> {
     adam_for: Option<InnerLoop>,
 }
 
+#[cfg(test)]
 /// Gives `buf` length `len`. Its values are left as they are: every buffer is written before it
 /// is read within a user, except the Adam moments, which [`Workspace::adapt`] zeroes.
 fn sized<T: Real>(buf: &mut Vec<T>, len: usize) {
@@ -118,6 +130,7 @@ fn sized<T: Real>(buf: &mut Vec<T>, len: usize) {
     }
 }
 
+#[cfg(test)]
 impl<T: Real> Default for Workspace<T> {
     fn default() -> Self {
         let e = Vec::new;
@@ -129,9 +142,11 @@ impl<T: Real> Default for Workspace<T> {
     }
 }
 
+#[cfg(test)]
 /// Steps whose Adam constants a workspace keeps (later ones are computed when needed).
 const ADAM_TABLE: usize = 64;
 
+#[cfg(test)]
 /// Adam's constants of step `t` (0-based): from `table` when it has them.
 #[inline(always)]
 fn adam_constants<T: Real>(table: &[AdamStep<T>], lr: f64, betas: (f64, f64), eps: f64, t: usize) -> AdamStep<T> {
@@ -141,6 +156,7 @@ fn adam_constants<T: Real>(table: &[AdamStep<T>], lr: f64, betas: (f64, f64), ep
     }
 }
 
+#[cfg(test)]
 impl<T: Real> Workspace<T> {
     fn prepare(&mut self, k: usize, steps: usize, n_support: usize, record: bool) {
         for b in [
@@ -306,6 +322,7 @@ impl<T: Real> Workspace<T> {
     }
 }
 
+#[cfg(test)]
 /// For one inner step at `p` (with its `g_p` and `s_i`): writes `H λ` into `hvp` and adds
 /// `∂(λ · ∇_w L)/∂d_i` to each row of `grad_rows` (SPEC §2). `a_mu`, `tmp` and `c_vals` are scratch.
 #[allow(clippy::too_many_arguments)]

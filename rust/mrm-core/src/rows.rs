@@ -20,6 +20,8 @@ use crate::real::{dot, softmax_into, softmax_jvp, Real};
 
 /// The row kernels. `k` is the row width; an implementation may know it at compile time.
 pub trait RowOps<T: Real>: Copy {
+    /// The lane vectors that go with these kernels (see [`crate::lanes`]).
+    type Lanes: crate::lanes::Lanes<T>;
     /// The row width: `k`, or the compile-time width when there is one.
     fn width(self, k: usize) -> usize;
     /// `z_i = d_i · p` for every row into `z` (resized to the row count).
@@ -185,6 +187,8 @@ fn run_portable<T: Real, const W: usize, J: WithRowOps<T>>(ops: Portable<W>, job
 pub struct Portable<const W: usize>;
 
 impl<T: Real, const W: usize> RowOps<T> for Portable<W> {
+    type Lanes = crate::lanes::Portable<T>;
+
     #[inline(always)]
     fn width(self, k: usize) -> usize {
         if W == 0 { k } else { W }
@@ -268,6 +272,8 @@ pub mod avx2 {
     }
 
     impl<const C: usize> RowOps<f32> for F32Rows<C> {
+        type Lanes = crate::lanes::avx2::F32x8;
+
         #[inline(always)]
         fn width(self, _k: usize) -> usize {
             8 * C
@@ -596,7 +602,7 @@ pub mod avx2 {
     /// differently); NaN stays NaN.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp(x: __m256) -> __m256 {
+    pub(crate) fn exp(x: __m256) -> __m256 {
         // max/min return their second operand when either is NaN: a NaN `x` passes through.
         let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.0), x));
         let shifter = _mm256_set1_ps(12_582_912.0);
