@@ -1,5 +1,6 @@
-//! Per-operation timing of the row kernels on one user's rows held in L1 (32 rows, K = 8, f32,
-//! the kernels this CPU runs): each operation repeated on its own, then one whole SGD step
+//! Per-operation timing of one user's SGD step on its rows held in L1 (32 rows, K = 8, f32; the
+//! row kernels this CPU runs, softmax and its Jacobian from `mrm_core::real`): each operation
+//! repeated on its own, then one whole SGD step
 //! (softmax, margins, sigmoids, row sums, softmax Jacobian, update) repeated on the same user,
 //! where each step waits on the one before. The gap between the sum of the parts and the whole
 //! step is time spent waiting on dependencies, not on arithmetic.
@@ -7,7 +8,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use mrm_core::rows::{with_row_ops, AdamStep, RowOps, WithRowOps};
+use mrm_core::real::{softmax_into, softmax_jvp};
+use mrm_core::rows::{with_row_ops, RowOps, WithRowOps};
 
 struct Job;
 impl WithRowOps<f32> for Job {
@@ -21,10 +23,9 @@ impl WithRowOps<f32> for Job {
         };
         let rows: Vec<f32> = (0..n * k).map(|_| next()).collect();
         let mut w: Vec<f32> = (0..k).map(|_| 0.1 * next()).collect();
-        let (mut p, mut gp, mut g, mut m, mut v) = (vec![0.0f32; k], vec![0.0f32; k], vec![0.0f32; k], vec![0.0f32; k], vec![0.0f32; k]);
+        let (mut p, mut gp, mut g) = (vec![0.0f32; k], vec![0.0f32; k], vec![0.0f32; k]);
         let mut z: Vec<f32> = Vec::new();
         let mut grad = vec![0.0f32; n * k];
-        let c = AdamStep::<f32>::new(0.01, 0.9, 0.999, 1e-8, 1);
         let time = |name: &str, f: &mut dyn FnMut()| -> f64 {
             let t = Instant::now();
             for _ in 0..reps {
@@ -34,49 +35,48 @@ impl WithRowOps<f32> for Job {
             println!("{name:>16}: {ns:6.2} ns");
             ns
         };
-        ops.softmax(&w, &mut p);
+        softmax_into(&w, &mut p);
         ops.margins(&rows, k, &p, &mut z);
         let mut zz = z.clone();
         let mut parts = 0.0;
-        parts += time("softmax", &mut || { ops.softmax(black_box(&w), &mut p); black_box(&p); });
+        parts += time("softmax", &mut || { softmax_into(black_box(&w), &mut p); black_box(&p); });
         parts += time("margins", &mut || { ops.margins(black_box(&rows), k, black_box(&p), &mut z); black_box(&z); });
         let z0 = z.clone();
         parts += time("neg_sigmoids", &mut || { z.copy_from_slice(black_box(&z0)); ops.neg_sigmoids(&mut z); black_box(&z); });
         time("neg_softplus", &mut || { z.copy_from_slice(black_box(&z0)); ops.neg_softplus(&mut z); black_box(&z); });
         parts += time("row_sums", &mut || { ops.weighted_row_sums(black_box(&rows), k, black_box(&z0), &mut gp); black_box(&gp); });
-        parts += time("softmax_jvp", &mut || { ops.softmax_jvp(black_box(&p), black_box(&gp), &mut g); black_box(&g); });
-        time("adam_step", &mut || { ops.adam_step(&c, &mut w, &mut m, &mut v, black_box(&g)); black_box(&w); });
+        parts += time("softmax_jvp", &mut || { softmax_jvp(black_box(&p), black_box(&gp), &mut g); black_box(&g); });
         time("sub_rank2", &mut || { ops.sub_rank2(&mut grad, k, 0.1, black_box(&z0), black_box(&p), black_box(&z0), black_box(&g)); black_box(&grad); });
         time("outer", &mut || { ops.outer(&mut grad, k, 0.1, black_box(&z0), black_box(&p)); black_box(&grad); });
         println!("{:>16}: {parts:6.2} ns (softmax, margins, sigmoids, row sums, Jacobian)", "parts of a step");
         time("chain: softmax", &mut || {
-            ops.softmax(black_box(&w), &mut p);
+            softmax_into(black_box(&w), &mut p);
             for (a, b) in w.iter_mut().zip(&p) { *a -= 0.001 * b; }
         });
         time("+ margins", &mut || {
-            ops.softmax(&w, &mut p);
+            softmax_into(&w, &mut p);
             ops.margins(&rows, k, &p, &mut zz);
             w[0] -= 1e-6 * zz[31];
         });
         time("+ sigmoids", &mut || {
-            ops.softmax(&w, &mut p);
+            softmax_into(&w, &mut p);
             ops.margins(&rows, k, &p, &mut zz);
             ops.neg_sigmoids(&mut zz);
             w[0] -= 1e-6 * zz[31];
         });
         time("+ row sums", &mut || {
-            ops.softmax(&w, &mut p);
+            softmax_into(&w, &mut p);
             ops.margins(&rows, k, &p, &mut zz);
             ops.neg_sigmoids(&mut zz);
             ops.weighted_row_sums(&rows, k, &zz, &mut gp);
             for (a, b) in w.iter_mut().zip(&gp) { *a -= 0.001 * b; }
         });
         time("one sgd step", &mut || {
-            ops.softmax(black_box(&w), &mut p);
+            softmax_into(black_box(&w), &mut p);
             ops.margins(&rows, k, &p, &mut zz);
             ops.neg_sigmoids(&mut zz);
             ops.weighted_row_sums(&rows, k, &zz, &mut gp);
-            ops.softmax_jvp(&p, &gp, &mut g);
+            softmax_jvp(&p, &gp, &mut g);
             for (a, b) in w.iter_mut().zip(&g) { *a -= 0.001 * b; }
             black_box(&w);
         });

@@ -424,6 +424,8 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
         let k = support.k;
         let (s_base, q_base) = (support.row_range(users.0).start, query.row_range(users.0).start);
         let mut group = Group::<T, R::Lanes>::new(k);
+        // λ of the group's users, K rows of one value per lane.
+        let mut lam = vec![[T::ZERO; LANES]; k];
         let (mut inputs_finite, mut outputs_finite) = (true, true);
         let mut lo = users.0;
         while lo < users.1 {
@@ -445,7 +447,6 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             for (a, b) in gs.iter().zip(&gq) {
                 outputs_finite &= all_finite(a) & all_finite(b);
             }
-            let mut lam = vec![[T::ZERO; LANES]; k];
             for (row, &v) in lam.iter_mut().zip(&group.lam) {
                 *row = lane_values(v);
             }

@@ -11,7 +11,7 @@
 use crate::error::{invalid, Result};
 use crate::real::Real;
 #[cfg(test)]
-use crate::real::dot;
+use crate::real::{dot, softmax_into, softmax_jvp};
 use crate::rows::RowOps;
 #[cfg(test)]
 use crate::rows::AdamStep;
@@ -142,6 +142,40 @@ impl<T: Real> Default for Workspace<T> {
     }
 }
 
+/// One Adam step on the K values of `w`, its moments `m`, `v` and gradient `g`.
+#[cfg(test)]
+#[inline(always)]
+fn adam_step<T: Real>(c: &AdamStep<T>, w: &mut [T], m: &mut [T], v: &mut [T], g: &[T]) {
+    let moments = m.iter_mut().zip(v.iter_mut());
+    for ((wj, (mj, vj)), &gj) in w.iter_mut().zip(moments).zip(g) {
+        *mj = c.beta1 * *mj + (T::ONE - c.beta1) * gj;
+        *vj = c.beta2 * *vj + (T::ONE - c.beta2) * gj * gj;
+        *wj -= c.c1 * *mj / (vj.sqrt() / c.c2 + c.eps);
+    }
+}
+
+/// The adjoint of [`adam_step`]: from `λ` (of the updated `w`) and the step's
+/// recorded `[m, v, g]` (after the step), updates the moments' adjoints `λ_m`, `λ_v`
+/// (carried to the step before) and writes `λ_g`, the adjoint of the step's gradient.
+#[cfg(test)]
+#[inline(always)]
+fn adam_adjoint<T: Real>(c: &AdamStep<T>, lam: &[T], recorded: [&[T]; 3], lam_m: &mut [T], lam_v: &mut [T], lam_g: &mut [T]) {
+    let [m, v, g] = recorded;
+    let adjoints = lam_m.iter_mut().zip(lam_v.iter_mut()).zip(lam_g.iter_mut());
+    for (((lm, lv), lg), (((&lam, &mj), &vj), &gj)) in adjoints.zip(lam.iter().zip(m).zip(v).zip(g)) {
+        // w_t = w_{t−1} − c1 m / (sqrt(v)/c2 + ε)
+        let root = vj.sqrt();
+        let denom = root / c.c2 + c.eps;
+        let lam_m = *lm - lam * c.c1 / denom;
+        // ∂w/∂v = c1 m / (denom² · 2 c2 sqrt(v)); at v = 0 also m = 0: limit 0.
+        let dw_dv = if root > T::ZERO { c.c1 * mj / (denom * denom * T::of(2.0) * c.c2 * root) } else { T::ZERO };
+        let lam_v = *lv + lam * dw_dv;
+        *lg = (T::ONE - c.beta1) * lam_m + T::of(2.0) * (T::ONE - c.beta2) * gj * lam_v;
+        *lm = c.beta1 * lam_m;
+        *lv = c.beta2 * lam_v;
+    }
+}
+
 #[cfg(test)]
 /// Steps whose Adam constants a workspace keeps (later ones are computed when needed).
 const ADAM_TABLE: usize = 64;
@@ -197,9 +231,9 @@ impl<T: Real> Workspace<T> {
         v.fill(T::ZERO);
         let lr = T::of(inner.lr);
         for t in 0..steps {
-            ops.softmax(w, p);
+            softmax_into(w, p);
             pairs_pass(ops, support, k, p, gp, &mut self.rows);
-            ops.softmax_jvp(p, gp, g);
+            softmax_jvp(p, gp, g);
             if record {
                 self.tr_s[t * n..(t + 1) * n].copy_from_slice(&self.rows);
                 self.tr_p[t * k..(t + 1) * k].copy_from_slice(p);
@@ -214,7 +248,7 @@ impl<T: Real> Workspace<T> {
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
                     let step = adam_constants(&self.adam, inner.lr, (beta1, beta2), eps, t);
-                    ops.adam_step(&step, w, m, v, g);
+                    adam_step(&step, w, m, v, g);
                     if record {
                         self.tr_m[t * k..(t + 1) * k].copy_from_slice(m);
                         self.tr_v[t * k..(t + 1) * k].copy_from_slice(v);
@@ -227,14 +261,14 @@ impl<T: Real> Workspace<T> {
     /// Support loss at `w` (0 for a user without support pairs).
     #[inline(always)]
     pub(crate) fn support_loss<R: RowOps<T>>(&mut self, ops: R, w: &[T], support: &[T], k: usize) -> T {
-        ops.softmax(w, &mut self.p);
+        softmax_into(w, &mut self.p);
         loss_and_accuracy(ops, support, k, &self.p, &mut self.rows).0
     }
 
     /// Query loss and accuracy at `w`.
     #[inline(always)]
     pub(crate) fn query_metrics<R: RowOps<T>>(&mut self, ops: R, w: &[T], query: &[T], k: usize) -> (T, T) {
-        ops.softmax(w, &mut self.p);
+        softmax_into(w, &mut self.p);
         loss_and_accuracy(ops, query, k, &self.p, &mut self.rows)
     }
 
@@ -265,7 +299,7 @@ impl<T: Real> Workspace<T> {
         self.adapt(ops, grad_w0, support, k, inner, true);
 
         // Query: L_q = mean_j softplus(−q_j·p_T); ∂/∂q_j = −(1/m) s_j p_T; ∂/∂w_T = J g_p.
-        ops.softmax(grad_w0, &mut self.p);
+        softmax_into(grad_w0, &mut self.p);
         let scale = -grad_loss / T::of(m_q as f64);
         ops.margins(query, k, &self.p, &mut self.rows);
         ops.neg_sigmoids(&mut self.rows);
@@ -274,7 +308,7 @@ impl<T: Real> Workspace<T> {
         for x in self.gp.iter_mut() {
             *x *= scale;
         }
-        ops.softmax_jvp(&self.p, &self.gp, &mut self.lam);
+        softmax_jvp(&self.p, &self.gp, &mut self.lam);
         grad_support.fill(T::ZERO);
 
         if first_order || steps == 0 {
@@ -296,7 +330,7 @@ impl<T: Real> Workspace<T> {
                 Optimizer::Adam { beta1, beta2, eps } => {
                     let step = adam_constants(&self.adam, inner.lr, (beta1, beta2), eps, t);
                     let recorded = [&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]];
-                    ops.adam_adjoint(&step, &self.lam, recorded, &mut self.lam_m, &mut self.lam_v, &mut self.lam_g);
+                    adam_adjoint(&step, &self.lam, recorded, &mut self.lam_m, &mut self.lam_v, &mut self.lam_g);
                 }
             }
             // λ_{w,t−1} = λ_{w,t} + H_t λ_g, and each support row gets ∂(λ_g · g_t)/∂d_i.
@@ -345,7 +379,7 @@ pub(crate) fn hvp_and_row_grads<T: Real, R: RowOps<T>>(
     let inv_n = T::ONE / T::of((rows.len() / k) as f64);
     let mu = &mut tmp[..k];
     let (p, gp, lam) = (&p[..k], &gp[..k], &lam[..k]);
-    ops.softmax_jvp(p, lam, mu);
+    softmax_jvp(p, lam, mu);
     // c_i = s_i (1 − s_i)(μ · d_i);  ∂/∂d_i = −(1/n)[s_i μ − c_i p]
     ops.margins(rows, k, mu, c_vals);
     for (c, &s) in c_vals.iter_mut().zip(s_vals) {
@@ -359,7 +393,7 @@ pub(crate) fn hvp_and_row_grads<T: Real, R: RowOps<T>>(
     for ((a, &gpj), &lj) in a_mu[..k].iter_mut().zip(gp).zip(lam) {
         *a = (gpj - p_gp) * lj - gpj * p_lam + inv_n * *a;
     }
-    ops.softmax_jvp(p, &a_mu[..k], hvp);
+    softmax_jvp(p, &a_mu[..k], hvp);
 }
 
 #[cfg(test)]
