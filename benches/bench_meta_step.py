@@ -5,8 +5,8 @@ Workload (per user): 32 support + 32 query pair differences, K = 8, T = 5 inner 
 random normal differences (seeded), one shared w0; lr 0.1 for sgd, 0.01 for adam.
 
 For every (optimizer, users) it measures
-  * mrm: ``meta_forward`` (fwd) and ``meta_forward`` + ``meta_backward`` with
-    grad_losses = 1 (fwd+bwd);
+  * mrm: ``meta_forward`` (fwd), ``meta_forward`` + ``meta_backward`` with grad_losses = 1
+    (fwd+bwd, two calls), and ``meta_value_and_grad`` (fused: the same outputs from one pass);
   * the padded autograd baseline and the torch.func (vmap) baseline, fwd and fwd+bwd, with
     ``torch.set_num_threads(threads)``; CSR -> padded conversion happens once, untimed;
   * peak memory of each call.
@@ -59,6 +59,7 @@ EPS = 1e-8
 
 IMPLS = ("mrm", "padded", "func")
 MODES = ("fwd", "fwdbwd")
+MRM_MODES = MODES + ("fused",)  # fused: meta_value_and_grad, mrm only
 
 
 # ---------------------------------------------------------------------------
@@ -190,6 +191,9 @@ def worker(spec):
             nbytes += ones.nbytes
 
             def call():
+                if mode == "fused":
+                    fw, grads = ops.meta_value_and_grad(w0, s, so, q, qo, ones, num_threads=threads, **hyper)
+                    return (fw.losses, fw.weights, fw.support_losses, fw.accuracy) + tuple(grads)
                 fw = ops.meta_forward(w0, s, so, q, qo, num_threads=threads, **hyper)
                 res = (fw.losses, fw.weights, fw.support_losses, fw.accuracy)
                 if mode == "fwd":
@@ -312,6 +316,13 @@ def sanity_check(threads, n_users=200):
         fw = ops.meta_forward(w0, s, so, q, qo, num_threads=threads, **hyper)
         gw0, gs, gq = ops.meta_backward(w0, s, so, q, qo, np.ones(n_users), num_threads=threads,
                                         **hyper)
+        fused, fused_grads = ops.meta_value_and_grad(w0, s, so, q, qo, np.ones(n_users),
+                                                     num_threads=threads, **hyper)
+        for name, a, b in [("losses", fused.losses, fw.losses), ("weights", fused.weights, fw.weights),
+                           ("grad_w0", fused_grads[0], gw0), ("grad_support", fused_grads[1], gs),
+                           ("grad_query", fused_grads[2], gq)]:
+            if not np.array_equal(a, b):
+                problems.append(f"{opt}: meta_value_and_grad {name} differs from the two calls")
         p_losses, p_w = bl.padded_forward(tw0, s_pad, s_mask, q_pad, q_mask, **hyper)
         pb_losses, pb_gw0, pb_gs, pb_gq = bl.padded_forward_backward(
             tw0, s_pad, s_mask, q_pad, q_mask, **hyper)
@@ -397,6 +408,7 @@ def summarize(results, optimizers, users, max_baseline):
             for impl in IMPLS:
                 for mode in MODES:
                     row[f"{impl}_{mode}_s"] = t(impl, opt, u, mode)
+            row["mrm_fused_s"] = t("mrm", opt, u, "fused")
             m_fb = row["mrm_fwdbwd_s"]
             bases = [x for x in (row["padded_fwdbwd_s"], row["func_fwdbwd_s"]) if x is not None]
             bases_f = [x for x in (row["padded_fwd_s"], row["func_fwd_s"]) if x is not None]
@@ -405,18 +417,20 @@ def summarize(results, optimizers, users, max_baseline):
             row["speedup_vs_func_fwdbwd"] = (row["func_fwdbwd_s"] / m_fb
                                              if m_fb and row["func_fwdbwd_s"] else None)
             row["speedup_vs_faster_fwdbwd"] = min(bases) / m_fb if m_fb and bases else None
+            m_fu = row["mrm_fused_s"]
+            row["speedup_vs_faster_fused"] = min(bases) / m_fu if m_fu and bases else None
+            row["mrm_users_per_s_fused"] = u / m_fu if m_fu else None
             row["speedup_vs_faster_fwd"] = (min(bases_f) / row["mrm_fwd_s"]
                                             if row["mrm_fwd_s"] and bases_f else None)
             row["mrm_users_per_s_fwdbwd"] = u / m_fb if m_fb else None
             row["mrm_users_per_s_fwd"] = u / row["mrm_fwd_s"] if row["mrm_fwd_s"] else None
-            for impl in IMPLS:
-                for mode in MODES:
-                    r = by.get((impl, opt, u, mode))
-                    if r and "error" not in r:
-                        row[f"{impl}_{mode}_peak_ratio"] = r["peak_ratio"]
-                        row[f"{impl}_{mode}_extra_peak_bytes"] = r["extra_peak_bytes"]
-                        row[f"{impl}_{mode}_input_bytes"] = r["input_bytes"]
-                        row[f"{impl}_{mode}_output_bytes"] = r["output_bytes"]
+            for impl, mode in [(i, m) for i in IMPLS for m in MODES] + [("mrm", "fused")]:
+                r = by.get((impl, opt, u, mode))
+                if r and "error" not in r:
+                    row[f"{impl}_{mode}_peak_ratio"] = r["peak_ratio"]
+                    row[f"{impl}_{mode}_extra_peak_bytes"] = r["extra_peak_bytes"]
+                    row[f"{impl}_{mode}_input_bytes"] = r["input_bytes"]
+                    row[f"{impl}_{mode}_output_bytes"] = r["output_bytes"]
             row["baselines_skipped"] = u > max_baseline
             rows.append(row)
     return rows
@@ -430,18 +444,25 @@ def print_tables(rows, results, threads, skipped_note):
     print()
     print("## Meta step: mrm vs PyTorch baselines")
     print()
-    print("| optimizer | users | mrm fwd s | mrm fwd+bwd s | padded fwd+bwd s | func fwd+bwd s "
-          "| speedup vs faster baseline (fwd+bwd) | mrm users/s (fwd+bwd) | peak mem ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| optimizer | users | mrm fwd s | mrm fwd+bwd s (two calls) | mrm fused s | padded fwd+bwd s "
+          "| func fwd+bwd s | speedup vs faster baseline (two calls / fused) | mrm users/s (fused) "
+          "| peak mem ratio (two calls / fused) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def ratio(x):
+        return "—" if x is None else f"{x:.2f}"
+
     for r in rows:
-        pr = r.get("mrm_fwdbwd_peak_ratio")
         print(f"| {r['optimizer']} | {r['users']:,} | {fmt_s(r['mrm_fwd_s'])} "
-              f"| {fmt_s(r['mrm_fwdbwd_s'])} | {fmt_s(r['padded_fwdbwd_s'])} "
-              f"| {fmt_s(r['func_fwdbwd_s'])} | {sx(r['speedup_vs_faster_fwdbwd'])} "
-              f"| {fmt_rate(r['mrm_users_per_s_fwdbwd'])} "
-              f"| {'—' if pr is None else f'{pr:.2f}'} |")
+              f"| {fmt_s(r['mrm_fwdbwd_s'])} | {fmt_s(r['mrm_fused_s'])} | {fmt_s(r['padded_fwdbwd_s'])} "
+              f"| {fmt_s(r['func_fwdbwd_s'])} "
+              f"| {sx(r['speedup_vs_faster_fwdbwd'])} / {sx(r['speedup_vs_faster_fused'])} "
+              f"| {fmt_rate(r['mrm_users_per_s_fused'])} "
+              f"| {ratio(r.get('mrm_fwdbwd_peak_ratio'))} / {ratio(r.get('mrm_fused_peak_ratio'))} |")
     print()
-    print("peak mem ratio = (peak RSS during mrm fwd+bwd − RSS before inputs existed) / input bytes;"
+    print("two calls = meta_forward + meta_backward; fused = meta_value_and_grad (the same outputs, "
+          "bit for bit, from one pass over the rows).")
+    print("peak mem ratio = (peak RSS during the call − RSS before inputs existed) / input bytes;"
           " fwd+bwd returns gradients as large as its inputs, so ~2 is the floor.")
     if skipped_note:
         print(skipped_note)
@@ -571,7 +592,7 @@ def main(argv=None):
         for u in users:
             impls = ["mrm"] + ([b for b in baselines] if u <= args.baseline_max_users else [])
             for impl in impls:
-                for mode in MODES:
+                for mode in (MRM_MODES if impl == "mrm" else MODES):
                     spec = {"impl": impl, "optimizer": opt, "users": u, "mode": mode,
                             "threads": threads, "dtype": args.dtype, "seed": args.seed,
                             "repeats": repeats_for(u, args.repeats),

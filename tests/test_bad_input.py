@@ -292,3 +292,43 @@ def test_backward_out_read_only_or_sharing_an_input():
         _backward_out(data, out=out)
     with pytest.raises(TypeError, match="out must be a tuple of 3 arrays"):
         _backward_out(data, out=out[:2])
+
+
+def _error_of(call):
+    try:
+        call()
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    return None
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(support=np.zeros(5)),
+    dict(query=np.zeros((4, K + 1))),
+    dict(w0=np.zeros((3, K))),
+    dict(support_offsets=np.array([1, 2, 5])),
+    dict(query_offsets=np.array([0, 4, 4])),
+    dict(query_offsets=np.array([0, 1, 2, 4])),
+    dict(support=np.where(np.arange(15).reshape(5, K) == 10, np.nan, 1.0)),
+    dict(query=np.where(np.arange(12).reshape(4, K) == 11, -np.inf, 1.0)),
+    dict(w0=np.array([0.0, np.inf, 0.0])),
+    dict(grad_losses=np.ones(3)),
+    dict(grad_losses=np.array([1.0, np.nan])),
+    dict(grad_losses=np.ones(2, dtype=np.float32)),
+    dict(support=np.zeros((5, K), dtype=np.int64)),
+    dict(steps=-1),
+    dict(lr=np.inf),
+    dict(optimizer="rmsprop"),
+    dict(support=np.full((5, K), 1e308) * np.array([1, -1, 0]), optimizer="sgd", lr=1e300),
+    dict(out=(np.zeros(K), np.zeros((5, K)), np.zeros((5, K)))),
+    dict(out=(np.zeros(K), np.zeros((5, K), dtype=np.float32), np.zeros((4, K)))),
+])
+def test_value_and_grad_rejects_what_meta_backward_rejects(overrides):
+    """meta_value_and_grad raises meta_backward's error (same type and message) on each bad input."""
+    args = {**good(), **overrides}
+    grad_losses = args.pop("grad_losses", np.ones(2))
+    kw = dict(steps=2, lr=0.1)
+    kw.update({name: args.pop(name) for name in ("steps", "lr", "optimizer", "out") if name in args})
+    want = _error_of(lambda: ops.meta_backward(*args.values(), grad_losses, **kw))
+    assert want is not None, "the case must be bad input for meta_backward"
+    assert _error_of(lambda: ops.meta_value_and_grad(*args.values(), grad_losses, **kw)) == want

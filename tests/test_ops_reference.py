@@ -74,6 +74,15 @@ def test_forward_backward_match_autograd(data, optimizer, steps, k):
     for name, got, want in zip(("grad_w0", "grad_support", "grad_query"), grads, ref_grads):
         assert_close(got, want, what=f"{name} (first_order={first_order})")
 
+    # The fused pass returns the same bytes as the two calls checked above.
+    fused, fused_grads = mrm.ops.meta_value_and_grad(
+        w0, support, s_off, query, q_off, grad_losses, first_order=first_order, **kw
+    )
+    for name in ("losses", "weights", "support_losses", "accuracy"):
+        np.testing.assert_array_equal(getattr(fused, name), getattr(out, name), err_msg=name)
+    for name, got, want in zip(("grad_w0", "grad_support", "grad_query"), fused_grads, grads):
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
 
 def test_user_without_support_keeps_w0():
     w0 = np.array([0.3, -0.2, 0.1])

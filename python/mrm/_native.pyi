@@ -22,13 +22,21 @@ def backward_f32(
     query: npt.NDArray[np.float32], query_offsets: npt.NDArray[np.int64], grad_losses: npt.NDArray[np.float32],
     steps: int, lr: float, optimizer: str, beta1: float, beta2: float, eps: float, first_order: bool, num_threads: int,
     out: Optional[Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]] = None,
-) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+    with_values: bool = False,
+) -> Tuple[
+    Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]],
+    Optional[Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]],
+]: ...
 def backward_f64(
     w0: npt.NDArray[np.float64], support: npt.NDArray[np.float64], support_offsets: npt.NDArray[np.int64],
     query: npt.NDArray[np.float64], query_offsets: npt.NDArray[np.int64], grad_losses: npt.NDArray[np.float64],
     steps: int, lr: float, optimizer: str, beta1: float, beta2: float, eps: float, first_order: bool, num_threads: int,
     out: Optional[Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]] = None,
-) -> Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+    with_values: bool = False,
+) -> Tuple[
+    Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]],
+    Optional[Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]],
+]: ...
 def rpo_f32(losses: npt.NDArray[np.float32], tail: float, gamma: float) -> Tuple[float, npt.NDArray[np.float32]]: ...
 def rpo_f64(losses: npt.NDArray[np.float64], tail: float, gamma: float) -> Tuple[float, npt.NDArray[np.float64]]: ...
 def score_f32(

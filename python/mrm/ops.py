@@ -24,7 +24,7 @@ import numpy as np
 from mrm import _native
 
 __all__ = [
-    "MetaForward", "adapt", "meta_forward", "meta_backward", "rpo", "score", "pair_differences",
+    "MetaForward", "adapt", "meta_forward", "meta_backward", "meta_value_and_grad", "rpo", "score", "pair_differences",
     "pair_differences_backward", "resolve_threads",
 ]
 
@@ -258,6 +258,47 @@ def meta_backward(
     and returned instead of new ones (a training loop can then reuse its gradient memory). They
     must not share memory with any input.
     """
+    grads, _ = _backward(
+        w0, support, support_offsets, query, query_offsets, grad_losses,
+        _hyper(steps, lr, optimizer, betas, eps), first_order, num_threads, out, with_values=False,
+    )
+    return grads
+
+
+def meta_value_and_grad(
+    w0,
+    support,
+    support_offsets,
+    query,
+    query_offsets,
+    grad_losses,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    first_order: bool = False,
+    num_threads: Optional[int] = None,
+    out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+) -> Tuple[MetaForward, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`meta_forward` and :func:`meta_backward` in one pass over the rows.
+
+    Returns ``(forward, (grad_w0, grad_support, grad_query))``, bit-identical to what the two
+    calls return. Use it when ``grad_losses`` is known before the losses, e.g. ``1/U`` each for
+    the mean query loss; when it depends on the losses (RPO), call the two functions instead.
+    Arguments as in :func:`meta_backward`.
+    """
+    grads, values = _backward(
+        w0, support, support_offsets, query, query_offsets, grad_losses,
+        _hyper(steps, lr, optimizer, betas, eps), first_order, num_threads, out, with_values=True,
+    )
+    weights, support_losses, losses, accuracy = values
+    return MetaForward(losses=losses, weights=weights, support_losses=support_losses, accuracy=accuracy), grads
+
+
+def _backward(w0, support, support_offsets, query, query_offsets, grad_losses, hyper, first_order, num_threads, out,
+              *, with_values: bool):
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(
         w0, support, support_offsets, query, query_offsets
     )
@@ -267,12 +308,11 @@ def meta_backward(
         raise ValueError(
             f"grad_losses has {grad_losses.shape[0]} entries but there are {len(support_offsets) - 1} users"
         )
-    hyper = _hyper(steps, lr, optimizer, betas, eps)
     if out is not None:
         out = _gradient_buffers(out, dtype, w0=w0, support=support, query=query)
     return _kernel("backward", dtype)(
         w0, support, support_offsets, query, query_offsets, grad_losses, *hyper, bool(first_order),
-        resolve_threads(num_threads), out,
+        resolve_threads(num_threads), out, bool(with_values),
     )
 
 

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use mrm_core::{backward, forward, Control, Csr, ForwardOutputs, InnerLoop, Optimizer, Start};
+use mrm_core::{backward, forward, value_and_grad, Control, Csr, ForwardOutputs, InnerLoop, Optimizer, Start};
 
 fn best(runs: usize, mut f: impl FnMut()) -> f64 {
     (0..runs)
@@ -59,6 +59,13 @@ fn main() {
             backward(Start::Shared(&w0), s, q, &ones, &inner, false, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
         });
         let check: f64 = l.iter().map(|&x| x as f64).sum::<f64>() + gw.iter().map(|&x| x as f64).sum::<f64>();
-        println!("{name}: users {users} threads {threads} K {k} steps {steps}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  (checksum {check:.6})");
+        let fused = best(5, || {
+            let out = ForwardOutputs { weights: &mut w, support_losses: Some(&mut sl), losses: Some(&mut l), accuracy: Some(&mut a) };
+            value_and_grad(Start::Shared(&w0), s, q, &ones, &inner, false, out, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+        });
+        println!(
+            "{name}: users {users} threads {threads} K {k} steps {steps}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  \
+             value_and_grad {fused:.4} s  (checksum {check:.6})"
+        );
     }
 }

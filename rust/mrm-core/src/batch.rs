@@ -143,6 +143,46 @@ pub struct ForwardOutputs<'a, T> {
     pub accuracy: Option<&'a mut [T]>,
 }
 
+impl<'a, T: Real> ForwardOutputs<'a, T> {
+    fn check_lengths(&self, k: usize, n_users: usize) -> Result<()> {
+        check_len("weights", self.weights, n_users * k)?;
+        for (name, buf) in [("support_losses", &self.support_losses), ("losses", &self.losses), ("accuracy", &self.accuracy)] {
+            if let Some(b) = buf {
+                check_len(name, b, n_users)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The outputs of users `lo..hi`, split into the given blocks (relative user ranges).
+    fn block_parts(&mut self, k: usize, lo: usize, hi: usize, blocks: &[(usize, usize)]) -> Vec<BlockValues<'_, T>> {
+        let sizes: Vec<usize> = blocks.iter().map(|b| b.1 - b.0).collect();
+        let weights = split_lengths(&mut self.weights[lo * k..hi * k], sizes.iter().map(|n| n * k));
+        let support_losses = optional_parts(self.support_losses.as_deref_mut(), lo, hi, &sizes);
+        let losses = optional_parts(self.losses.as_deref_mut(), lo, hi, &sizes);
+        let accuracy = optional_parts(self.accuracy.as_deref_mut(), lo, hi, &sizes);
+        weights
+            .into_iter()
+            .zip(support_losses)
+            .zip(losses)
+            .zip(accuracy)
+            .map(|(((weights, support_losses), losses), accuracy)| BlockValues { weights, support_losses, losses, accuracy })
+            .collect()
+    }
+
+    /// An error naming the first user whose adapted weights or losses are not finite.
+    fn check_finite(&self, k: usize, pool: &rayon::ThreadPool) -> Result<()> {
+        check_output_finite("adapted weights", self.weights, k, pool)?;
+        if let Some(l) = &self.losses {
+            check_output_finite("query loss", l, 1, pool)?;
+        }
+        if let Some(l) = &self.support_losses {
+            check_output_finite("support loss", l, 1, pool)?;
+        }
+        Ok(())
+    }
+}
+
 /// Adapts every user (SPEC §2); with `query`, also the query loss and accuracy at `w_T`.
 /// The support loss is measured at the adapted weights `w_T`.
 pub fn forward<T: Real>(
@@ -159,33 +199,21 @@ pub fn forward<T: Real>(
     if let Some(q) = &query {
         check_same_users(&support, q)?;
     }
-    check_len("weights", out.weights, n_users * k)?;
-    let ForwardOutputs { weights, mut support_losses, mut losses, mut accuracy } = out;
-    for (name, buf) in [("support_losses", &support_losses), ("losses", &losses), ("accuracy", &accuracy)] {
-        if let Some(b) = buf {
-            check_len(name, b, n_users)?;
-        }
-    }
-    if (losses.is_some() || accuracy.is_some()) && query.is_none() {
+    out.check_lengths(k, n_users)?;
+    if (out.losses.is_some() || out.accuracy.is_some()) && query.is_none() {
         return invalid("losses and accuracy need query pairs");
     }
+    let ForwardOutputs { weights, support_losses, losses, accuracy } = out;
+    let mut values = ForwardOutputs { weights, support_losses, losses, accuracy };
     ctl.chunks(n_users, |lo, hi| {
         let sup = support.users(lo, hi);
         let qry = query.map(|q| q.users(lo, hi));
         let st = start.users(lo, hi, k);
         let blocks = block_bounds(hi - lo);
-        let w_parts = split_lengths(&mut weights[lo * k..hi * k], blocks.iter().map(|b| (b.1 - b.0) * k));
-        let sizes: Vec<usize> = blocks.iter().map(|b| b.1 - b.0).collect();
-        let sl_parts = optional_parts(support_losses.as_deref_mut(), lo, hi, &sizes);
-        let l_parts = optional_parts(losses.as_deref_mut(), lo, hi, &sizes);
-        let a_parts = optional_parts(accuracy.as_deref_mut(), lo, hi, &sizes);
-        let work: Vec<_> = blocks.iter().copied().zip(w_parts).zip(sl_parts).zip(l_parts).zip(a_parts).collect();
+        let work: Vec<_> = blocks.iter().copied().zip(values.block_parts(k, lo, hi, &blocks)).collect();
         let inputs_finite = ctl.pool.install(|| {
             work.into_par_iter()
-                .map(|((((users, weights), support_losses), losses), accuracy)| {
-                    let block = ForwardBlock { users, start: st, support: sup, query: qry, inner, weights, support_losses, losses, accuracy };
-                    with_row_ops(k, block)
-                })
+                .map(|(users, values)| with_row_ops(k, ForwardBlock { users, start: st, support: sup, query: qry, inner, values }))
                 .reduce(|| true, |a, b| a & b)
         });
         if inputs_finite {
@@ -194,14 +222,7 @@ pub fn forward<T: Real>(
             input_error(&support, query.as_ref(), ctl.pool)
         }
     })?;
-    check_output_finite("adapted weights", weights, k, ctl.pool)?;
-    if let Some(l) = &losses {
-        check_output_finite("query loss", l, 1, ctl.pool)?;
-    }
-    if let Some(l) = &support_losses {
-        check_output_finite("support loss", l, 1, ctl.pool)?;
-    }
-    Ok(())
+    values.check_finite(k, ctl.pool)
 }
 
 /// Exact gradient of `Σ_u grad_losses[u] · L_u` (SPEC §3) with respect to `w0` (into
@@ -220,10 +241,51 @@ pub fn backward<T: Real>(
     grad_query: &mut [T],
     ctl: &Control<'_>,
 ) -> Result<()> {
+    backward_and_values(start, support, query, grad_losses, inner, first_order, grad_w0, grad_support, grad_query, None, ctl)
+}
+
+/// [`backward`] and, in the same pass, what [`forward`] with query pairs gives (`values`):
+/// the adapted weights and each user's support loss, query loss and accuracy at them,
+/// bit-identical to [`forward`]'s. Reads every row once instead of twice, for callers that
+/// know `grad_losses` before the losses (a fixed weighting such as the mean).
+#[allow(clippy::too_many_arguments)]
+pub fn value_and_grad<T: Real>(
+    start: Start<'_, T>,
+    support: Csr<'_, T>,
+    query: Csr<'_, T>,
+    grad_losses: &[T],
+    inner: &InnerLoop,
+    first_order: bool,
+    values: ForwardOutputs<'_, T>,
+    grad_w0: &mut [T],
+    grad_support: &mut [T],
+    grad_query: &mut [T],
+    ctl: &Control<'_>,
+) -> Result<()> {
+    backward_and_values(start, support, query, grad_losses, inner, first_order, grad_w0, grad_support, grad_query, Some(values), ctl)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_and_values<T: Real>(
+    start: Start<'_, T>,
+    support: Csr<'_, T>,
+    query: Csr<'_, T>,
+    grad_losses: &[T],
+    inner: &InnerLoop,
+    first_order: bool,
+    grad_w0: &mut [T],
+    grad_support: &mut [T],
+    grad_query: &mut [T],
+    mut values: Option<ForwardOutputs<'_, T>>,
+    ctl: &Control<'_>,
+) -> Result<()> {
     let (k, n_users) = (support.k, support.n_users());
     inner.validate()?;
     start.check(k, n_users)?;
     check_same_users(&support, &query)?;
+    if let Some(v) = &values {
+        v.check_lengths(k, n_users)?;
+    }
     check_len("grad_losses", grad_losses, n_users)?;
     if let Some(u) = grad_losses.iter().position(|x| !x.is_finite()) {
         return invalid(format!("grad_losses contains a non-finite value (user {u})"));
@@ -252,11 +314,15 @@ pub fn backward<T: Real>(
         } else {
             split_lengths(&mut grad_w0[lo * k..hi * k], blocks.iter().map(|b| (b.1 - b.0) * k))
         };
-        let work: Vec<_> = blocks.iter().copied().zip(gs_parts).zip(gq_parts).zip(gw_parts).collect();
+        let value_parts: Vec<Option<BlockValues<'_, T>>> = match values.as_mut() {
+            Some(v) => v.block_parts(k, lo, hi, &blocks).into_iter().map(Some).collect(),
+            None => blocks.iter().map(|_| None).collect(),
+        };
+        let work: Vec<_> = blocks.iter().copied().zip(gs_parts).zip(gq_parts).zip(gw_parts).zip(value_parts).collect();
         let (inputs_finite, outputs_finite) = ctl.pool.install(|| {
             work.into_par_iter()
                 .map(
-                |(((users, grad_support), grad_query), grad_w0)| {
+                |((((users, grad_support), grad_query), grad_w0), values)| {
                     let block = BackwardBlock {
                         users,
                         start: st,
@@ -269,6 +335,7 @@ pub fn backward<T: Real>(
                         grad_w0,
                         grad_support,
                         grad_query,
+                        values,
                     };
                     with_row_ops(k, block)
                 },
@@ -291,7 +358,10 @@ pub fn backward<T: Real>(
         check_rows_finite("grad_support", grad_support, &support, ctl.pool)?;
         check_rows_finite("grad_query", grad_query, &query, ctl.pool)?;
     }
-    Ok(())
+    match &values {
+        Some(v) => v.check_finite(k, ctl.pool),
+        None => Ok(()),
+    }
 }
 
 /// One block of users' forward work (users `users.0..users.1` of the chunk's batches).
@@ -301,10 +371,7 @@ struct ForwardBlock<'a, 'd, T> {
     support: Csr<'d, T>,
     query: Option<Csr<'d, T>>,
     inner: &'a InnerLoop,
-    weights: &'a mut [T],
-    support_losses: Option<&'a mut [T]>,
-    losses: Option<&'a mut [T]>,
-    accuracy: Option<&'a mut [T]>,
+    values: BlockValues<'a, T>,
 }
 
 /// The group of up to [`LANES`] consecutive users of the block from `lo` on (before `end`):
@@ -346,7 +413,7 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> bool {
-        let ForwardBlock { users, start, support, query, inner, weights, mut support_losses, mut losses, mut accuracy } = self;
+        let ForwardBlock { users, start, support, query, inner, mut values } = self;
         let k = support.k;
         let mut group = Group::<T, R::Lanes>::new(k);
         let mut scratch = Vec::new();
@@ -358,26 +425,45 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
             let members = &members;
             group.adapt(ops, members, inner, false);
             let first = range.start - users.0;
-            let w_rows = group.weight_rows(ops);
-            weights[first * k..(first + members.len) * k].copy_from_slice(&w_rows[..members.len * k]);
-            let p_rows = group.softmax_rows(ops);
-            for l in 0..members.len {
-                let (i, p) = (first + l, &p_rows[l * k..(l + 1) * k]);
-                if let Some(sl) = support_losses.as_deref_mut() {
-                    sl[i] = loss_and_accuracy(ops, members.support[l], k, p, &mut scratch).0;
+            values.write(ops, k, &mut group, members, first, &mut scratch);
+        }
+        inputs_finite
+    }
+}
+
+/// One block's share of [`ForwardOutputs`]: its users' rows of each output.
+struct BlockValues<'a, T> {
+    weights: &'a mut [T],
+    support_losses: Option<&'a mut [T]>,
+    losses: Option<&'a mut [T]>,
+    accuracy: Option<&'a mut [T]>,
+}
+
+impl<T: Real> BlockValues<'_, T> {
+    /// The adapted weights `w_T` of a group (left in `group` by its inner loop), and each
+    /// member's support loss, query loss and accuracy at `w_T`, for the members starting at
+    /// the block's user `first`.
+    #[inline(always)]
+    fn write<R: RowOps<T>>(&mut self, ops: R, k: usize, group: &mut Group<T, R::Lanes>, members: &Members<'_, T>, first: usize, scratch: &mut Vec<T>) {
+        let k = ops.width(k);
+        let w_rows = group.weight_rows(ops);
+        self.weights[first * k..(first + members.len) * k].copy_from_slice(&w_rows[..members.len * k]);
+        let p_rows = group.softmax_rows(ops);
+        for l in 0..members.len {
+            let (i, p) = (first + l, &p_rows[l * k..(l + 1) * k]);
+            if let Some(sl) = self.support_losses.as_deref_mut() {
+                sl[i] = loss_and_accuracy(ops, members.support[l], k, p, scratch).0;
+            }
+            if self.losses.is_some() || self.accuracy.is_some() {
+                let (loss, acc) = loss_and_accuracy(ops, members.query[l], k, p, scratch);
+                if let Some(out) = self.losses.as_deref_mut() {
+                    out[i] = loss;
                 }
-                if query.is_some() {
-                    let (loss, acc) = loss_and_accuracy(ops, members.query[l], k, p, &mut scratch);
-                    if let Some(out) = losses.as_deref_mut() {
-                        out[i] = loss;
-                    }
-                    if let Some(out) = accuracy.as_deref_mut() {
-                        out[i] = acc;
-                    }
+                if let Some(out) = self.accuracy.as_deref_mut() {
+                    out[i] = acc;
                 }
             }
         }
-        inputs_finite
     }
 }
 
@@ -395,6 +481,8 @@ struct BackwardBlock<'a, 'd, T> {
     grad_w0: &'a mut [T],
     grad_support: &'a mut [T],
     grad_query: &'a mut [T],
+    /// With [`value_and_grad`]: the block's share of the forward outputs.
+    values: Option<BlockValues<'a, T>>,
 }
 
 /// The rows of consecutive users `range` of `batch` in `buf` (which holds the rows of the
@@ -420,12 +508,13 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> (bool, bool) {
-        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, grad_w0, grad_support, grad_query } = self;
+        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, grad_w0, grad_support, grad_query, mut values } = self;
         let k = support.k;
         let (s_base, q_base) = (support.row_range(users.0).start, query.row_range(users.0).start);
         let mut group = Group::<T, R::Lanes>::new(k);
         // λ of the group's users, K rows of one value per lane.
         let mut lam = vec![[T::ZERO; LANES]; k];
+        let mut scratch = Vec::new();
         let (mut inputs_finite, mut outputs_finite) = (true, true);
         let mut lo = users.0;
         while lo < users.1 {
@@ -444,6 +533,10 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                 }
             }
             group.backward(ops, members, scale, inner, first_order, &mut gs, &mut gq);
+            // The backward leaves the group's adapted weights in place.
+            if let Some(v) = values.as_mut() {
+                v.write(ops, k, &mut group, members, first, &mut scratch);
+            }
             for (a, b) in gs.iter().zip(&gq) {
                 outputs_finite &= all_finite(a) & all_finite(b);
             }

@@ -7,6 +7,7 @@
 //!   with support/query loss and accuracy at the adapted weights;
 //! - [`batch::backward`]: the exact (or first-order) gradient of a weighted sum of query losses
 //!   with respect to the start and every support and query row;
+//! - [`batch::value_and_grad`]: both of the above in one pass over the rows;
 //! - [`rpo::rpo`]: the Robust Personalization Objective and its gradient;
 //! - [`batch::score`]: personalised rewards of feature rows;
 //! - [`gather::pair_differences`]: pair differences of feature rows picked by index, and their
@@ -23,7 +24,7 @@ pub mod real;
 pub mod rows;
 pub mod rpo;
 
-pub use batch::{backward, evaluate, forward, score, Control, ForwardOutputs, Start};
+pub use batch::{backward, evaluate, forward, score, value_and_grad, Control, ForwardOutputs, Start};
 pub use csr::Csr;
 pub use error::{Error, Result};
 pub use gather::{pair_differences, pair_differences_backward};

@@ -1,7 +1,7 @@
 //! Whole-kernel checks: meta-gradients against finite differences of the forward pass,
 //! float32 against float64, bit-identical results for any thread count, no panics.
 
-use mrm_core::{backward, forward, rpo, score, Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
+use mrm_core::{backward, forward, rpo, score, value_and_grad, Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
 use proptest::prelude::*;
 
 fn pool(threads: usize) -> rayon::ThreadPool {
@@ -141,6 +141,50 @@ fn bit_identical_for_any_thread_count() {
             assert_eq!(bits(&base.1), bits(&other.1));
             assert_eq!(bits(&base.2), bits(&other.2));
             assert_eq!(bits(&base_losses), bits(&losses(&d, &d.w0, &d.support, &d.query, &inner, threads)));
+        }
+    }
+}
+
+/// The fused pass gives, bit for bit, what `forward` (all four outputs) and `backward` give
+/// separately: f32 and f64, shared and per-user start, exact and first-order, ragged users
+/// (some without support pairs), 1 and 2 threads, chunks that split blocks.
+#[test]
+fn value_and_grad_equals_forward_then_backward() {
+    fn check<T: Real>(d: &Data, inner: &InnerLoop, per_user: bool, first_order: bool, threads: usize) {
+        let (k, n) = (d.k, d.s_off.len() - 1);
+        let (support, query): (Vec<T>, Vec<T>) = (cast(&d.support), cast(&d.query));
+        let w0: Vec<T> = if per_user { (0..n * k).map(|i| T::of(0.01 * (i % 13) as f64)).collect() } else { cast(&d.w0) };
+        let start = if per_user { Start::PerUser(&w0) } else { Start::Shared(&w0) };
+        let gl: Vec<T> = (0..n).map(|u| T::of(0.5 + (u % 5) as f64)).collect();
+        let p = pool(threads);
+        let ctl = Control { pool: &p, chunk_users: 300, keep_going: &|| true };
+        let s = Csr::new("support", &support, &d.s_off, k).unwrap();
+        let q = Csr::new("query", &query, &d.q_off, k).unwrap();
+        let outputs = || (vec![T::ZERO; n * k], vec![T::ZERO; n], vec![T::ZERO; n], vec![T::ZERO; n]);
+        let grads = || (vec![T::ZERO; w0.len().min(if per_user { n * k } else { k })], vec![T::ZERO; support.len()], vec![T::ZERO; query.len()]);
+        let (mut w, mut sl, mut l, mut a) = outputs();
+        let out = ForwardOutputs { weights: &mut w, support_losses: Some(&mut sl), losses: Some(&mut l), accuracy: Some(&mut a) };
+        forward(start, s, Some(q), inner, out, &ctl).unwrap();
+        let (mut gw, mut gs, mut gq) = grads();
+        backward(start, s, q, &gl, inner, first_order, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+        let (mut w2, mut sl2, mut l2, mut a2) = outputs();
+        let out = ForwardOutputs { weights: &mut w2, support_losses: Some(&mut sl2), losses: Some(&mut l2), accuracy: Some(&mut a2) };
+        let (mut gw2, mut gs2, mut gq2) = grads();
+        value_and_grad(start, s, q, &gl, inner, first_order, out, &mut gw2, &mut gs2, &mut gq2, &ctl).unwrap();
+        let case = format!("{inner:?} per-user {per_user} first-order {first_order} threads {threads}");
+        for (name, x, y) in [("weights", &w, &w2), ("support losses", &sl, &sl2), ("losses", &l, &l2), ("accuracy", &a, &a2)] {
+            assert_eq!(bits(x), bits(y), "{case}: {name}");
+        }
+        for (name, x, y) in [("grad_w0", &gw, &gw2), ("grad_support", &gs, &gs2), ("grad_query", &gq, &gq2)] {
+            assert_eq!(bits(x), bits(y), "{case}: {name}");
+        }
+        assert!(l.iter().any(|&x| x != T::ZERO) && gs.iter().any(|&x| x != T::ZERO) || first_order, "{case}: trivial outputs");
+    }
+    let d = data(700, 8, 9);
+    for inner in inner_loops() {
+        for (per_user, first_order, threads) in [(false, false, 1), (false, false, 2), (true, false, 2), (false, true, 2)] {
+            check::<f64>(&d, &inner, per_user, first_order, threads);
+            check::<f32>(&d, &inner, per_user, first_order, threads);
         }
     }
 }

@@ -165,6 +165,8 @@ fn forward<'py, T: Real + Element>(
     ))
 }
 
+/// `backward`, and with `with_values` also `forward`'s four outputs from the same pass
+/// (`mrm_core::value_and_grad`); returns the gradients and those outputs.
 #[allow(clippy::too_many_arguments)]
 fn backward<'py, T: Real + Element>(
     py: Python<'py>,
@@ -178,7 +180,8 @@ fn backward<'py, T: Real + Element>(
     first_order: bool,
     num_threads: usize,
     out: Option<BackwardOut<'py, T>>,
-) -> PyResult<Backward<'py>> {
+    with_values: bool,
+) -> PyResult<(Backward<'py>, Option<Forward<'py>>)> {
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
     let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
@@ -196,6 +199,7 @@ fn backward<'py, T: Real + Element>(
             (grad_w0, grad_support, grad_query)
         }
     };
+    let mut values = None;
     {
         // A buffer that overlaps an input (already borrowed read-only) cannot be borrowed here.
         let overlap = |name: &str| PyValueError::new_err(format!("{name} must not share memory with an input array"));
@@ -203,9 +207,26 @@ fn backward<'py, T: Real + Element>(
         let mut gs = grad_support.try_readwrite().map_err(|_| overlap("out[1]"))?;
         let mut gq = grad_query.try_readwrite().map_err(|_| overlap("out[2]"))?;
         let (gw, gs, gq) = (slice_mut("out[0]", &mut gw)?, slice_mut("out[1]", &mut gs)?, slice_mut("out[2]", &mut gq)?);
-        run(py, &threads, |ctl| mrm_core::backward(start, support, query, grad_losses, &inner, first_order, gw, gs, gq, ctl))?;
+        if with_values {
+            let n_users = support.n_users();
+            let (mut weights, mut support_losses, mut losses, mut accuracy) =
+                (vec![T::ZERO; n_users * k], vec![T::ZERO; n_users], vec![T::ZERO; n_users], vec![T::ZERO; n_users]);
+            run(py, &threads, |ctl| {
+                let values = ForwardOutputs {
+                    weights: &mut weights,
+                    support_losses: Some(&mut support_losses),
+                    losses: Some(&mut losses),
+                    accuracy: Some(&mut accuracy),
+                };
+                mrm_core::value_and_grad(start, support, query, grad_losses, &inner, first_order, values, gw, gs, gq, ctl)
+            })?;
+            let vector = |v: Vec<T>| Some(Array1::from_vec(v).into_pyarray(py).into_any());
+            values = Some((matrix(weights, n_users, k)?.into_pyarray(py).into_any(), vector(support_losses), vector(losses), vector(accuracy)));
+        } else {
+            run(py, &threads, |ctl| mrm_core::backward(start, support, query, grad_losses, &inner, first_order, gw, gs, gq, ctl))?;
+        }
     }
-    Ok((grad_w0.into_any(), grad_support.into_any(), grad_query.into_any()))
+    Ok(((grad_w0.into_any(), grad_support.into_any(), grad_query.into_any()), values))
 }
 
 fn slice_mut<'a, T: Element, D: numpy::ndarray::Dimension>(
@@ -301,7 +322,7 @@ macro_rules! entry_points {
         }
 
         #[pyfunction]
-        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, grad_losses, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads, out=None))]
+        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, grad_losses, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads, out=None, with_values=false))]
         #[allow(clippy::too_many_arguments)]
         fn $backward<'py>(
             py: Python<'py>,
@@ -320,9 +341,10 @@ macro_rules! entry_points {
             first_order: bool,
             num_threads: usize,
             out: Option<BackwardOut<'py, $t>>,
-        ) -> PyResult<Backward<'py>> {
+            with_values: bool,
+        ) -> PyResult<(Backward<'py>, Option<Forward<'py>>)> {
             let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
-            backward(py, w0, support, support_offsets, query, query_offsets, grad_losses, inner, first_order, num_threads, out)
+            backward(py, w0, support, support_offsets, query, query_offsets, grad_losses, inner, first_order, num_threads, out, with_values)
         }
 
         #[pyfunction]
