@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -25,7 +26,7 @@ from mrm import _native
 
 __all__ = [
     "MetaForward", "adapt", "meta_forward", "meta_backward", "meta_value_and_grad", "rpo", "score", "pair_differences",
-    "pair_differences_backward", "resolve_threads",
+    "pair_differences_backward", "resolve_threads", "set_output_cache_limit", "output_cache_limit",
 ]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -333,6 +334,26 @@ def _gradient_buffers(out, dtype: np.dtype, **like: np.ndarray) -> Tuple[np.ndar
         if not buffer.flags.writeable:
             raise ValueError(f"out[{i}] must be writeable")
     return tuple(out)
+
+
+def set_output_cache_limit(limit_bytes: int) -> int:
+    """Limit (bytes) of the cache that lends the memory of dropped gradient arrays to later calls.
+
+    ``meta_backward`` / ``meta_value_and_grad`` return gradient arrays of 1 MiB or more as views
+    of cached arrays. Once every reference to one is gone (views, tensors, memoryviews), a
+    later call reuses its memory, already mapped, instead of page-faulting fresh memory.
+    The default limit is ``$MRM_OUTPUT_CACHE_MB`` MiB, else 1024 MiB; 0 turns the cache off.
+    Free arrays over the new limit are released at once. Returns the bytes the cache still holds.
+    """
+    limit_bytes = operator.index(limit_bytes)
+    if limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
+    return _native.set_output_cache_limit(limit_bytes)
+
+
+def output_cache_limit() -> int:
+    """The output cache's current limit in bytes (see :func:`set_output_cache_limit`)."""
+    return _native.output_cache_limit()
 
 
 def rpo(losses, tail: float, gamma: float) -> Tuple[float, np.ndarray]:

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+mod cache;
+
 use mrm_core::{Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
 use numpy::ndarray::{Array1, Array2};
 use numpy::{
@@ -191,11 +193,10 @@ fn backward<'py, T: Real + Element>(
     let (grad_w0, grad_support, grad_query) = match out {
         Some(buffers) => buffers,
         None => {
-            let grad_w0 = PyArrayDyn::<T>::zeros(py, w0.shape(), false);
-            // Outputs allocated by numpy, whose allocator asks the kernel for huge pages for
-            // large arrays: the first writes then cost a few page faults instead of one per 4 KiB.
-            let grad_support = PyArray2::<T>::zeros(py, [support.n_rows(), k], false);
-            let grad_query = PyArray2::<T>::zeros(py, [query.n_rows(), query.k], false);
+            // Every element is written by the kernel (rows of skipped users only when it fails).
+            let grad_w0 = cache::output::<T>(py, w0.shape())?;
+            let grad_support = cache::output::<T>(py, &[support.n_rows(), k])?.cast_into::<PyArray2<T>>()?;
+            let grad_query = cache::output::<T>(py, &[query.n_rows(), query.k])?.cast_into::<PyArray2<T>>()?;
             (grad_w0, grad_support, grad_query)
         }
     };
@@ -389,8 +390,22 @@ macro_rules! entry_points {
 entry_points!(f32, forward_f32, backward_f32, rpo_f32, score_f32, pair_differences_f32, pair_differences_backward_f32);
 entry_points!(f64, forward_f64, backward_f64, rpo_f64, score_f64, pair_differences_f64, pair_differences_backward_f64);
 
+/// Sets the output cache's limit in bytes (see `cache`); returns the bytes it still holds.
+#[pyfunction]
+fn set_output_cache_limit(py: Python<'_>, limit_bytes: usize) -> usize {
+    cache::set_limit(py, limit_bytes)
+}
+
+/// The output cache's limit in bytes.
+#[pyfunction]
+fn output_cache_limit() -> usize {
+    cache::limit()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(set_output_cache_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(output_cache_limit, m)?)?;
     m.add_function(wrap_pyfunction!(forward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(forward_f64, m)?)?;
     m.add_function(wrap_pyfunction!(backward_f32, m)?)?;
