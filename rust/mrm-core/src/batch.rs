@@ -11,6 +11,7 @@ use crate::inner::{loss_and_accuracy, InnerLoop};
 use crate::lanes::LANES;
 use crate::real::{softmax_into, Real};
 use crate::rows::{with_row_ops, RowOps, WithRowOps};
+use crate::stream;
 
 /// Users per unit of parallel work. Fixed, so reductions do not depend on the thread count.
 const BLOCK_USERS: usize = 256;
@@ -514,7 +515,7 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
         let mut group = Group::<T, R::Lanes>::new(k);
         // λ of the group's users, K rows of one value per lane.
         let mut lam = vec![[T::ZERO; LANES]; k];
-        let mut scratch = Vec::new();
+        let (mut scratch, mut scratch_s, mut scratch_q) = (Vec::new(), Vec::new(), Vec::new());
         let (mut inputs_finite, mut outputs_finite) = (true, true);
         let mut lo = users.0;
         while lo < users.1 {
@@ -524,8 +525,13 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             let first = range.start - users.0;
             let mut scale = [T::ZERO; LANES];
             scale[..members.len].copy_from_slice(&grad_losses[first..first + members.len]);
-            let mut gs = member_rows(grad_support, &support, s_base, range.clone());
-            let mut gq = member_rows(grad_query, &query, q_base, range.clone());
+            // The group's gradient rows are built in scratch (in cache) and then streamed out.
+            let s_rows = support.row_range(range.start).start..support.row_range(range.end - 1).end;
+            let q_rows = query.row_range(range.start).start..query.row_range(range.end - 1).end;
+            scratch_s.resize(s_rows.len() * k, T::ZERO);
+            scratch_q.resize(q_rows.len() * k, T::ZERO);
+            let mut gs = member_rows(&mut scratch_s, &support, s_rows.start, range.clone());
+            let mut gq = member_rows(&mut scratch_q, &query, q_rows.start, range.clone());
             // A user skipped for non-finite input gets no gradient rows (the call fails).
             for (l, (a, b)) in gs.iter_mut().zip(gq.iter_mut()).enumerate().take(members.len) {
                 if members.query[l].is_empty() {
@@ -540,6 +546,8 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             for (a, b) in gs.iter().zip(&gq) {
                 outputs_finite &= all_finite(a) & all_finite(b);
             }
+            stream::copy(&mut grad_support[(s_rows.start - s_base) * k..(s_rows.end - s_base) * k], &scratch_s);
+            stream::copy(&mut grad_query[(q_rows.start - q_base) * k..(q_rows.end - q_base) * k], &scratch_q);
             for (row, &v) in lam.iter_mut().zip(&group.lam) {
                 *row = lane_values(v);
             }
@@ -555,6 +563,7 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                 }
             }
         }
+        stream::fence();
         (inputs_finite, outputs_finite)
     }
 }

@@ -20,6 +20,7 @@ pub mod gather;
 mod group;
 pub mod inner;
 mod lanes;
+mod stream;
 pub mod real;
 pub mod rows;
 pub mod rpo;
