@@ -375,6 +375,38 @@ struct ForwardBlock<'a, 'd, T> {
     values: BlockValues<'a, T>,
 }
 
+/// Users per finite-value scan ahead of the groups: their rows are read in one streaming pass
+/// (which the hardware prefetches well) and are then in cache for the groups that use them.
+const SCAN_USERS: usize = 64;
+
+/// Rows of at most this many bytes (support and query together) are scanned ahead; more would
+/// not stay in cache until used.
+const SCAN_BYTES: usize = 256 << 10;
+
+/// Which users' rows were scanned ahead (`..end`), and whether all their values were finite.
+#[derive(Default)]
+struct Scan {
+    end: usize,
+    finite: bool,
+}
+
+impl Scan {
+    /// Scans users `lo..` (up to [`SCAN_USERS`] of them, before `end`) when there are query
+    /// rows and all their rows fit in [`SCAN_BYTES`]; else only the users of the next group are
+    /// covered, unscanned (adaptation alone checks each user's support rows as it goes: faster
+    /// there, measured).
+    fn ahead<T: Real>(&mut self, lo: usize, end: usize, support: Csr<'_, T>, query: Option<Csr<'_, T>>) {
+        let hi = (lo + SCAN_USERS).min(end);
+        let s = support.users(lo, hi).values;
+        let q = query.map_or(&[] as &[T], |q| q.users(lo, hi).values);
+        if query.is_some() && (s.len() + q.len()) * std::mem::size_of::<T>() <= SCAN_BYTES {
+            (self.end, self.finite) = (hi, all_finite(s) & all_finite(q));
+        } else {
+            (self.end, self.finite) = ((lo + LANES).min(end), false);
+        }
+    }
+}
+
 /// The group of up to [`LANES`] consecutive users of the block from `lo` on (before `end`):
 /// the members and their user indices. A user with a non-finite row gets no rows (it is
 /// skipped, and the call ends in an error naming it) and clears `inputs_finite`.
@@ -385,10 +417,14 @@ fn group_at<'d, T: Real>(
     start: Start<'d, T>,
     support: Csr<'d, T>,
     query: Option<Csr<'d, T>>,
+    scan: &mut Scan,
     inputs_finite: &mut bool,
 ) -> (Members<'d, T>, std::ops::Range<usize>) {
     let k = support.k;
     let hi = (lo + LANES).min(end);
+    if lo >= scan.end {
+        scan.ahead(lo, end, support, query);
+    }
     let mut members = Members::new();
     members.len = hi - lo;
     for (l, u) in (lo..hi).enumerate() {
@@ -398,7 +434,7 @@ fn group_at<'d, T: Real>(
             Some(q) => q.rows(u),
             None => &[],
         };
-        if all_finite(s) && all_finite(q) {
+        if scan.finite || all_finite(s) && all_finite(q) {
             (members.support[l], members.query[l]) = (s, q);
         } else {
             *inputs_finite = false;
@@ -419,9 +455,10 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
         let mut group = Group::<T, R::Lanes>::new(k);
         let mut scratch = Vec::new();
         let mut inputs_finite = true;
+        let mut scan = Scan::default();
         let mut lo = users.0;
         while lo < users.1 {
-            let (members, range) = group_at(lo, users.1, start, support, query, &mut inputs_finite);
+            let (members, range) = group_at(lo, users.1, start, support, query, &mut scan, &mut inputs_finite);
             lo = range.end;
             let members = &members;
             group.adapt(ops, members, inner, false);
@@ -517,9 +554,10 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
         let mut lam = vec![[T::ZERO; LANES]; k];
         let (mut scratch, mut scratch_s, mut scratch_q) = (Vec::new(), Vec::new(), Vec::new());
         let (mut inputs_finite, mut outputs_finite) = (true, true);
+        let mut scan = Scan::default();
         let mut lo = users.0;
         while lo < users.1 {
-            let (members, range) = group_at(lo, users.1, start, support, Some(query), &mut inputs_finite);
+            let (members, range) = group_at(lo, users.1, start, support, Some(query), &mut scan, &mut inputs_finite);
             lo = range.end;
             let members = &members;
             let first = range.start - users.0;

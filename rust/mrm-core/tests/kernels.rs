@@ -234,6 +234,40 @@ fn deferred_value_checks_give_the_up_front_error() {
     }
 }
 
+/// The same errors when a block's rows are too many to be scanned ahead (a user with 20,000
+/// rows next to small ones), with the bad value in a large or in a small user.
+#[test]
+fn deferred_value_checks_with_large_users() {
+    let k = 3;
+    let counts = [20_000usize, 3, 5, 2, 7];
+    let mut offsets = vec![0i64];
+    for &c in &counts {
+        offsets.push(offsets.last().unwrap() + c as i64);
+    }
+    let n_rows = *offsets.last().unwrap() as usize;
+    let mut seed = 3;
+    let clean: Vec<f64> = (0..n_rows * k).map(|_| lcg(&mut seed)).collect();
+    let p = pool(2);
+    let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
+    let inner = InnerLoop { steps: 2, lr: 0.1, optimizer: Optimizer::Sgd };
+    let w0 = vec![0.1; k];
+    for (bad_row, in_query) in [(19_999, false), (20_004, true), (20_011, false)] {
+        let mut s = clean.clone();
+        let mut q = clean.clone();
+        let target = if in_query { &mut q } else { &mut s };
+        target[bad_row * k + 1] = f64::NAN;
+        let want = Csr::new("support", &s, &offsets, k).and_then(|_| Csr::new("query", &q, &offsets, k)).unwrap_err();
+        let (ss, qs) = (Csr::shaped("support", &s, &offsets, k).unwrap(), Csr::shaped("query", &q, &offsets, k).unwrap());
+        let mut w = vec![0.0; counts.len() * k];
+        let mut l = vec![0.0; counts.len()];
+        let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: Some(&mut l), accuracy: None };
+        assert_eq!(forward(Start::Shared(&w0), ss, Some(qs), &inner, out, &ctl).unwrap_err(), want);
+        let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; s.len()], vec![0.0; q.len()]);
+        let got = backward(Start::Shared(&w0), ss, qs, &[1.0; 5], &inner, false, &mut gw, &mut gs, &mut gq, &ctl);
+        assert_eq!(got.unwrap_err(), want);
+    }
+}
+
 /// A huge Adam step count costs nothing for users without support pairs (their weights stay at
 /// the start) and allocates nothing in proportion to it.
 #[test]
