@@ -96,3 +96,10 @@ def test_bad_limits():
         ops.set_output_cache_limit(-1)
     with pytest.raises(TypeError):
         ops.set_output_cache_limit(1.5)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5"])
+def test_bad_cache_environment_variable(monkeypatch, value):
+    monkeypatch.setenv("MRM_OUTPUT_CACHE_MB", value)
+    with pytest.raises(ValueError, match="MRM_OUTPUT_CACHE_MB"):
+        grads(*batch())

@@ -48,10 +48,14 @@ class MetaForward:
 
 def resolve_threads(num_threads: Optional[int]) -> int:
     """Thread count: the argument, else ``$MRM_NUM_THREADS``, else the CPUs this process may use.
-    Also checks ``$MRM_PORTABLE_KERNELS``, which every kernel call reads through here."""
+    Also checks ``$MRM_PORTABLE_KERNELS`` and ``$MRM_OUTPUT_CACHE_MB``, which every kernel call
+    reads through here."""
     portable = os.environ.get("MRM_PORTABLE_KERNELS", "").strip()
     if portable not in ("", "0", "1"):
         raise ValueError(f"MRM_PORTABLE_KERNELS must be 0 or 1, got {portable!r}")
+    cache_mb = os.environ.get("MRM_OUTPUT_CACHE_MB", "").strip()
+    if cache_mb and not cache_mb.isdigit():
+        raise ValueError(f"MRM_OUTPUT_CACHE_MB must be a whole number of MiB (0 turns the cache off), got {cache_mb!r}")
     if num_threads is None:
         env = os.environ.get("MRM_NUM_THREADS", "").strip()
         if env:
