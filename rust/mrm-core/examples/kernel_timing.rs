@@ -61,7 +61,7 @@ fn main() {
         let check: f64 = l.iter().map(|&x| x as f64).sum::<f64>() + gw.iter().map(|&x| x as f64).sum::<f64>();
         let fused = best(5, || {
             let out = ForwardOutputs { weights: &mut w, support_losses: Some(&mut sl), losses: Some(&mut l), accuracy: Some(&mut a) };
-            value_and_grad(Start::Shared(&w0), s, q, &ones, &inner, false, out, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+            value_and_grad(Start::Shared(&w0), s, q, &ones, &inner, false, Some(out), &mut gw, &mut gs, &mut gq, &ctl).unwrap();
         });
         println!(
             "{name}: users {users} threads {threads} K {k} steps {steps}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  \

@@ -242,10 +242,10 @@ pub fn backward<T: Real>(
     grad_query: &mut [T],
     ctl: &Control<'_>,
 ) -> Result<()> {
-    backward_and_values(start, support, query, grad_losses, inner, first_order, grad_w0, grad_support, grad_query, None, ctl)
+    value_and_grad(start, support, query, grad_losses, inner, first_order, None, grad_w0, grad_support, grad_query, ctl)
 }
 
-/// [`backward`] and, in the same pass, what [`forward`] with query pairs gives (`values`):
+/// [`backward`] and, with `values`, in the same pass what [`forward`] with query pairs gives:
 /// the adapted weights and each user's support loss, query loss and accuracy at them,
 /// bit-identical to [`forward`]'s. Reads every row once instead of twice, for callers that
 /// know `grad_losses` before the losses (a fixed weighting such as the mean).
@@ -257,27 +257,10 @@ pub fn value_and_grad<T: Real>(
     grad_losses: &[T],
     inner: &InnerLoop,
     first_order: bool,
-    values: ForwardOutputs<'_, T>,
-    grad_w0: &mut [T],
-    grad_support: &mut [T],
-    grad_query: &mut [T],
-    ctl: &Control<'_>,
-) -> Result<()> {
-    backward_and_values(start, support, query, grad_losses, inner, first_order, grad_w0, grad_support, grad_query, Some(values), ctl)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn backward_and_values<T: Real>(
-    start: Start<'_, T>,
-    support: Csr<'_, T>,
-    query: Csr<'_, T>,
-    grad_losses: &[T],
-    inner: &InnerLoop,
-    first_order: bool,
-    grad_w0: &mut [T],
-    grad_support: &mut [T],
-    grad_query: &mut [T],
     mut values: Option<ForwardOutputs<'_, T>>,
+    grad_w0: &mut [T],
+    grad_support: &mut [T],
+    grad_query: &mut [T],
     ctl: &Control<'_>,
 ) -> Result<()> {
     let (k, n_users) = (support.k, support.n_users());

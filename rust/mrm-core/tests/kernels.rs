@@ -170,7 +170,7 @@ fn value_and_grad_equals_forward_then_backward() {
         let (mut w2, mut sl2, mut l2, mut a2) = outputs();
         let out = ForwardOutputs { weights: &mut w2, support_losses: Some(&mut sl2), losses: Some(&mut l2), accuracy: Some(&mut a2) };
         let (mut gw2, mut gs2, mut gq2) = grads();
-        value_and_grad(start, s, q, &gl, inner, first_order, out, &mut gw2, &mut gs2, &mut gq2, &ctl).unwrap();
+        value_and_grad(start, s, q, &gl, inner, first_order, Some(out), &mut gw2, &mut gs2, &mut gq2, &ctl).unwrap();
         let case = format!("{inner:?} per-user {per_user} first-order {first_order} threads {threads}");
         for (name, x, y) in [("weights", &w, &w2), ("support losses", &sl, &sl2), ("losses", &l, &l2), ("accuracy", &a, &a2)] {
             assert_eq!(bits(x), bits(y), "{case}: {name}");

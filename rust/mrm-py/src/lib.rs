@@ -144,27 +144,52 @@ fn forward<'py, T: Real + Element>(
     let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
     let query = query.as_ref().map(|(q, qo)| csr(py, "query", q, qo, &threads, false)).transpose()?;
     let start = start(&w0)?;
-    let n_users = support.n_users();
-    let mut weights = vec![T::ZERO; n_users * k];
-    let mut support_losses = if with_support_loss { Some(vec![T::ZERO; n_users]) } else { None };
-    let mut losses = query.map(|_| vec![T::ZERO; n_users]);
-    let mut accuracy = query.map(|_| vec![T::ZERO; n_users]);
-    run(py, &threads, |ctl| {
-        let out = ForwardOutputs {
-            weights: &mut weights,
-            support_losses: support_losses.as_deref_mut(),
-            losses: losses.as_deref_mut(),
-            accuracy: accuracy.as_deref_mut(),
-        };
-        mrm_core::forward(start, support, query, &inner, out, ctl)
-    })?;
-    let vector = |v: Option<Vec<T>>| v.map(|v| Array1::from_vec(v).into_pyarray(py).into_any());
-    Ok((
-        matrix(weights, n_users, k)?.into_pyarray(py).into_any(),
-        vector(support_losses),
-        vector(losses),
-        vector(accuracy),
-    ))
+    let mut buffers = ForwardBuffers::new(support.n_users(), k, with_support_loss, query.is_some());
+    run(py, &threads, |ctl| mrm_core::forward(start, support, query, &inner, buffers.outputs(), ctl))?;
+    buffers.into_arrays(py)
+}
+
+/// Memory for the forward outputs: adapted weights (U × K) and the optional per-user values.
+struct ForwardBuffers<T> {
+    n_users: usize,
+    k: usize,
+    weights: Vec<T>,
+    support_losses: Option<Vec<T>>,
+    losses: Option<Vec<T>>,
+    accuracy: Option<Vec<T>>,
+}
+
+impl<T: Real + Element> ForwardBuffers<T> {
+    fn new(n_users: usize, k: usize, support_losses: bool, query: bool) -> Self {
+        let per_user = |present: bool| present.then(|| vec![T::ZERO; n_users]);
+        ForwardBuffers {
+            n_users,
+            k,
+            weights: vec![T::ZERO; n_users * k],
+            support_losses: per_user(support_losses),
+            losses: per_user(query),
+            accuracy: per_user(query),
+        }
+    }
+
+    fn outputs(&mut self) -> ForwardOutputs<'_, T> {
+        ForwardOutputs {
+            weights: &mut self.weights,
+            support_losses: self.support_losses.as_deref_mut(),
+            losses: self.losses.as_deref_mut(),
+            accuracy: self.accuracy.as_deref_mut(),
+        }
+    }
+
+    fn into_arrays(self, py: Python<'_>) -> PyResult<Forward<'_>> {
+        let vector = |v: Option<Vec<T>>| v.map(|v| Array1::from_vec(v).into_pyarray(py).into_any());
+        Ok((
+            matrix(self.weights, self.n_users, self.k)?.into_pyarray(py).into_any(),
+            vector(self.support_losses),
+            vector(self.losses),
+            vector(self.accuracy),
+        ))
+    }
 }
 
 /// `backward`, and with `with_values` also `forward`'s four outputs from the same pass
@@ -200,33 +225,20 @@ fn backward<'py, T: Real + Element>(
             (grad_w0, grad_support, grad_query)
         }
     };
-    let mut values = None;
-    {
+    let values = {
         // A buffer that overlaps an input (already borrowed read-only) cannot be borrowed here.
         let overlap = |name: &str| PyValueError::new_err(format!("{name} must not share memory with an input array"));
         let mut gw = grad_w0.try_readwrite().map_err(|_| overlap("out[0]"))?;
         let mut gs = grad_support.try_readwrite().map_err(|_| overlap("out[1]"))?;
         let mut gq = grad_query.try_readwrite().map_err(|_| overlap("out[2]"))?;
         let (gw, gs, gq) = (slice_mut("out[0]", &mut gw)?, slice_mut("out[1]", &mut gs)?, slice_mut("out[2]", &mut gq)?);
-        if with_values {
-            let n_users = support.n_users();
-            let (mut weights, mut support_losses, mut losses, mut accuracy) =
-                (vec![T::ZERO; n_users * k], vec![T::ZERO; n_users], vec![T::ZERO; n_users], vec![T::ZERO; n_users]);
-            run(py, &threads, |ctl| {
-                let values = ForwardOutputs {
-                    weights: &mut weights,
-                    support_losses: Some(&mut support_losses),
-                    losses: Some(&mut losses),
-                    accuracy: Some(&mut accuracy),
-                };
-                mrm_core::value_and_grad(start, support, query, grad_losses, &inner, first_order, values, gw, gs, gq, ctl)
-            })?;
-            let vector = |v: Vec<T>| Some(Array1::from_vec(v).into_pyarray(py).into_any());
-            values = Some((matrix(weights, n_users, k)?.into_pyarray(py).into_any(), vector(support_losses), vector(losses), vector(accuracy)));
-        } else {
-            run(py, &threads, |ctl| mrm_core::backward(start, support, query, grad_losses, &inner, first_order, gw, gs, gq, ctl))?;
-        }
-    }
+        let mut buffers = with_values.then(|| ForwardBuffers::new(support.n_users(), k, true, true));
+        run(py, &threads, |ctl| {
+            let outputs = buffers.as_mut().map(ForwardBuffers::outputs);
+            mrm_core::value_and_grad(start, support, query, grad_losses, &inner, first_order, outputs, gw, gs, gq, ctl)
+        })?;
+        buffers.map(|b| b.into_arrays(py)).transpose()?
+    };
     Ok(((grad_w0.into_any(), grad_support.into_any(), grad_query.into_any()), values))
 }
 
