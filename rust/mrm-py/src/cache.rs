@@ -56,13 +56,11 @@ pub fn limit() -> usize {
 /// the cache still holds (arrays in use stay until they are free and evicted).
 pub fn set_limit(py: Python<'_>, bytes: usize) -> usize {
     LIMIT.store(bytes.min(UNSET - 1), Ordering::Relaxed);
-    match CACHE.try_lock() {
-        Ok(mut cache) => {
-            evict(py, &mut cache, 0, bytes);
-            cache.iter().map(|e| e.bytes).sum()
-        }
-        Err(_) => 0,
-    }
+    // Every holder of the lock also holds the GIL and never releases it meanwhile, so with the
+    // GIL held here the lock is free (a forked child included: fork needs the GIL too).
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    evict(py, &mut cache, 0, bytes);
+    cache.iter().map(|e| e.bytes).sum()
 }
 
 /// Whether only the cache refers to the entry's array (`_py`: the GIL is held, so no other
