@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::csr::{all_finite, check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
 use crate::group::{lane_values, Group, Members};
-use crate::inner::{loss_and_accuracy, InnerLoop};
+use crate::inner::{loss_and_accuracy, loss_and_accuracy_of, InnerLoop};
 use crate::lanes::LANES;
 use crate::real::{softmax_into, Real};
 use crate::rows::{with_row_ops, RowOps, WithRowOps};
@@ -446,7 +446,7 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
             let members = &members;
             group.adapt(ops, members, inner, false);
             let first = range.start - users.0;
-            values.write(ops, k, &mut group, members, first, &mut scratch);
+            values.write(ops, k, &mut group, members, first, false, &mut scratch);
         }
         inputs_finite
     }
@@ -463,20 +463,28 @@ struct BlockValues<'a, T> {
 impl<T: Real> BlockValues<'_, T> {
     /// The adapted weights `w_T` of a group (left in `group` by its inner loop), and each
     /// member's support loss, query loss and accuracy at `w_T`, for the members starting at
-    /// the block's user `first`.
+    /// the block's user `first`. With `margins_kept`, the query margins at `w_T` are the ones
+    /// the group's backward kept (the same values), not computed again.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn write<R: RowOps<T>>(&mut self, ops: R, k: usize, group: &mut Group<T, R::Lanes>, members: &Members<'_, T>, first: usize, scratch: &mut Vec<T>) {
+    fn write<R: RowOps<T>>(&mut self, ops: R, k: usize, group: &mut Group<T, R::Lanes>, members: &Members<'_, T>, first: usize, margins_kept: bool, scratch: &mut Vec<T>) {
         let k = ops.width(k);
         let w_rows = group.weight_rows(ops);
         self.weights[first * k..(first + members.len) * k].copy_from_slice(&w_rows[..members.len * k]);
-        let p_rows = group.softmax_rows(ops);
+        group.softmax_rows(ops);
         for l in 0..members.len {
-            let (i, p) = (first + l, &p_rows[l * k..(l + 1) * k]);
+            let (i, p) = (first + l, group.softmax_row(ops, l));
             if let Some(sl) = self.support_losses.as_deref_mut() {
                 sl[i] = loss_and_accuracy(ops, members.support[l], k, p, scratch).0;
             }
             if self.losses.is_some() || self.accuracy.is_some() {
-                let (loss, acc) = loss_and_accuracy(ops, members.query[l], k, p, scratch);
+                let (loss, acc) = if margins_kept {
+                    scratch.clear();
+                    scratch.extend_from_slice(group.query_margins(l));
+                    loss_and_accuracy_of(ops, scratch)
+                } else {
+                    loss_and_accuracy(ops, members.query[l], k, p, scratch)
+                };
                 if let Some(out) = self.losses.as_deref_mut() {
                     out[i] = loss;
                 }
@@ -559,10 +567,10 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                     (*a, *b) = (&mut [], &mut []);
                 }
             }
-            group.backward(ops, members, scale, inner, first_order, &mut gs, &mut gq);
-            // The backward leaves the group's adapted weights in place.
+            group.backward(ops, members, scale, inner, first_order, values.is_some(), &mut gs, &mut gq);
+            // The backward leaves the group's adapted weights and query margins in place.
             if let Some(v) = values.as_mut() {
-                v.write(ops, k, &mut group, members, first, &mut scratch);
+                v.write(ops, k, &mut group, members, first, true, &mut scratch);
             }
             for (a, b) in gs.iter().zip(&gq) {
                 outputs_finite &= all_finite(a) & all_finite(b);

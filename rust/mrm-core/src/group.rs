@@ -46,16 +46,31 @@ pub(crate) struct Group<T: Real, V: Lanes<T>> {
     lam_g: Vec<V>,
     mu: Vec<V>,
     a: Vec<V>,
+    scaled: Vec<V>,
     /// Per step: pre-step `p`, `g_p`, `g`, post-step moments `m`, `v` (K vectors each).
     trajectory: Vec<V>,
     /// Eight users' K values, one row each.
     rows_p: Vec<T>,
     rows_gp: Vec<T>,
     rows_mu: Vec<T>,
-    /// Per user: margins and sigmoids of the current pass, and every step's `s_i` (step-major).
-    z: [Vec<T>; LANES],
-    c: [Vec<T>; LANES],
-    s: [Vec<T>; LANES],
+    /// Where each member's support rows start among the group's (`sup[l]..sup[l + 1]`), and
+    /// its query rows (`qry`).
+    sup: [usize; LANES + 1],
+    qry: [usize; LANES + 1],
+    /// One value per support row of the group, members one after another: margins and
+    /// sigmoids of the current pass (`z`), the adjoint's `c_i` (`c`), and every step's `s_i`
+    /// (`s`, step-major), so that the element-wise work runs once over all members.
+    z: Vec<T>,
+    c: Vec<T>,
+    s: Vec<T>,
+    /// One value per query row of the group: margins, then sigmoids; and the margins kept by
+    /// [`Group::backward`] when asked (`query_margins`).
+    zq: Vec<T>,
+    zq_kept: Vec<T>,
+    /// Per step of the adjoint (step-major): each member's `μ_t / n` and `p_t / n` as rows
+    /// (`LANES` rows of K), for the support rows' gradients summed over the steps at the end.
+    rank_mu: Vec<T>,
+    rank_p: Vec<T>,
     adam: Vec<AdamStep<T>>,
     adam_for: Option<InnerLoop>,
 }
@@ -116,13 +131,20 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             lam_g: vecs(),
             mu: vecs(),
             a: vecs(),
+            scaled: vecs(),
             trajectory: Vec::new(),
             rows_p: vec![T::ZERO; LANES * k],
             rows_gp: vec![T::ZERO; LANES * k],
             rows_mu: vec![T::ZERO; LANES * k],
-            z: Default::default(),
-            c: Default::default(),
-            s: Default::default(),
+            sup: [0; LANES + 1],
+            qry: [0; LANES + 1],
+            z: Vec::new(),
+            c: Vec::new(),
+            s: Vec::new(),
+            zq: Vec::new(),
+            zq_kept: Vec::new(),
+            rank_mu: Vec::new(),
+            rank_p: Vec::new(),
             adam: Vec::new(),
             adam_for: None,
         }
@@ -138,6 +160,10 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         self.neg_inv_n = lanes_from(|l| -inverse(count(&users.support, l)));
         self.inv_m = lanes_from(|l| inverse(count(&users.query, l)));
         self.stepping = lanes_from(|l| if count(&users.support, l) > 0.0 { T::ONE } else { T::ZERO });
+        for l in 0..LANES {
+            self.sup[l + 1] = self.sup[l] + users.support[l].len() / k;
+            self.qry[l + 1] = self.qry[l] + users.query[l].len() / k;
+        }
         for (l, start) in users.start.iter().enumerate() {
             let row = &mut self.rows_p[l * k..(l + 1) * k];
             if start.len() == k {
@@ -162,11 +188,11 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             self.adam = (1..=inner.steps.min(ADAM_TABLE)).map(|t| AdamStep::new(inner.lr, beta1, beta2, eps, t)).collect();
             self.adam_for = Some(*inner);
         }
+        let (sup, n_all) = (self.sup, self.sup[LANES]);
+        self.z.resize(n_all, T::ZERO);
         if record {
             self.trajectory.resize(steps * 5 * k, zero);
-            for (s, rows) in self.s.iter_mut().zip(&users.support) {
-                s.resize(steps * (rows.len() / k), T::ZERO);
-            }
+            self.s.resize(steps * n_all, T::ZERO);
         }
         self.mom.fill(zero);
         self.vel.fill(zero);
@@ -176,18 +202,14 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             V::to_rows(&self.p, k, &mut self.rows_p);
             // The passes over rows, user after user: independent chains.
             for l in 0..LANES {
-                ops.margins(users.support[l], k, &self.rows_p[l * k..(l + 1) * k], &mut self.z[l]);
+                ops.margins_into(users.support[l], k, &self.rows_p[l * k..(l + 1) * k], &mut self.z[sup[l]..sup[l + 1]]);
             }
-            for z in self.z.iter_mut() {
-                ops.neg_sigmoids(z);
-            }
+            ops.neg_sigmoids(&mut self.z);
             for l in 0..LANES {
-                ops.weighted_row_sums(users.support[l], k, &self.z[l], &mut self.rows_gp[l * k..(l + 1) * k]);
+                ops.weighted_row_sums(users.support[l], k, &self.z[sup[l]..sup[l + 1]], &mut self.rows_gp[l * k..(l + 1) * k]);
             }
             if record {
-                for (s, z) in self.s.iter_mut().zip(&self.z) {
-                    s[t * z.len()..(t + 1) * z.len()].copy_from_slice(z);
-                }
+                self.s[t * n_all..(t + 1) * n_all].copy_from_slice(&self.z);
             }
             V::from_rows(&self.rows_gp, k, &mut self.gp);
             for gj in self.gp[..k].iter_mut() {
@@ -223,14 +245,20 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         steps
     }
 
-    /// Each member's weights `w_T` as rows (K values per lane) in `self.rows_p` turned into
-    /// `softmax(w_T)`, for per-user passes.
+    /// Each member's `softmax(w_T)` as a row (K values per lane), for per-user passes; read
+    /// them with [`Group::softmax_row`].
     #[inline(always)]
-    pub(crate) fn softmax_rows<R: RowOps<T>>(&mut self, ops: R) -> &[T] {
+    pub(crate) fn softmax_rows<R: RowOps<T>>(&mut self, ops: R) {
         let k = ops.width(self.k);
         softmax(&self.w[..k], &mut self.p[..k]);
         V::to_rows(&self.p, k, &mut self.rows_p);
-        &self.rows_p[..LANES * k]
+    }
+
+    /// Member `l`'s row from the last [`Group::softmax_rows`].
+    #[inline(always)]
+    pub(crate) fn softmax_row<R: RowOps<T>>(&self, ops: R, l: usize) -> &[T] {
+        let k = ops.width(self.k);
+        &self.rows_p[l * k..(l + 1) * k]
     }
 
     /// The members' adapted weights, one row per lane.
@@ -241,10 +269,18 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         &self.rows_gp[..LANES * k]
     }
 
+    /// Each member's query margins `q_j · softmax(w_T)` as computed by the last
+    /// [`Group::backward`] with `keep_margins`.
+    #[inline(always)]
+    pub(crate) fn query_margins(&self, l: usize) -> &[T] {
+        &self.zq_kept[self.qry[l]..self.qry[l + 1]]
+    }
+
     /// Exact gradient of `Σ_l grad_loss_l · L_l(w_T(w0, S); Q)` with respect to each member's
     /// start (left in `self.lam`, lane by lane), support rows (into `grad_support[l]`) and query
     /// rows (into `grad_query[l]`). Recomputes the trajectory. `first_order` treats the inner
-    /// gradients as constants.
+    /// gradients as constants. With `keep_margins`, keeps the query margins at `w_T` for
+    /// [`Group::query_margins`].
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(crate) fn backward<R: RowOps<T>>(
@@ -254,6 +290,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         grad_loss: [T; LANES],
         inner: &InnerLoop,
         first_order: bool,
+        keep_margins: bool,
         grad_support: &mut [&mut [T]; LANES],
         grad_query: &mut [&mut [T]; LANES],
     ) {
@@ -265,28 +302,42 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         softmax(&self.w[..k], &mut self.p[..k]);
         V::to_rows(&self.p, k, &mut self.rows_p);
         let inv_m = lane_values(self.inv_m);
+        let (sup, qry) = (self.sup, self.qry);
+        self.zq.resize(qry[LANES], T::ZERO);
+        for l in 0..LANES {
+            ops.margins_into(users.query[l], k, &self.rows_p[l * k..(l + 1) * k], &mut self.zq[qry[l]..qry[l + 1]]);
+        }
+        if keep_margins {
+            self.zq_kept.clone_from(&self.zq);
+        }
+        ops.neg_sigmoids(&mut self.zq);
         for l in 0..LANES {
             let scale = -grad_loss[l] * inv_m[l];
             let (p, gp) = (&self.rows_p[l * k..(l + 1) * k], &mut self.rows_gp[l * k..(l + 1) * k]);
-            ops.margins(users.query[l], k, p, &mut self.z[l]);
-            ops.neg_sigmoids(&mut self.z[l]);
-            ops.weighted_row_sums(users.query[l], k, &self.z[l], gp);
-            ops.outer(grad_query[l], k, scale, &self.z[l], p);
+            let s = &self.zq[qry[l]..qry[l + 1]];
+            ops.weighted_row_sums(users.query[l], k, s, gp);
+            ops.outer(grad_query[l], k, scale, s, p);
             for x in gp.iter_mut() {
                 *x *= scale;
             }
-            grad_support[l].fill(T::ZERO);
         }
         V::from_rows(&self.rows_gp, k, &mut self.gp);
         softmax_jvp(&self.p[..k], &self.gp[..k], &mut self.lam[..k]);
         if first_order || steps == 0 {
+            for g in grad_support.iter_mut() {
+                g.fill(T::ZERO);
+            }
             return;
         }
 
         self.lam_m.fill(zero);
         self.lam_v.fill(zero);
         let neg_lr = V::splat(-T::of(inner.lr));
-        let inv_n = lane_values(self.inv_n);
+        let n_all = sup[LANES];
+        let row_stride = LANES * k;
+        self.c.resize(steps * n_all, T::ZERO);
+        self.rank_mu.resize(steps * row_stride, T::ZERO);
+        self.rank_p.resize(steps * row_stride, T::ZERO);
         for t in (0..steps).rev() {
             let tr = &self.trajectory[t * 5 * k..(t + 1) * 5 * k];
             let (p, rest) = tr.split_at(k);
@@ -323,25 +374,29 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
                 *lg = self.stepping.where_nonzero(*lg);
             }
             // λ_{w,t−1} = λ_{w,t} + H_t λ_g; each support row gets ∂(λ_g · g_t)/∂d_i
-            // (the row parts as in `inner::hvp_and_row_grads`, user after user).
+            // = (1/n)(c_i p_t − s_i μ_t) (as in `inner::hvp_and_row_grads`), summed over the
+            // steps once they are all known.
             softmax_jvp(p, &self.lam_g[..k], &mut self.mu[..k]);
             V::to_rows(&self.mu, k, &mut self.rows_mu);
-            V::to_rows(p, k, &mut self.rows_p);
-            for l in 0..LANES {
-                ops.margins(users.support[l], k, &self.rows_mu[l * k..(l + 1) * k], &mut self.c[l]);
+            let at = t * row_stride..(t + 1) * row_stride;
+            for (x, &m) in self.scaled[..k].iter_mut().zip(&self.mu) {
+                *x = m.mul(self.inv_n);
             }
-            for (c, s) in self.c.iter_mut().zip(&self.s) {
-                // c_i = s_i (1 − s_i)(μ · d_i)
-                let n = c.len();
-                for (ci, &si) in c.iter_mut().zip(&s[t * n..(t + 1) * n]) {
-                    *ci *= si * (T::ONE - si);
-                }
+            V::to_rows(&self.scaled, k, &mut self.rank_mu[at.clone()]);
+            for (x, &pj) in self.scaled[..k].iter_mut().zip(p) {
+                *x = pj.mul(self.inv_n);
+            }
+            V::to_rows(&self.scaled, k, &mut self.rank_p[at]);
+            for l in 0..LANES {
+                ops.margins_into(users.support[l], k, &self.rows_mu[l * k..(l + 1) * k], &mut self.c[t * n_all + sup[l]..t * n_all + sup[l + 1]]);
+            }
+            // c_i = s_i (1 − s_i)(μ · d_i)
+            let (s_t, c_t) = (&self.s[t * n_all..(t + 1) * n_all], &mut self.c[t * n_all..(t + 1) * n_all]);
+            for (ci, &si) in c_t.iter_mut().zip(s_t) {
+                *ci *= si * (T::ONE - si);
             }
             for l in 0..LANES {
-                let n = self.c[l].len();
-                let (mu, p) = (&self.rows_mu[l * k..(l + 1) * k], &self.rows_p[l * k..(l + 1) * k]);
-                ops.weighted_row_sums(users.support[l], k, &self.c[l], &mut self.rows_gp[l * k..(l + 1) * k]);
-                ops.sub_rank2(grad_support[l], k, inv_n[l], &self.s[l][t * n..(t + 1) * n], mu, &self.c[l], p);
+                ops.weighted_row_sums(users.support[l], k, &c_t[sup[l]..sup[l + 1]], &mut self.rows_gp[l * k..(l + 1) * k]);
             }
             V::from_rows(&self.rows_gp, k, &mut self.a);
             // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
@@ -353,6 +408,10 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             for (l, &h) in self.lam[..k].iter_mut().zip(&self.mu) {
                 *l = l.add(h);
             }
+        }
+        for (l, g) in grad_support.iter_mut().enumerate() {
+            let (s, c) = (&self.s[sup[l]..], &self.c[sup[l]..]);
+            ops.rank2_sums(g, k, steps, s, c, n_all, &self.rank_mu[l * k..], &self.rank_p[l * k..], row_stride);
         }
     }
 }
@@ -403,7 +462,7 @@ mod tests {
                     for ((a, b), (s, q)) in gs_refs.iter_mut().zip(gq_refs.iter_mut()).zip(gs.iter_mut().zip(gq.iter_mut())) {
                         (*a, *b) = (s, q);
                     }
-                    group.backward(ops, &members, grad_loss, self.inner, self.first_order, &mut gs_refs, &mut gq_refs);
+                    group.backward(ops, &members, grad_loss, self.inner, self.first_order, false, &mut gs_refs, &mut gq_refs);
                 }
                 (0..members.len)
                     .map(|l| {

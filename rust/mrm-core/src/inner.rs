@@ -69,11 +69,17 @@ fn pairs_pass<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], gp: 
 /// `z` is scratch.
 #[inline(always)]
 pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) -> (T, T) {
-    let n = rows.len() / k;
+    ops.margins(rows, k, p, z);
+    loss_and_accuracy_of(ops, z)
+}
+
+/// [`loss_and_accuracy`] from the margins `z` (overwritten).
+#[inline(always)]
+pub(crate) fn loss_and_accuracy_of<T: Real, R: RowOps<T>>(ops: R, z: &mut [T]) -> (T, T) {
+    let n = z.len();
     if n == 0 {
         return (T::ZERO, T::ZERO);
     }
-    ops.margins(rows, k, p, z);
     let correct = z.iter().filter(|&&x| x > T::ZERO).count();
     // softplus(−z), summed in eight lanes in a fixed order.
     ops.neg_softplus(z);

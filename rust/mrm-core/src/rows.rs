@@ -24,8 +24,17 @@ pub trait RowOps<T: Real>: Copy {
     type Lanes: crate::lanes::Lanes<T>;
     /// The row width: `k`, or the compile-time width when there is one.
     fn width(self, k: usize) -> usize;
-    /// `z_i = d_i · p` for every row into `z` (resized to the row count).
-    fn margins(self, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>);
+    /// `z_i = d_i · p` for every row into `z`, which holds one value per row.
+    fn margins_into(self, rows: &[T], k: usize, p: &[T], z: &mut [T]);
+    /// [`RowOps::margins_into`] into `z` resized to the row count.
+    #[inline(always)]
+    fn margins(self, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) {
+        let n = rows.len() / self.width(k);
+        if z.len() != n {
+            z.resize(n, T::ZERO);
+        }
+        self.margins_into(rows, k, p, z);
+    }
     /// `out = Σ_i x_i d_i` over the rows (`x` has one value per row).
     fn weighted_row_sums(self, rows: &[T], k: usize, x: &[T], out: &mut [T]);
     /// `out_i = (a s_i) p` for every row `out_i` of `out` (one `s_i` per row).
@@ -41,7 +50,29 @@ pub trait RowOps<T: Real>: Copy {
         }
     }
 
-    /// `out_i −= (a s_i) μ − (a c_i) p` for every row `out_i` of `out` (one `s_i`, `c_i` per row).
+    /// `out_i = Σ_t (c_{t,i} p_t − s_{t,i} μ_t)` for every row `out_i` of `out`, summed from
+    /// the last step `t = steps − 1` down to 0, where `s_{t,i} = s[t · stride + i]` (`c`
+    /// alike) and `μ_t`, `p_t` are the `k` values at `t · row_stride` of `mu`, `p`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn rank2_sums(self, out: &mut [T], k: usize, steps: usize, s: &[T], c: &[T], stride: usize, mu: &[T], p: &[T], row_stride: usize) {
+        let k = self.width(k);
+        let n = out.len() / k;
+        out.fill(T::ZERO);
+        for t in (0..steps).rev() {
+            let (s, c) = (&s[t * stride..t * stride + n], &c[t * stride..t * stride + n]);
+            let (mu, p) = (&mu[t * row_stride..t * row_stride + k], &p[t * row_stride..t * row_stride + k]);
+            for ((row, &si), &ci) in out.chunks_exact_mut(k).zip(s).zip(c) {
+                for ((o, &mj), &pj) in row.iter_mut().zip(mu).zip(p) {
+                    *o -= si * mj - ci * pj;
+                }
+            }
+        }
+    }
+
+    /// `out_i −= (a s_i) μ − (a c_i) p` for every row `out_i` of `out` (one `s_i`, `c_i` per
+    /// row): one step of [`RowOps::rank2_sums`], for the one-user reference.
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn sub_rank2(self, out: &mut [T], k: usize, a: T, s: &[T], mu: &[T], c: &[T], p: &[T]) {
@@ -151,11 +182,13 @@ impl<T: Real, const W: usize> RowOps<T> for Portable<W> {
     }
 
     #[inline(always)]
-    fn margins(self, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) {
+    fn margins_into(self, rows: &[T], k: usize, p: &[T], z: &mut [T]) {
         let k = RowOps::<T>::width(self, k);
         let p = &p[..k];
-        z.clear();
-        z.extend(rows.chunks_exact(k).map(|d| dot(d, p)));
+        assert_eq!(z.len(), rows.len() / k);
+        for (zi, d) in z.iter_mut().zip(rows.chunks_exact(k)) {
+            *zi = dot(d, p);
+        }
     }
 
     #[inline(always)]
@@ -236,13 +269,9 @@ pub mod avx2 {
         }
 
         #[inline(always)]
-        fn margins(self, rows: &[f32], k: usize, p: &[f32], z: &mut Vec<f32>) {
-            assert!(k == 8 * C && p.len() >= k);
-            let n = rows.len() / k;
-            // Every value is written below: only the length needs setting.
-            if z.len() != n {
-                z.resize(n, 0.0);
-            }
+        fn margins_into(self, rows: &[f32], k: usize, p: &[f32], z: &mut [f32]) {
+            assert!(k == 8 * C && p.len() >= k && z.len() == rows.len() / k);
+            let n = z.len();
             // SAFETY: the CPU has the features (an `F32Rows` holds a `Cpu`); every read is
             // inside `rows` (n rows of 8 C) or `p` (8 C), every store inside `z` (n values).
             unsafe { margins::<C>(&rows[..k * n], p, z) }
@@ -257,12 +286,26 @@ pub mod avx2 {
         }
 
         #[inline(always)]
-        fn sub_rank2(self, out: &mut [f32], k: usize, a: f32, s: &[f32], mu: &[f32], c: &[f32], p: &[f32]) {
-            assert!(k == 8 * C && mu.len() >= k && p.len() >= k);
-            let n = (out.len() / k).min(s.len()).min(c.len());
-            // SAFETY: the CPU has the features; reads and writes stay inside the n rows of
-            // `out`, the n values of `s` and `c` and the k values of `mu` and `p`.
-            unsafe { sub_rank2::<C>(&mut out[..k * n], a, &s[..n], &mu[..k], &c[..n], &p[..k]) }
+        fn rank2_sums(self, out: &mut [f32], k: usize, steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) {
+            assert!(k == 8 * C);
+            let n = out.len() / k;
+            if steps == 0 {
+                out.fill(0.0);
+                return;
+            }
+            let last = (steps - 1) * stride + n;
+            let last_row = (steps - 1) * row_stride + k;
+            assert!(s.len() >= last && c.len() >= last && mu.len() >= last_row && p.len() >= last_row);
+            // SAFETY: the CPU has the features; writes stay inside the n rows of `out`, reads
+            // inside `s`, `c` (checked above for the last step, the farthest) and `mu`, `p`.
+            unsafe {
+                // Four rows at a time share each step's loads of μ_t and p_t, where their sums
+                // fit in registers.
+                let blocked = if C <= 2 { n / 4 * 4 } else { 0 };
+                let (head, tail) = out[..k * n].split_at_mut(k * blocked);
+                rank2_sums::<C, 4>(head, steps, s, c, stride, mu, p, row_stride);
+                rank2_sums::<C, 1>(tail, steps, &s[blocked..], &c[blocked..], stride, mu, p, row_stride);
+            }
         }
 
         #[inline(always)]
@@ -401,25 +444,34 @@ pub mod avx2 {
         }
     }
 
-    /// `out_i −= (a s_i) μ − (a c_i) p` by two fused multiply-adds per register.
+    /// `out_i = Σ_t (c_{t,i} p_t − s_{t,i} μ_t)`, `t` from `steps − 1` down: each row's sums
+    /// stay in registers through the steps (two fused multiply-adds per register and step),
+    /// and the row is stored once.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn sub_rank2<const C: usize>(out: &mut [f32], a: f32, s: &[f32], mu: &[f32], c: &[f32], p: &[f32]) {
-        let (mut mv, mut pv) = ([_mm256_setzero_ps(); C], [_mm256_setzero_ps(); C]);
-        for j in 0..C {
-            mv[j] = _mm256_loadu_ps(mu.as_ptr().add(8 * j));
-            pv[j] = _mm256_loadu_ps(p.as_ptr().add(8 * j));
-        }
-        let (o, sp, cp) = (out.as_mut_ptr(), s.as_ptr(), c.as_ptr());
-        let av = _mm256_set1_ps(a);
-        for i in 0..s.len() {
-            let sv = _mm256_mul_ps(av, _mm256_broadcast_ss(&*sp.add(i)));
-            let cv = _mm256_mul_ps(av, _mm256_broadcast_ss(&*cp.add(i)));
-            for j in 0..C {
-                let at = o.add(8 * C * i + 8 * j);
-                let updated = _mm256_fmadd_ps(cv, pv[j], _mm256_fnmadd_ps(sv, mv[j], _mm256_loadu_ps(at)));
-                _mm256_storeu_ps(at, updated);
+    unsafe fn rank2_sums<const C: usize, const R: usize>(out: &mut [f32], steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) {
+        let (o, sp, cp, mp, pp) = (out.as_mut_ptr(), s.as_ptr(), c.as_ptr(), mu.as_ptr(), p.as_ptr());
+        let mut i = 0;
+        while i < out.len() / (8 * C) {
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for t in (0..steps).rev() {
+                let (m, q) = (mp.add(t * row_stride), pp.add(t * row_stride));
+                for j in 0..C {
+                    let (mj, pj) = (_mm256_loadu_ps(m.add(8 * j)), _mm256_loadu_ps(q.add(8 * j)));
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let sv = _mm256_broadcast_ss(&*sp.add(t * stride + i + r));
+                        let cv = _mm256_broadcast_ss(&*cp.add(t * stride + i + r));
+                        row[j] = _mm256_fmadd_ps(cv, pj, _mm256_fnmadd_ps(sv, mj, row[j]));
+                    }
+                }
             }
+            for (r, row) in acc.iter().enumerate() {
+                for (j, &a) in row.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * C * (i + r) + 8 * j), a);
+                }
+            }
+            i += R;
         }
     }
 
@@ -546,6 +598,52 @@ mod tests {
                 for j in 0..k {
                     let want: f64 = rows.chunks_exact(k).zip(&x).map(|(d, &xi)| d[j] as f64 * xi as f64).sum();
                     assert!((sums[j] as f64 - want).abs() < 1e-5 * n.max(1) as f64, "K {k} n {n} column {j}: {} vs {want}", sums[j]);
+                }
+            }
+        }
+    }
+
+    /// `rank2_sums` of whichever kernels `with_row_ops` picks agrees with f64 sums, for every
+    /// row count (blocks of four and the rows after them), 0 to 6 steps and strided inputs.
+    #[test]
+    fn rank2_sums_match_f64() {
+        struct Check<'a> {
+            k: usize,
+            n: usize,
+            steps: usize,
+            s: &'a [f32],
+            c: &'a [f32],
+            mu: &'a [f32],
+            p: &'a [f32],
+        }
+        const STRIDE_EXTRA: usize = 3;
+        impl WithRowOps<f32> for Check<'_> {
+            type Output = Vec<f32>;
+            fn run<R: RowOps<f32>>(self, ops: R) -> Vec<f32> {
+                let mut out = vec![f32::NAN; self.n * self.k];
+                ops.rank2_sums(&mut out, self.k, self.steps, self.s, self.c, self.n + STRIDE_EXTRA, self.mu, self.p, 2 * self.k);
+                out
+            }
+        }
+        let mut seed = 11;
+        for k in [8, 16, 24, 32, 64] {
+            for n in 0..13 {
+                for steps in 0..7 {
+                    let stride = n + STRIDE_EXTRA;
+                    let s: Vec<f32> = (0..steps * stride).map(|_| lcg(&mut seed)).collect();
+                    let c: Vec<f32> = (0..steps * stride).map(|_| lcg(&mut seed)).collect();
+                    let mu: Vec<f32> = (0..steps * 2 * k).map(|_| lcg(&mut seed)).collect();
+                    let p: Vec<f32> = (0..steps * 2 * k).map(|_| lcg(&mut seed)).collect();
+                    let got = with_row_ops(k, Check { k, n, steps, s: &s, c: &c, mu: &mu, p: &p });
+                    for i in 0..n {
+                        for j in 0..k {
+                            let want: f64 = (0..steps)
+                                .map(|t| c[t * stride + i] as f64 * p[t * 2 * k + j] as f64 - s[t * stride + i] as f64 * mu[t * 2 * k + j] as f64)
+                                .sum();
+                            let x = got[i * k + j] as f64;
+                            assert!((x - want).abs() < 1e-5 * (steps.max(1) as f64), "K {k} n {n} T {steps} row {i} column {j}: {x} vs {want}");
+                        }
+                    }
                 }
             }
         }
