@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::csr::{all_finite, check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
 use crate::group::{lane_values, Group, Members};
-use crate::inner::{loss_and_accuracy, loss_and_accuracy_of, InnerLoop};
+use crate::inner::{loss_and_accuracy, InnerLoop};
 use crate::lanes::LANES;
 use crate::real::{softmax_into, Real};
 use crate::rows::{with_row_ops, RowOps, WithRowOps};
@@ -436,7 +436,6 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
         let ForwardBlock { users, start, support, query, inner, mut values } = self;
         let k = support.k;
         let mut group = Group::<T, R::Lanes>::new(k);
-        let mut scratch = Vec::new();
         let mut inputs_finite = true;
         let mut scan = Scan::default();
         let mut lo = users.0;
@@ -446,7 +445,7 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
             let members = &members;
             group.adapt(ops, members, inner, false);
             let first = range.start - users.0;
-            values.write(ops, k, &mut group, members, first, false, &mut scratch);
+            values.write(ops, k, &mut group, members, first, false);
         }
         inputs_finite
     }
@@ -467,30 +466,24 @@ impl<T: Real> BlockValues<'_, T> {
     /// the group's backward kept (the same values), not computed again.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn write<R: RowOps<T>>(&mut self, ops: R, k: usize, group: &mut Group<T, R::Lanes>, members: &Members<'_, T>, first: usize, margins_kept: bool, scratch: &mut Vec<T>) {
+    fn write<R: RowOps<T>>(&mut self, ops: R, k: usize, group: &mut Group<T, R::Lanes>, members: &Members<'_, T>, first: usize, margins_kept: bool) {
         let k = ops.width(k);
+        let (n, users) = (members.len, first..first + members.len);
         let w_rows = group.weight_rows(ops);
-        self.weights[first * k..(first + members.len) * k].copy_from_slice(&w_rows[..members.len * k]);
+        self.weights[first * k..(first + n) * k].copy_from_slice(&w_rows[..n * k]);
         group.softmax_rows(ops);
-        for l in 0..members.len {
-            let (i, p) = (first + l, group.softmax_row(ops, l));
-            if let Some(sl) = self.support_losses.as_deref_mut() {
-                sl[i] = loss_and_accuracy(ops, members.support[l], k, p, scratch).0;
+        let (mut losses, mut accuracy) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+        if let Some(out) = self.support_losses.as_deref_mut() {
+            group.mean_losses(ops, members, false, false, &mut losses, None);
+            out[users.clone()].copy_from_slice(&losses[..n]);
+        }
+        if self.losses.is_some() || self.accuracy.is_some() {
+            group.mean_losses(ops, members, true, margins_kept, &mut losses, Some(&mut accuracy));
+            if let Some(out) = self.losses.as_deref_mut() {
+                out[users.clone()].copy_from_slice(&losses[..n]);
             }
-            if self.losses.is_some() || self.accuracy.is_some() {
-                let (loss, acc) = if margins_kept {
-                    scratch.clear();
-                    scratch.extend_from_slice(group.query_margins(l));
-                    loss_and_accuracy_of(ops, scratch)
-                } else {
-                    loss_and_accuracy(ops, members.query[l], k, p, scratch)
-                };
-                if let Some(out) = self.losses.as_deref_mut() {
-                    out[i] = loss;
-                }
-                if let Some(out) = self.accuracy.as_deref_mut() {
-                    out[i] = acc;
-                }
+            if let Some(out) = self.accuracy.as_deref_mut() {
+                out[users].copy_from_slice(&accuracy[..n]);
             }
         }
     }
@@ -543,7 +536,7 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
         let mut group = Group::<T, R::Lanes>::new(k);
         // λ of the group's users, K rows of one value per lane.
         let mut lam = vec![[T::ZERO; LANES]; k];
-        let (mut scratch, mut scratch_s, mut scratch_q) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut scratch_s, mut scratch_q) = (Vec::new(), Vec::new());
         let (mut inputs_finite, mut outputs_finite) = (true, true);
         let mut scan = Scan::default();
         let mut lo = users.0;
@@ -570,7 +563,7 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             group.backward(ops, members, scale, inner, first_order, values.is_some(), &mut gs, &mut gq);
             // The backward leaves the group's adapted weights and query margins in place.
             if let Some(v) = values.as_mut() {
-                v.write(ops, k, &mut group, members, first, true, &mut scratch);
+                v.write(ops, k, &mut group, members, first, true);
             }
             for (a, b) in gs.iter().zip(&gq) {
                 outputs_finite &= all_finite(a) & all_finite(b);

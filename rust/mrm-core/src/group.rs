@@ -15,7 +15,7 @@
 //! depend on which users share its group. A user without support pairs takes no steps: its
 //! gradient is zero, so its weights stay at the start, and no adjoint flows back through steps.
 
-use crate::inner::{InnerLoop, Optimizer};
+use crate::inner::{mean, positive_share, InnerLoop, Optimizer};
 use crate::lanes::{dot, softmax, softmax_jvp, Lanes, LANES};
 use crate::real::Real;
 use crate::rows::{AdamStep, RowOps};
@@ -67,6 +67,8 @@ pub(crate) struct Group<T: Real, V: Lanes<T>> {
     /// [`Group::backward`] when asked (`query_margins`).
     zq: Vec<T>,
     zq_kept: Vec<T>,
+    /// Margins, then losses, for [`Group::mean_losses`].
+    zl: Vec<T>,
     /// Per step of the adjoint (step-major): each member's `μ_t / n` and `p_t / n` as rows
     /// (`LANES` rows of K), for the support rows' gradients summed over the steps at the end.
     rank_mu: Vec<T>,
@@ -143,6 +145,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             s: Vec::new(),
             zq: Vec::new(),
             zq_kept: Vec::new(),
+            zl: Vec::new(),
             rank_mu: Vec::new(),
             rank_p: Vec::new(),
             adam: Vec::new(),
@@ -245,8 +248,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         steps
     }
 
-    /// Each member's `softmax(w_T)` as a row (K values per lane), for per-user passes; read
-    /// them with [`Group::softmax_row`].
+    /// Each member's `softmax(w_T)` as a row (K values per lane), for per-user passes.
     #[inline(always)]
     pub(crate) fn softmax_rows<R: RowOps<T>>(&mut self, ops: R) {
         let k = ops.width(self.k);
@@ -254,12 +256,6 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         V::to_rows(&self.p, k, &mut self.rows_p);
     }
 
-    /// Member `l`'s row from the last [`Group::softmax_rows`].
-    #[inline(always)]
-    pub(crate) fn softmax_row<R: RowOps<T>>(&self, ops: R, l: usize) -> &[T] {
-        let k = ops.width(self.k);
-        &self.rows_p[l * k..(l + 1) * k]
-    }
 
     /// The members' adapted weights, one row per lane.
     #[inline(always)]
@@ -269,11 +265,33 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         &self.rows_gp[..LANES * k]
     }
 
-    /// Each member's query margins `q_j · softmax(w_T)` as computed by the last
-    /// [`Group::backward`] with `keep_margins`.
+    /// Each member's mean loss `mean_i softplus(−d_i · p)` over its support rows (`query`
+    /// false) or query rows at `p = softmax(w_T)` (from [`Group::softmax_rows`]), into
+    /// `losses`, and with `accuracy` the share of rows with `d_i · p > 0`; lanes without rows
+    /// get 0. With `kept`, the query margins are those the last [`Group::backward`] kept
+    /// (`keep_margins`): the same values, not computed again. The element-wise work runs once
+    /// over all members' rows.
     #[inline(always)]
-    pub(crate) fn query_margins(&self, l: usize) -> &[T] {
-        &self.zq_kept[self.qry[l]..self.qry[l + 1]]
+    pub(crate) fn mean_losses<R: RowOps<T>>(&mut self, ops: R, users: &Members<'_, T>, query: bool, kept: bool, losses: &mut [T; LANES], accuracy: Option<&mut [T; LANES]>) {
+        let k = ops.width(self.k);
+        let (at, rows) = if query { (self.qry, &users.query) } else { (self.sup, &users.support) };
+        if query && kept {
+            self.zl.clone_from(&self.zq_kept);
+        } else {
+            self.zl.resize(at[LANES], T::ZERO);
+            for l in 0..LANES {
+                ops.margins_into(rows[l], k, &self.rows_p[l * k..(l + 1) * k], &mut self.zl[at[l]..at[l + 1]]);
+            }
+        }
+        if let Some(acc) = accuracy {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = positive_share(&self.zl[at[l]..at[l + 1]]);
+            }
+        }
+        ops.neg_softplus(&mut self.zl);
+        for (l, x) in losses.iter_mut().enumerate() {
+            *x = mean(&self.zl[at[l]..at[l + 1]]);
+        }
     }
 
     /// Exact gradient of `Σ_l grad_loss_l · L_l(w_T(w0, S); Q)` with respect to each member's

@@ -75,14 +75,28 @@ pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: us
 
 /// [`loss_and_accuracy`] from the margins `z` (overwritten).
 #[inline(always)]
-pub(crate) fn loss_and_accuracy_of<T: Real, R: RowOps<T>>(ops: R, z: &mut [T]) -> (T, T) {
+fn loss_and_accuracy_of<T: Real, R: RowOps<T>>(ops: R, z: &mut [T]) -> (T, T) {
+    let correct = positive_share(z);
+    ops.neg_softplus(z);
+    (mean(z), correct)
+}
+
+/// The share of values `> 0` (strict); 0 for none.
+#[inline(always)]
+pub(crate) fn positive_share<T: Real>(z: &[T]) -> T {
+    if z.is_empty() {
+        return T::ZERO;
+    }
+    T::of(z.iter().filter(|&&x| x > T::ZERO).count() as f64) / T::of(z.len() as f64)
+}
+
+/// The mean of `z`, summed in eight lanes in a fixed order; 0 for none.
+#[inline(always)]
+pub(crate) fn mean<T: Real>(z: &[T]) -> T {
     let n = z.len();
     if n == 0 {
-        return (T::ZERO, T::ZERO);
+        return T::ZERO;
     }
-    let correct = z.iter().filter(|&&x| x > T::ZERO).count();
-    // softplus(−z), summed in eight lanes in a fixed order.
-    ops.neg_softplus(z);
     let mut lanes = [T::ZERO; 8];
     let mut groups = z.chunks_exact(8);
     for g in &mut groups {
@@ -94,8 +108,7 @@ pub(crate) fn loss_and_accuracy_of<T: Real, R: RowOps<T>>(ops: R, z: &mut [T]) -
         *a += x;
     }
     let total = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
-    let n = T::of(n as f64);
-    (total / n, T::of(correct as f64) / n)
+    total / T::of(n as f64)
 }
 
 #[cfg(test)]
