@@ -232,13 +232,27 @@ pub mod avx2 {
         /// Runs `job` with `ops`, with all of its inlined code compiled for AVX2 + FMA.
         #[inline]
         pub fn run<T: Real, R: RowOps<T>, J: WithRowOps<T>>(self, ops: R, job: J) -> J::Output {
-            // SAFETY: `self` exists only when the CPU has both features.
-            unsafe { run_with_features(ops, job) }
+            static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let wide = *WIDE.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl"));
+            // SAFETY: `self` exists only when the CPU has both features; `wide` only when it
+            // also has the AVX-512 ones.
+            unsafe {
+                if wide {
+                    run_with_features_512(ops, job)
+                } else {
+                    run_with_features(ops, job)
+                }
+            }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_with_features<T: Real, R: RowOps<T>, J: WithRowOps<T>>(ops: R, job: J) -> J::Output {
+        job.run(ops)
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn run_with_features_512<T: Real, R: RowOps<T>, J: WithRowOps<T>>(ops: R, job: J) -> J::Output {
         job.run(ops)
     }
 
