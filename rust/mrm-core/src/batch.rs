@@ -547,29 +547,32 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             let first = range.start - users.0;
             let mut scale = [T::ZERO; LANES];
             scale[..members.len].copy_from_slice(&grad_losses[first..first + members.len]);
-            // The group's gradient rows are built in scratch (in cache) and then streamed out.
+            // Kernels that stream their stores write the gradient rows in place; with the
+            // others, the group's rows are built in scratch (in cache) and then streamed out.
             let s_rows = support.row_range(range.start).start..support.row_range(range.end - 1).end;
             let q_rows = query.row_range(range.start).start..query.row_range(range.end - 1).end;
-            scratch_s.resize(s_rows.len() * k, T::ZERO);
-            scratch_q.resize(q_rows.len() * k, T::ZERO);
-            let mut gs = member_rows(&mut scratch_s, &support, s_rows.start, range.clone());
-            let mut gq = member_rows(&mut scratch_q, &query, q_rows.start, range.clone());
+            let (mut gs, mut gq) = if R::STREAMS {
+                (member_rows(grad_support, &support, s_base, range.clone()), member_rows(grad_query, &query, q_base, range.clone()))
+            } else {
+                scratch_s.resize(s_rows.len() * k, T::ZERO);
+                scratch_q.resize(q_rows.len() * k, T::ZERO);
+                (member_rows(&mut scratch_s, &support, s_rows.start, range.clone()), member_rows(&mut scratch_q, &query, q_rows.start, range.clone()))
+            };
             // A user skipped for non-finite input gets no gradient rows (the call fails).
             for (l, (a, b)) in gs.iter_mut().zip(gq.iter_mut()).enumerate().take(members.len) {
                 if members.query[l].is_empty() {
                     (*a, *b) = (&mut [], &mut []);
                 }
             }
-            group.backward(ops, members, scale, inner, first_order, values.is_some(), &mut gs, &mut gq);
+            outputs_finite &= group.backward(ops, members, scale, inner, first_order, values.is_some(), &mut gs, &mut gq);
             // The backward leaves the group's adapted weights and query margins in place.
             if let Some(v) = values.as_mut() {
                 v.write(ops, k, &mut group, members, first, true);
             }
-            for (a, b) in gs.iter().zip(&gq) {
-                outputs_finite &= all_finite(a) & all_finite(b);
+            if !R::STREAMS {
+                stream::copy(&mut grad_support[(s_rows.start - s_base) * k..(s_rows.end - s_base) * k], &scratch_s);
+                stream::copy(&mut grad_query[(q_rows.start - q_base) * k..(q_rows.end - q_base) * k], &scratch_q);
             }
-            stream::copy(&mut grad_support[(s_rows.start - s_base) * k..(s_rows.end - s_base) * k], &scratch_s);
-            stream::copy(&mut grad_query[(q_rows.start - q_base) * k..(q_rows.end - q_base) * k], &scratch_q);
             for (row, &v) in lam.iter_mut().zip(&group.lam) {
                 *row = lane_values(v);
             }

@@ -298,7 +298,8 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
     /// start (left in `self.lam`, lane by lane), support rows (into `grad_support[l]`) and query
     /// rows (into `grad_query[l]`). Recomputes the trajectory. `first_order` treats the inner
     /// gradients as constants. With `keep_margins`, keeps the query margins at `w_T` for
-    /// [`Group::query_margins`].
+    /// [`Group::mean_losses`]. Returns whether every gradient row written is finite; rows
+    /// are written with [`RowOps::STREAMS`]' stores.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(crate) fn backward<R: RowOps<T>>(
@@ -311,7 +312,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         keep_margins: bool,
         grad_support: &mut [&mut [T]; LANES],
         grad_query: &mut [&mut [T]; LANES],
-    ) {
+    ) -> bool {
         let k = ops.width(self.k);
         let steps = self.adapt(ops, users, inner, true);
         let zero = V::splat(T::ZERO);
@@ -329,12 +330,13 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             self.zq_kept.clone_from(&self.zq);
         }
         ops.neg_sigmoids(&mut self.zq);
+        let mut finite = true;
         for l in 0..LANES {
             let scale = -grad_loss[l] * inv_m[l];
             let (p, gp) = (&self.rows_p[l * k..(l + 1) * k], &mut self.rows_gp[l * k..(l + 1) * k]);
             let s = &self.zq[qry[l]..qry[l + 1]];
             ops.weighted_row_sums(users.query[l], k, s, gp);
-            ops.outer(grad_query[l], k, scale, s, p);
+            finite &= ops.outer(grad_query[l], k, scale, s, p);
             for x in gp.iter_mut() {
                 *x *= scale;
             }
@@ -343,9 +345,9 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         softmax_jvp(&self.p[..k], &self.gp[..k], &mut self.lam[..k]);
         if first_order || steps == 0 {
             for g in grad_support.iter_mut() {
-                g.fill(T::ZERO);
+                ops.zero_rows(g);
             }
-            return;
+            return finite;
         }
 
         self.lam_m.fill(zero);
@@ -429,8 +431,9 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         }
         for (l, g) in grad_support.iter_mut().enumerate() {
             let (s, c) = (&self.s[sup[l]..], &self.c[sup[l]..]);
-            ops.rank2_sums(g, k, steps, s, c, n_all, &self.rank_mu[l * k..], &self.rank_p[l * k..], row_stride);
+            finite &= ops.rank2_sums(g, k, steps, s, c, n_all, &self.rank_mu[l * k..], &self.rank_p[l * k..], row_stride);
         }
+        finite
     }
 }
 

@@ -16,6 +16,7 @@
 //! so f32 results with K = 8, 16, 32 or 64 on CPUs with and without AVX2 agree to rounding, not
 //! to the bit.
 
+use crate::csr::all_finite;
 use crate::real::{dot, Real};
 
 /// The row kernels. `k` is the row width; an implementation may know it at compile time.
@@ -37,9 +38,16 @@ pub trait RowOps<T: Real>: Copy {
     }
     /// `out = Σ_i x_i d_i` over the rows (`x` has one value per row).
     fn weighted_row_sums(self, rows: &[T], k: usize, x: &[T], out: &mut [T]);
-    /// `out_i = (a s_i) p` for every row `out_i` of `out` (one `s_i` per row).
+    /// Whether [`RowOps::outer`], [`RowOps::rank2_sums`] and [`RowOps::zero_rows`] write
+    /// with non-temporal stores (which do not read the memory first; see [`crate::stream`]),
+    /// so that they may write a gradient straight into its output; when not, the caller
+    /// builds rows in scratch and streams them out.
+    const STREAMS: bool = false;
+
+    /// `out_i = (a s_i) p` for every row `out_i` of `out` (one `s_i` per row). Returns whether
+    /// every value written is finite.
     #[inline(always)]
-    fn outer(self, out: &mut [T], k: usize, a: T, s: &[T], p: &[T]) {
+    fn outer(self, out: &mut [T], k: usize, a: T, s: &[T], p: &[T]) -> bool {
         let k = self.width(k);
         let p = &p[..k];
         for (row, &si) in out.chunks_exact_mut(k).zip(s) {
@@ -48,14 +56,22 @@ pub trait RowOps<T: Real>: Copy {
                 *o = scaled * pj;
             }
         }
+        all_finite(out)
+    }
+
+    /// Zeroes `out`.
+    #[inline(always)]
+    fn zero_rows(self, out: &mut [T]) {
+        out.fill(T::ZERO);
     }
 
     /// `out_i = Σ_t (c_{t,i} p_t − s_{t,i} μ_t)` for every row `out_i` of `out`, summed from
     /// the last step `t = steps − 1` down to 0, where `s_{t,i} = s[t · stride + i]` (`c`
-    /// alike) and `μ_t`, `p_t` are the `k` values at `t · row_stride` of `mu`, `p`.
+    /// alike) and `μ_t`, `p_t` are the `k` values at `t · row_stride` of `mu`, `p`. Returns
+    /// whether every value written is finite.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn rank2_sums(self, out: &mut [T], k: usize, steps: usize, s: &[T], c: &[T], stride: usize, mu: &[T], p: &[T], row_stride: usize) {
+    fn rank2_sums(self, out: &mut [T], k: usize, steps: usize, s: &[T], c: &[T], stride: usize, mu: &[T], p: &[T], row_stride: usize) -> bool {
         let k = self.width(k);
         let n = out.len() / k;
         out.fill(T::ZERO);
@@ -68,6 +84,7 @@ pub trait RowOps<T: Real>: Copy {
                 }
             }
         }
+        all_finite(out)
     }
 
     /// `out_i −= (a s_i) μ − (a c_i) p` for every row `out_i` of `out` (one `s_i`, `c_i` per
@@ -299,13 +316,20 @@ pub mod avx2 {
             unsafe { weighted_row_sums::<C>(&rows[..k * n], &x[..n], out) }
         }
 
+        const STREAMS: bool = true;
+
         #[inline(always)]
-        fn rank2_sums(self, out: &mut [f32], k: usize, steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) {
+        fn zero_rows(self, out: &mut [f32]) {
+            crate::stream::zero(out);
+        }
+
+        #[inline(always)]
+        fn rank2_sums(self, out: &mut [f32], k: usize, steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) -> bool {
             assert!(k == 8 * C);
             let n = out.len() / k;
             if steps == 0 {
-                out.fill(0.0);
-                return;
+                crate::stream::zero(out);
+                return true;
             }
             let last = (steps - 1) * stride + n;
             let last_row = (steps - 1) * row_stride + k;
@@ -317,13 +341,13 @@ pub mod avx2 {
                 // fit in registers.
                 let blocked = if C <= 2 { n / 4 * 4 } else { 0 };
                 let (head, tail) = out[..k * n].split_at_mut(k * blocked);
-                rank2_sums::<C, 4>(head, steps, s, c, stride, mu, p, row_stride);
-                rank2_sums::<C, 1>(tail, steps, &s[blocked..], &c[blocked..], stride, mu, p, row_stride);
+                let ok = rank2_sums::<C, 4>(head, steps, s, c, stride, mu, p, row_stride);
+                ok & rank2_sums::<C, 1>(tail, steps, &s[blocked..], &c[blocked..], stride, mu, p, row_stride)
             }
         }
 
         #[inline(always)]
-        fn outer(self, out: &mut [f32], k: usize, a: f32, s: &[f32], p: &[f32]) {
+        fn outer(self, out: &mut [f32], k: usize, a: f32, s: &[f32], p: &[f32]) -> bool {
             assert!(k == 8 * C && p.len() >= k);
             let n = (out.len() / k).min(s.len());
             // SAFETY: the CPU has the features; writes stay inside the n rows of `out`, reads
@@ -444,18 +468,72 @@ pub mod avx2 {
         }
     }
 
-    /// `out_i = (a s_i) p` over rows of 8 C.
+    /// How a kernel stores the registers of its rows into `out`: non-temporal (see
+    /// [`crate::stream`]) when the rows are aligned for it, else plainly.
+    #[derive(Clone, Copy)]
+    enum Put {
+        Stream256,
+        Stream128,
+        Plain,
+    }
+
+    impl Put {
+        /// Rows are 32 C bytes, so the alignment of the first holds for every register.
+        #[inline(always)]
+        fn of(out: &[f32]) -> Put {
+            match out.as_ptr() as usize {
+                a if a % 32 == 0 => Put::Stream256,
+                a if a % 16 == 0 => Put::Stream128,
+                _ => Put::Plain,
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn put(self, at: *mut f32, v: __m256) {
+            match self {
+                Put::Stream256 => _mm256_stream_ps(at, v),
+                Put::Stream128 => {
+                    _mm_stream_ps(at, _mm256_castps256_ps128(v));
+                    _mm_stream_ps(at.add(4), _mm256_extractf128_ps::<1>(v));
+                }
+                Put::Plain => _mm256_storeu_ps(at, v),
+            }
+        }
+    }
+
+    /// `check` is the running sum of `v − v` over stored values: 0 while every one is finite,
+    /// NaN from the first infinity or NaN on.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn outer<const C: usize>(out: &mut [f32], a: f32, s: &[f32], p: &[f32]) {
+    fn add_check(check: __m256, v: __m256) -> __m256 {
+        _mm256_add_ps(check, _mm256_sub_ps(v, v))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn check_passed(check: __m256) -> bool {
+        _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(check, _mm256_setzero_ps())) == 0xff
+    }
+
+    /// `out_i = (a s_i) p` over rows of 8 C, stored non-temporally where aligned; whether all
+    /// are finite.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn outer<const C: usize>(out: &mut [f32], a: f32, s: &[f32], p: &[f32]) -> bool {
         let pv = load::<C>(p);
+        let put = Put::of(out);
         let (o, sp, av) = (out.as_mut_ptr(), s.as_ptr(), _mm256_set1_ps(a));
+        let mut check = _mm256_setzero_ps();
         for i in 0..s.len() {
             let scaled = _mm256_mul_ps(av, _mm256_broadcast_ss(&*sp.add(i)));
             for (j, &pj) in pv.iter().enumerate() {
-                _mm256_storeu_ps(o.add(8 * C * i + 8 * j), _mm256_mul_ps(scaled, pj));
+                let v = _mm256_mul_ps(scaled, pj);
+                check = add_check(check, v);
+                put.put(o.add(8 * C * i + 8 * j), v);
             }
         }
+        check_passed(check)
     }
 
     /// `out_i = Σ_t (c_{t,i} p_t − s_{t,i} μ_t)`, `t` from `steps − 1` down: each row's sums
@@ -464,7 +542,9 @@ pub mod avx2 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rank2_sums<const C: usize, const R: usize>(out: &mut [f32], steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) {
+    unsafe fn rank2_sums<const C: usize, const R: usize>(out: &mut [f32], steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) -> bool {
+        let put = Put::of(out);
+        let mut check = _mm256_setzero_ps();
         let (o, sp, cp, mp, pp) = (out.as_mut_ptr(), s.as_ptr(), c.as_ptr(), mu.as_ptr(), p.as_ptr());
         let mut i = 0;
         while i < out.len() / (8 * C) {
@@ -482,11 +562,13 @@ pub mod avx2 {
             }
             for (r, row) in acc.iter().enumerate() {
                 for (j, &a) in row.iter().enumerate() {
-                    _mm256_storeu_ps(o.add(8 * C * (i + r) + 8 * j), a);
+                    check = add_check(check, a);
+                    put.put(o.add(8 * C * (i + r) + 8 * j), a);
                 }
             }
             i += R;
         }
+        check_passed(check)
     }
 
     /// `e^x` in each lane: `exp_fast`'s range reduction and polynomial for f32, with fused
@@ -657,6 +739,67 @@ mod tests {
                             let x = got[i * k + j] as f64;
                             assert!((x - want).abs() < 1e-5 * (steps.max(1) as f64), "K {k} n {n} T {steps} row {i} column {j}: {x} vs {want}");
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `outer`, `rank2_sums` and `zero_rows` of whichever kernels `with_row_ops` picks give
+    /// the same bits at every alignment of `out` (the streamed stores of 32 and 16 bytes and the
+    /// plain ones), write nothing outside `out`, and report non-finite values they write.
+    #[test]
+    fn row_writers_same_bits_at_every_alignment_and_report_non_finite() {
+        struct Write<'a> {
+            k: usize,
+            n: usize,
+            offset: usize,
+            s: &'a [f32],
+            c: &'a [f32],
+            mu: &'a [f32],
+        }
+        impl WithRowOps<f32> for Write<'_> {
+            type Output = (Vec<f32>, Vec<f32>, Vec<f32>, bool, bool);
+            fn run<R: RowOps<f32>>(self, ops: R) -> Self::Output {
+                let (k, n, at) = (self.k, self.n, self.offset);
+                let mut bufs = [vec![-7.0f32; n * k + 16], vec![-7.0f32; n * k + 16], vec![-7.0f32; n * k + 16]];
+                let ok_outer = ops.outer(&mut bufs[0][at..at + n * k], k, 0.75, self.s, self.mu);
+                let ok_sums = ops.rank2_sums(&mut bufs[1][at..at + n * k], k, 3, self.s, self.c, n, self.mu, &self.mu[1..], k);
+                ops.zero_rows(&mut bufs[2][at..at + n * k]);
+                crate::stream::fence();
+                for b in &bufs {
+                    assert!(b[..at].iter().chain(&b[at + n * k..]).all(|&x| x == -7.0), "wrote outside out");
+                }
+                let [a, b, c] = bufs;
+                (a[at..at + n * k].to_vec(), b[at..at + n * k].to_vec(), c[at..at + n * k].to_vec(), ok_outer, ok_sums)
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut seed = 13;
+        for k in [8, 16, 24, 64] {
+            for n in [0, 1, 3, 4, 5, 9] {
+                let s: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
+                let c: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
+                let mu: Vec<f32> = (0..3 * k + 1).map(|_| lcg(&mut seed)).collect();
+                let want = with_row_ops(k, Write { k, n, offset: 0, s: &s, c: &c, mu: &mu });
+                assert!(want.3 && want.4, "K {k} n {n}: finite values reported as not finite");
+                assert!(want.2.iter().all(|&x| x.to_bits() == 0), "K {k} n {n}: zero_rows");
+                for offset in 1..8 {
+                    let got = with_row_ops(k, Write { k, n, offset, s: &s, c: &c, mu: &mu });
+                    for (name, x, y) in [("outer", &want.0, &got.0), ("rank2_sums", &want.1, &got.1), ("zero_rows", &want.2, &got.2)] {
+                        assert_eq!(bits(x), bits(y), "K {k} n {n} offset {offset}: {name}");
+                    }
+                }
+                if n > 0 {
+                    for bad in [f32::INFINITY, f32::NAN] {
+                        let mut c_bad = c.clone();
+                        c_bad[n + n / 2] = bad;
+                        let got = with_row_ops(k, Write { k, n, offset: 0, s: &s, c: &c_bad, mu: &mu });
+                        assert!(got.3 && !got.4, "K {k} n {n}: {bad} in rank2_sums not reported");
+                        let mut s_bad = s.clone();
+                        s_bad[n - 1] = bad;
+                        let got = with_row_ops(k, Write { k, n, offset: 0, s: &s_bad, c: &c, mu: &mu });
+                        assert!(!got.3, "K {k} n {n}: {bad} in outer not reported");
                     }
                 }
             }

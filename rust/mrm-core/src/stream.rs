@@ -37,6 +37,30 @@ pub(crate) fn copy<T: Real>(dst: &mut [T], src: &[T]) {
     dst.copy_from_slice(src);
 }
 
+/// Zeroes `dst`; on x86-64 with non-temporal stores (call [`fence`] as for [`copy`]).
+#[inline]
+pub(crate) fn zero<T: Real>(dst: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_setzero_si128, _mm_stream_si128};
+        let size = std::mem::size_of::<T>();
+        let misalignment = dst.as_ptr().align_offset(16).min(dst.len());
+        let (head, rest) = dst.split_at_mut(misalignment);
+        head.fill(T::ZERO);
+        let per_chunk = 16 / size;
+        let chunks = if size == 0 || 16 % size != 0 || rest.as_ptr().align_offset(16) != 0 { 0 } else { rest.len() / per_chunk };
+        let d = rest.as_mut_ptr() as *mut __m128i;
+        for i in 0..chunks {
+            // SAFETY: chunk i lies within `rest` (16-byte aligned); SSE2 is part of x86-64. The
+            // zero bits are `T::ZERO` for both float types.
+            unsafe { _mm_stream_si128(d.add(i), _mm_setzero_si128()) };
+        }
+        rest[chunks * per_chunk..].fill(T::ZERO);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.fill(T::ZERO);
+}
+
 /// Orders the non-temporal stores of [`copy`] before every later store of this thread (so
 /// before the signal that hands `dst` to another thread).
 #[inline]
