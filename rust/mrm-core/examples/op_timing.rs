@@ -46,8 +46,8 @@ impl WithRowOps<f32> for Job {
         time("neg_softplus", &mut || { z.copy_from_slice(black_box(&z0)); ops.neg_softplus(&mut z); black_box(&z); });
         parts += time("row_sums", &mut || { ops.weighted_row_sums(black_box(&rows), k, black_box(&z0), &mut gp); black_box(&gp); });
         parts += time("softmax_jvp", &mut || { softmax_jvp(black_box(&p), black_box(&gp), &mut g); black_box(&g); });
-        time("rank2_sums", &mut || { ops.rank2_sums(&mut grad, k, 1, black_box(&z0), black_box(&z0), n, black_box(&p), black_box(&g), k); black_box(&grad); });
-        time("outer", &mut || { ops.outer(&mut grad, k, 0.1, black_box(&z0), black_box(&p)); black_box(&grad); });
+        time("rank2_sums", &mut || { ops.rank2_sums(&mut grad, k, 1, black_box(&z0), black_box(&z0), n, black_box(&p), black_box(&g), k, false); black_box(&grad); });
+        time("outer", &mut || { ops.outer(&mut grad, k, 0.1, black_box(&z0), black_box(&p), false); black_box(&grad); });
         println!("{:>16}: {parts:6.2} ns (softmax, margins, sigmoids, row sums, Jacobian)", "parts of a step");
         time("chain: softmax", &mut || {
             softmax_into(black_box(&w), &mut p);

@@ -16,6 +16,11 @@ use crate::stream;
 /// Users per unit of parallel work. Fixed, so reductions do not depend on the thread count.
 const BLOCK_USERS: usize = 256;
 
+/// Gradients of at least this many bytes (support and query rows together) are written with
+/// non-temporal stores (see [`crate::stream`]): larger than the caches, they would only evict
+/// other data. Smaller ones are stored plainly and stay in cache for the caller.
+const STREAM_MIN_BYTES: usize = 8 << 20;
+
 /// The start of every user's inner loop: one `w0` of length K, or one row per user (U × K).
 #[derive(Clone, Copy, Debug)]
 pub enum Start<'a, T> {
@@ -279,6 +284,7 @@ pub fn value_and_grad<T: Real>(
     check_len("grad_support", grad_support, support.values.len())?;
     check_len("grad_query", grad_query, query.values.len())?;
     grad_w0.fill(T::ZERO);
+    let stream = (grad_support.len() + grad_query.len()) * std::mem::size_of::<T>() >= STREAM_MIN_BYTES;
 
     // Each user's rows are checked as they are read, and its gradient rows as they are written;
     // only when some are not finite are whole arrays scanned, to name the first bad user.
@@ -316,6 +322,7 @@ pub fn value_and_grad<T: Real>(
                         inner,
                         first_order,
                         shared,
+                        stream,
                         grad_w0,
                         grad_support,
                         grad_query,
@@ -500,6 +507,8 @@ struct BackwardBlock<'a, 'd, T> {
     inner: &'a InnerLoop,
     first_order: bool,
     shared: bool,
+    /// Whether the gradient rows are written with non-temporal stores.
+    stream: bool,
     grad_w0: &'a mut [T],
     grad_support: &'a mut [T],
     grad_query: &'a mut [T],
@@ -530,7 +539,10 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> (bool, bool) {
-        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, grad_w0, grad_support, grad_query, mut values } = self;
+        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, stream, grad_w0, grad_support, grad_query, mut values } = self;
+        // Rows go straight into the outputs, unless they are to be streamed and only a copy
+        // from scratch can stream them (kernels without non-temporal stores of their own).
+        let direct = R::STREAMS || !stream;
         let k = support.k;
         let (s_base, q_base) = (support.row_range(users.0).start, query.row_range(users.0).start);
         let mut group = Group::<T, R::Lanes>::new(k);
@@ -547,11 +559,10 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             let first = range.start - users.0;
             let mut scale = [T::ZERO; LANES];
             scale[..members.len].copy_from_slice(&grad_losses[first..first + members.len]);
-            // Kernels that stream their stores write the gradient rows in place; with the
-            // others, the group's rows are built in scratch (in cache) and then streamed out.
+            // Written in place, or built in scratch (in cache) and then streamed out.
             let s_rows = support.row_range(range.start).start..support.row_range(range.end - 1).end;
             let q_rows = query.row_range(range.start).start..query.row_range(range.end - 1).end;
-            let (mut gs, mut gq) = if R::STREAMS {
+            let (mut gs, mut gq) = if direct {
                 (member_rows(grad_support, &support, s_base, range.clone()), member_rows(grad_query, &query, q_base, range.clone()))
             } else {
                 scratch_s.resize(s_rows.len() * k, T::ZERO);
@@ -564,12 +575,12 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                     (*a, *b) = (&mut [], &mut []);
                 }
             }
-            outputs_finite &= group.backward(ops, members, scale, inner, first_order, values.is_some(), &mut gs, &mut gq);
+            outputs_finite &= group.backward(ops, members, scale, inner, first_order, values.is_some(), stream, &mut gs, &mut gq);
             // The backward leaves the group's adapted weights and query margins in place.
             if let Some(v) = values.as_mut() {
                 v.write(ops, k, &mut group, members, first, true);
             }
-            if !R::STREAMS {
+            if !direct {
                 stream::copy(&mut grad_support[(s_rows.start - s_base) * k..(s_rows.end - s_base) * k], &scratch_s);
                 stream::copy(&mut grad_query[(q_rows.start - q_base) * k..(q_rows.end - q_base) * k], &scratch_q);
             }

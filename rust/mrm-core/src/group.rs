@@ -298,8 +298,9 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
     /// start (left in `self.lam`, lane by lane), support rows (into `grad_support[l]`) and query
     /// rows (into `grad_query[l]`). Recomputes the trajectory. `first_order` treats the inner
     /// gradients as constants. With `keep_margins`, keeps the query margins at `w_T` for
-    /// [`Group::mean_losses`]. Returns whether every gradient row written is finite; rows
-    /// are written with [`RowOps::STREAMS`]' stores.
+    /// [`Group::mean_losses`]. Returns whether every gradient row written is finite; with
+    /// `stream`, rows are written with non-temporal stores where the kernels have them
+    /// ([`RowOps::STREAMS`]).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(crate) fn backward<R: RowOps<T>>(
@@ -310,6 +311,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         inner: &InnerLoop,
         first_order: bool,
         keep_margins: bool,
+        stream: bool,
         grad_support: &mut [&mut [T]; LANES],
         grad_query: &mut [&mut [T]; LANES],
     ) -> bool {
@@ -336,7 +338,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             let (p, gp) = (&self.rows_p[l * k..(l + 1) * k], &mut self.rows_gp[l * k..(l + 1) * k]);
             let s = &self.zq[qry[l]..qry[l + 1]];
             ops.weighted_row_sums(users.query[l], k, s, gp);
-            finite &= ops.outer(grad_query[l], k, scale, s, p);
+            finite &= ops.outer(grad_query[l], k, scale, s, p, stream);
             for x in gp.iter_mut() {
                 *x *= scale;
             }
@@ -345,7 +347,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         softmax_jvp(&self.p[..k], &self.gp[..k], &mut self.lam[..k]);
         if first_order || steps == 0 {
             for g in grad_support.iter_mut() {
-                ops.zero_rows(g);
+                ops.zero_rows(g, stream);
             }
             return finite;
         }
@@ -431,7 +433,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         }
         for (l, g) in grad_support.iter_mut().enumerate() {
             let (s, c) = (&self.s[sup[l]..], &self.c[sup[l]..]);
-            finite &= ops.rank2_sums(g, k, steps, s, c, n_all, &self.rank_mu[l * k..], &self.rank_p[l * k..], row_stride);
+            finite &= ops.rank2_sums(g, k, steps, s, c, n_all, &self.rank_mu[l * k..], &self.rank_p[l * k..], row_stride, stream);
         }
         finite
     }
@@ -483,7 +485,7 @@ mod tests {
                     for ((a, b), (s, q)) in gs_refs.iter_mut().zip(gq_refs.iter_mut()).zip(gs.iter_mut().zip(gq.iter_mut())) {
                         (*a, *b) = (s, q);
                     }
-                    group.backward(ops, &members, grad_loss, self.inner, self.first_order, false, &mut gs_refs, &mut gq_refs);
+                    group.backward(ops, &members, grad_loss, self.inner, self.first_order, false, false, &mut gs_refs, &mut gq_refs);
                 }
                 (0..members.len)
                     .map(|l| {

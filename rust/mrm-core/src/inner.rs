@@ -323,7 +323,7 @@ impl<T: Real> Workspace<T> {
         ops.margins(query, k, &self.p, &mut self.rows);
         ops.neg_sigmoids(&mut self.rows);
         ops.weighted_row_sums(query, k, &self.rows, &mut self.gp);
-        ops.outer(grad_query, k, scale, &self.rows, &self.p);
+        ops.outer(grad_query, k, scale, &self.rows, &self.p, false);
         for x in self.gp.iter_mut() {
             *x *= scale;
         }

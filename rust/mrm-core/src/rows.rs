@@ -39,15 +39,17 @@ pub trait RowOps<T: Real>: Copy {
     /// `out = Σ_i x_i d_i` over the rows (`x` has one value per row).
     fn weighted_row_sums(self, rows: &[T], k: usize, x: &[T], out: &mut [T]);
     /// Whether [`RowOps::outer`], [`RowOps::rank2_sums`] and [`RowOps::zero_rows`] write
-    /// with non-temporal stores (which do not read the memory first; see [`crate::stream`]),
-    /// so that they may write a gradient straight into its output; when not, the caller
-    /// builds rows in scratch and streams them out.
+    /// with non-temporal stores when asked (`stream`: stores that do not read the memory
+    /// first and do not keep it in cache; see [`crate::stream`]), so that they may write a
+    /// large gradient straight into its output; when not, the caller builds rows in scratch
+    /// and streams them out.
     const STREAMS: bool = false;
 
     /// `out_i = (a s_i) p` for every row `out_i` of `out` (one `s_i` per row). Returns whether
     /// every value written is finite.
     #[inline(always)]
-    fn outer(self, out: &mut [T], k: usize, a: T, s: &[T], p: &[T]) -> bool {
+    fn outer(self, out: &mut [T], k: usize, a: T, s: &[T], p: &[T], stream: bool) -> bool {
+        let _ = stream;
         let k = self.width(k);
         let p = &p[..k];
         for (row, &si) in out.chunks_exact_mut(k).zip(s) {
@@ -61,7 +63,8 @@ pub trait RowOps<T: Real>: Copy {
 
     /// Zeroes `out`.
     #[inline(always)]
-    fn zero_rows(self, out: &mut [T]) {
+    fn zero_rows(self, out: &mut [T], stream: bool) {
+        let _ = stream;
         out.fill(T::ZERO);
     }
 
@@ -71,7 +74,8 @@ pub trait RowOps<T: Real>: Copy {
     /// whether every value written is finite.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn rank2_sums(self, out: &mut [T], k: usize, steps: usize, s: &[T], c: &[T], stride: usize, mu: &[T], p: &[T], row_stride: usize) -> bool {
+    fn rank2_sums(self, out: &mut [T], k: usize, steps: usize, s: &[T], c: &[T], stride: usize, mu: &[T], p: &[T], row_stride: usize, stream: bool) -> bool {
+        let _ = stream;
         let k = self.width(k);
         let n = out.len() / k;
         out.fill(T::ZERO);
@@ -319,16 +323,20 @@ pub mod avx2 {
         const STREAMS: bool = true;
 
         #[inline(always)]
-        fn zero_rows(self, out: &mut [f32]) {
-            crate::stream::zero(out);
+        fn zero_rows(self, out: &mut [f32], stream: bool) {
+            if stream {
+                crate::stream::zero(out);
+            } else {
+                out.fill(0.0);
+            }
         }
 
         #[inline(always)]
-        fn rank2_sums(self, out: &mut [f32], k: usize, steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) -> bool {
+        fn rank2_sums(self, out: &mut [f32], k: usize, steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize, stream: bool) -> bool {
             assert!(k == 8 * C);
             let n = out.len() / k;
             if steps == 0 {
-                crate::stream::zero(out);
+                self.zero_rows(out, stream);
                 return true;
             }
             let last = (steps - 1) * stride + n;
@@ -341,18 +349,18 @@ pub mod avx2 {
                 // fit in registers.
                 let blocked = if C <= 2 { n / 4 * 4 } else { 0 };
                 let (head, tail) = out[..k * n].split_at_mut(k * blocked);
-                let ok = rank2_sums::<C, 4>(head, steps, s, c, stride, mu, p, row_stride);
-                ok & rank2_sums::<C, 1>(tail, steps, &s[blocked..], &c[blocked..], stride, mu, p, row_stride)
+                let ok = rank2_sums::<C, 4>(head, steps, s, c, stride, mu, p, row_stride, stream);
+                ok & rank2_sums::<C, 1>(tail, steps, &s[blocked..], &c[blocked..], stride, mu, p, row_stride, stream)
             }
         }
 
         #[inline(always)]
-        fn outer(self, out: &mut [f32], k: usize, a: f32, s: &[f32], p: &[f32]) -> bool {
+        fn outer(self, out: &mut [f32], k: usize, a: f32, s: &[f32], p: &[f32], stream: bool) -> bool {
             assert!(k == 8 * C && p.len() >= k);
             let n = (out.len() / k).min(s.len());
             // SAFETY: the CPU has the features; writes stay inside the n rows of `out`, reads
             // inside `s` (n values) and `p` (8 C).
-            unsafe { outer::<C>(&mut out[..k * n], a, &s[..n], &p[..k]) }
+            unsafe { outer::<C>(&mut out[..k * n], a, &s[..n], &p[..k], stream) }
         }
 
         #[inline(always)]
@@ -469,7 +477,7 @@ pub mod avx2 {
     }
 
     /// How a kernel stores the registers of its rows into `out`: non-temporal (see
-    /// [`crate::stream`]) when the rows are aligned for it, else plainly.
+    /// [`crate::stream`]) when asked and the rows are aligned for it, else plainly.
     #[derive(Clone, Copy)]
     enum Put {
         Stream256,
@@ -480,8 +488,9 @@ pub mod avx2 {
     impl Put {
         /// Rows are 32 C bytes, so the alignment of the first holds for every register.
         #[inline(always)]
-        fn of(out: &[f32]) -> Put {
+        fn of(out: &[f32], stream: bool) -> Put {
             match out.as_ptr() as usize {
+                _ if !stream => Put::Plain,
                 a if a % 32 == 0 => Put::Stream256,
                 a if a % 16 == 0 => Put::Stream128,
                 _ => Put::Plain,
@@ -520,9 +529,9 @@ pub mod avx2 {
     /// are finite.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn outer<const C: usize>(out: &mut [f32], a: f32, s: &[f32], p: &[f32]) -> bool {
+    unsafe fn outer<const C: usize>(out: &mut [f32], a: f32, s: &[f32], p: &[f32], stream: bool) -> bool {
         let pv = load::<C>(p);
-        let put = Put::of(out);
+        let put = Put::of(out, stream);
         let (o, sp, av) = (out.as_mut_ptr(), s.as_ptr(), _mm256_set1_ps(a));
         let mut check = _mm256_setzero_ps();
         for i in 0..s.len() {
@@ -542,8 +551,8 @@ pub mod avx2 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rank2_sums<const C: usize, const R: usize>(out: &mut [f32], steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize) -> bool {
-        let put = Put::of(out);
+    unsafe fn rank2_sums<const C: usize, const R: usize>(out: &mut [f32], steps: usize, s: &[f32], c: &[f32], stride: usize, mu: &[f32], p: &[f32], row_stride: usize, stream: bool) -> bool {
+        let put = Put::of(out, stream);
         let mut check = _mm256_setzero_ps();
         let (o, sp, cp, mp, pp) = (out.as_mut_ptr(), s.as_ptr(), c.as_ptr(), mu.as_ptr(), p.as_ptr());
         let mut i = 0;
@@ -717,7 +726,7 @@ mod tests {
             type Output = Vec<f32>;
             fn run<R: RowOps<f32>>(self, ops: R) -> Vec<f32> {
                 let mut out = vec![f32::NAN; self.n * self.k];
-                ops.rank2_sums(&mut out, self.k, self.steps, self.s, self.c, self.n + STRIDE_EXTRA, self.mu, self.p, 2 * self.k);
+                ops.rank2_sums(&mut out, self.k, self.steps, self.s, self.c, self.n + STRIDE_EXTRA, self.mu, self.p, 2 * self.k, self.steps % 2 == 0);
                 out
             }
         }
@@ -747,13 +756,15 @@ mod tests {
 
     /// `outer`, `rank2_sums` and `zero_rows` of whichever kernels `with_row_ops` picks give
     /// the same bits at every alignment of `out` (the streamed stores of 32 and 16 bytes and the
-    /// plain ones), write nothing outside `out`, and report non-finite values they write.
+    /// plain ones) and with plain stores asked for, write nothing outside `out`, and report
+    /// non-finite values they write.
     #[test]
     fn row_writers_same_bits_at_every_alignment_and_report_non_finite() {
         struct Write<'a> {
             k: usize,
             n: usize,
             offset: usize,
+            stream: bool,
             s: &'a [f32],
             c: &'a [f32],
             mu: &'a [f32],
@@ -763,9 +774,9 @@ mod tests {
             fn run<R: RowOps<f32>>(self, ops: R) -> Self::Output {
                 let (k, n, at) = (self.k, self.n, self.offset);
                 let mut bufs = [vec![-7.0f32; n * k + 16], vec![-7.0f32; n * k + 16], vec![-7.0f32; n * k + 16]];
-                let ok_outer = ops.outer(&mut bufs[0][at..at + n * k], k, 0.75, self.s, self.mu);
-                let ok_sums = ops.rank2_sums(&mut bufs[1][at..at + n * k], k, 3, self.s, self.c, n, self.mu, &self.mu[1..], k);
-                ops.zero_rows(&mut bufs[2][at..at + n * k]);
+                let ok_outer = ops.outer(&mut bufs[0][at..at + n * k], k, 0.75, self.s, self.mu, self.stream);
+                let ok_sums = ops.rank2_sums(&mut bufs[1][at..at + n * k], k, 3, self.s, self.c, n, self.mu, &self.mu[1..], k, self.stream);
+                ops.zero_rows(&mut bufs[2][at..at + n * k], self.stream);
                 crate::stream::fence();
                 for b in &bufs {
                     assert!(b[..at].iter().chain(&b[at + n * k..]).all(|&x| x == -7.0), "wrote outside out");
@@ -781,11 +792,11 @@ mod tests {
                 let s: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
                 let c: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
                 let mu: Vec<f32> = (0..3 * k + 1).map(|_| lcg(&mut seed)).collect();
-                let want = with_row_ops(k, Write { k, n, offset: 0, s: &s, c: &c, mu: &mu });
+                let want = with_row_ops(k, Write { k, n, offset: 0, stream: true, s: &s, c: &c, mu: &mu });
                 assert!(want.3 && want.4, "K {k} n {n}: finite values reported as not finite");
                 assert!(want.2.iter().all(|&x| x.to_bits() == 0), "K {k} n {n}: zero_rows");
-                for offset in 1..8 {
-                    let got = with_row_ops(k, Write { k, n, offset, s: &s, c: &c, mu: &mu });
+                for (offset, stream) in (1..8).map(|o| (o, true)).chain([(0, false), (3, false)]) {
+                    let got = with_row_ops(k, Write { k, n, offset, stream, s: &s, c: &c, mu: &mu });
                     for (name, x, y) in [("outer", &want.0, &got.0), ("rank2_sums", &want.1, &got.1), ("zero_rows", &want.2, &got.2)] {
                         assert_eq!(bits(x), bits(y), "K {k} n {n} offset {offset}: {name}");
                     }
@@ -794,11 +805,11 @@ mod tests {
                     for bad in [f32::INFINITY, f32::NAN] {
                         let mut c_bad = c.clone();
                         c_bad[n + n / 2] = bad;
-                        let got = with_row_ops(k, Write { k, n, offset: 0, s: &s, c: &c_bad, mu: &mu });
+                        let got = with_row_ops(k, Write { k, n, offset: 0, stream: true, s: &s, c: &c_bad, mu: &mu });
                         assert!(got.3 && !got.4, "K {k} n {n}: {bad} in rank2_sums not reported");
                         let mut s_bad = s.clone();
                         s_bad[n - 1] = bad;
-                        let got = with_row_ops(k, Write { k, n, offset: 0, s: &s_bad, c: &c, mu: &mu });
+                        let got = with_row_ops(k, Write { k, n, offset: 0, stream: false, s: &s_bad, c: &c, mu: &mu });
                         assert!(!got.3, "K {k} n {n}: {bad} in outer not reported");
                     }
                 }

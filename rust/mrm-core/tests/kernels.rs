@@ -313,13 +313,15 @@ proptest! {
     }
 }
 
-/// Gradients written into outputs at any alignment (the rows are streamed where aligned, else
-/// stored plainly) have the same bits, and nothing outside the outputs is touched: f32 with
-/// K = 8 (the hand-vectorised kernels on AVX2 CPUs) and K = 5, exact and first-order.
+/// Gradients written into outputs at any alignment (large ones are streamed where aligned,
+/// else stored plainly) have the same bits, and nothing outside the outputs is touched: f32
+/// with K = 8 (the hand-vectorised kernels on AVX2 CPUs) and K = 5, exact and first-order,
+/// gradients under and over the size from which they are streamed (8 MiB).
 #[test]
 fn gradients_same_bits_at_every_output_alignment() {
-    for k in [8, 5] {
-        let d = data(300, k, 4);
+    for (k, users) in [(8, 300), (5, 300), (8, 70_000), (5, 70_000)] {
+        let d = data(users, k, 4);
+        assert!(users < 1000 || (d.support.len() + d.query.len()) * 4 > 8 << 20, "the large case must stream");
         let (support, query, w0): (Vec<f32>, Vec<f32>, Vec<f32>) = (cast(&d.support), cast(&d.query), cast(&d.w0));
         let n = d.s_off.len() - 1;
         let gl: Vec<f32> = (0..n).map(|u| 0.5 + (u % 3) as f32).collect();
@@ -342,7 +344,7 @@ fn gradients_same_bits_at_every_output_alignment() {
             };
             let want = run(0);
             for offset in 1..8 {
-                assert!(run(offset) == want, "K {k} first-order {first_order}: offset {offset} changed the gradients");
+                assert!(run(offset) == want, "K {k} users {users} first-order {first_order}: offset {offset} changed the gradients");
             }
         }
     }
