@@ -726,7 +726,7 @@ mod tests {
             type Output = Vec<f32>;
             fn run<R: RowOps<f32>>(self, ops: R) -> Vec<f32> {
                 let mut out = vec![f32::NAN; self.n * self.k];
-                ops.rank2_sums(&mut out, self.k, self.steps, self.s, self.c, self.n + STRIDE_EXTRA, self.mu, self.p, 2 * self.k, self.steps % 2 == 0);
+                ops.rank2_sums(&mut out, self.k, self.steps, self.s, self.c, self.n + STRIDE_EXTRA, self.mu, self.p, 2 * self.k, self.steps.is_multiple_of(2));
                 out
             }
         }
