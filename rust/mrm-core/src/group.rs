@@ -64,7 +64,8 @@ pub(crate) struct Group<T: Real, V: Lanes<T>> {
     c: Vec<T>,
     s: Vec<T>,
     /// One value per query row of the group: margins, then sigmoids; and the margins kept by
-    /// [`Group::backward`] when asked (`query_margins`).
+    /// [`Group::backward`] when asked (`keep_margins`), in their own buffer because
+    /// [`Group::mean_losses`] may use `zl` for the support losses first.
     zq: Vec<T>,
     zq_kept: Vec<T>,
     /// Margins, then losses, for [`Group::mean_losses`].
@@ -255,7 +256,6 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         softmax(&self.w[..k], &mut self.p[..k]);
         V::to_rows(&self.p, k, &mut self.rows_p);
     }
-
 
     /// The members' adapted weights, one row per lane.
     #[inline(always)]

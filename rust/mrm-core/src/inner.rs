@@ -70,12 +70,6 @@ fn pairs_pass<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], gp: 
 #[inline(always)]
 pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) -> (T, T) {
     ops.margins(rows, k, p, z);
-    loss_and_accuracy_of(ops, z)
-}
-
-/// [`loss_and_accuracy`] from the margins `z` (overwritten).
-#[inline(always)]
-fn loss_and_accuracy_of<T: Real, R: RowOps<T>>(ops: R, z: &mut [T]) -> (T, T) {
     let correct = positive_share(z);
     ops.neg_softplus(z);
     (mean(z), correct)
