@@ -25,11 +25,117 @@ import numpy as np
 from mrm import _native
 
 __all__ = [
-    "MetaForward", "adapt", "meta_forward", "meta_backward", "meta_value_and_grad", "rpo", "score", "pair_differences",
+    "InnerLoop", "MapResult", "MetaForward", "adapt", "map_adapt", "predict", "pair_probabilities", "information_gain", "meta_forward", "meta_backward", "meta_value_and_grad", "rpo", "score", "pair_differences",
     "pair_differences_backward", "resolve_threads", "set_output_cache_limit", "output_cache_limit",
 ]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+SOLVERS = ("sgd", "adam", "map")
+WEIGHT_MAPS = ("simplex", "linear")
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """How each user is adapted: the one settings value every stage takes (ops, torch ops,
+    evaluation, batch jobs, Ray, the trainer), validated once here by the core's own rules.
+
+    - ``"sgd"`` / ``"adam"`` (SPEC §2): ``steps`` steps of size ``lr`` (``torch.optim.Adam``
+      semantics with ``betas``, ``eps``); defaults are the released values (1 step, 1e-3).
+    - ``"map"`` (SPEC §7): the posterior mode under the Gaussian prior ``N(w0, diag(e^-eta))``
+      by damped Newton, stopping at ``‖∇F‖∞ ≤ tol`` or after ``max_iter`` steps;
+      ``weight_map`` is ``"simplex"`` (softmax user weights, the paper's) or ``"linear"``
+      (unconstrained user weights). ``steps`` and ``lr`` do not apply.
+    """
+
+    optimizer: str = "adam"
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_iter: int = 100
+    tol: float = 1e-6
+    weight_map: str = "simplex"
+
+    def __post_init__(self):
+        if self.optimizer not in SOLVERS:
+            raise ValueError(f"optimizer must be one of {', '.join(map(repr, SOLVERS))}, got {self.optimizer!r}")
+        if self.weight_map not in WEIGHT_MAPS:
+            raise ValueError(f"weight_map must be 'simplex' or 'linear', got {self.weight_map!r}")
+        if self.optimizer == "map":
+            for name in ("steps", "lr"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} does not apply to the 'map' solver (it runs to convergence); leave it unset")
+        else:
+            if self.weight_map != "simplex":
+                raise ValueError(f"weight_map {self.weight_map!r} needs the 'map' solver; the {self.optimizer} loop uses softmax weights")
+            object.__setattr__(self, "steps", 1 if self.steps is None else self.steps)
+            object.__setattr__(self, "lr", 1e-3 if self.lr is None else self.lr)
+            _check_int("steps", self.steps, 0)
+            _check_real("lr", self.lr)
+        _check_int("max_iter", self.max_iter, 1)
+        _check_real("eps", self.eps)
+        _check_real("tol", self.tol)
+        try:
+            beta1, beta2 = (float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            raise TypeError(f"betas must be a pair of floats, got {self.betas!r}") from None
+        object.__setattr__(self, "betas", (beta1, beta2))
+        _native.check_inner_loop(self.optimizer, int(self.steps or 0), float(self.lr or 1.0), beta1, beta2,
+                                 float(self.eps), int(self.max_iter), float(self.tol), self.weight_map)
+
+    @property
+    def is_map(self) -> bool:
+        return self.optimizer == "map"
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (checkpoints and configs); :meth:`from_dict` reads it back."""
+        keys = ("max_iter", "tol", "weight_map") if self.is_map else ("steps", "lr", "betas", "eps")
+        return {"optimizer": self.optimizer, **{k: list(v) if k == "betas" else v for k in keys for v in [getattr(self, k)]}}
+
+    @staticmethod
+    def from_dict(raw: dict) -> "InnerLoop":
+        if not isinstance(raw, dict):
+            raise TypeError(f"inner-loop settings must be a dict, got {type(raw).__name__}")
+        unknown = set(raw) - {f for f in InnerLoop.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown inner-loop settings: {sorted(unknown)}")
+        raw = dict(raw)
+        if "betas" in raw:
+            raw["betas"] = tuple(raw["betas"])
+        return InnerLoop(**raw)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def inner_loop(inner: Optional[InnerLoop] = None, **sugar) -> InnerLoop:
+    """``inner``, or an :class:`InnerLoop` built from keyword sugar (``steps=, lr=, optimizer=,
+    betas=, eps=``); not both."""
+    given = {k: v for k, v in sugar.items() if v is not None}
+    if inner is not None:
+        if not isinstance(inner, InnerLoop):
+            raise TypeError(f"inner must be an mrm.ops.InnerLoop, got {type(inner).__name__}")
+        if given:
+            raise TypeError(f"pass either inner= or {', '.join(sorted(given))}, not both")
+        return inner
+    if "optimizer" not in given:
+        given["optimizer"] = "adam"
+    if given["optimizer"] != "map" and ("steps" not in given or "lr" not in given):
+        missing = [k for k in ("steps", "lr") if k not in given]
+        raise TypeError(f"missing keyword argument(s) {', '.join(missing)} (or pass inner=mrm.ops.InnerLoop(...))")
+    return InnerLoop(**given)
 
 
 @dataclass(frozen=True)
@@ -128,29 +234,9 @@ def _same_k(**arrays: np.ndarray) -> int:
     return k
 
 
-def _hyper(steps, lr, optimizer, betas, eps) -> tuple:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    try:
-        beta1, beta2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
-    values = {"lr": lr, "eps": eps}
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be finite and > 0, got {lr}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be finite and > 0, got {eps}")
-    for i, b in enumerate((beta1, beta2)):
-        if not (math.isfinite(b) and 0.0 <= b < 1.0):
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
-    return int(steps), float(lr), optimizer, beta1, beta2, float(eps)
+def _hyper(inner: InnerLoop) -> tuple:
+    """The loop settings as the native entry points take them."""
+    return int(inner.steps), float(inner.lr), inner.optimizer, *inner.betas, float(inner.eps)
 
 
 def _kernel(name: str, dtype: np.dtype):
@@ -184,27 +270,129 @@ def adapt(
     support,
     support_offsets,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    inner: Optional[InnerLoop] = None,
+    eta=None,
+    init=None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[float] = None,
     num_threads: Optional[int] = None,
     return_support_losses: bool = False,
 ):
-    """Adapt every user's logits from ``w0`` with ``steps`` inner steps on its support pairs.
+    """Adapt every user's weights from ``w0`` on its support pairs, as ``inner`` says (an
+    :class:`InnerLoop`; or the keyword sugar ``steps=, lr=, optimizer=, betas=, eps=``).
 
     ``w0`` is shared (K,) or per user (U, K). A user without support pairs keeps ``w0``.
-    Returns the adapted logits, shape (U, K); with ``return_support_losses``, also each user's
-    support loss at its adapted logits, shape (U,) (0 for a user without pairs), from the same
-    native pass.
+    The ``map`` solver needs ``eta`` (the prior's log precisions, 1 or K values) and takes an
+    optional warm start ``init`` (U, K); a user it cannot converge is a ValueError naming it
+    (:func:`map_adapt` reports such users instead of raising).
+    Returns the adapted weights, shape (U, K); with ``return_support_losses``, also each user's
+    mean support loss at them, shape (U,) (0 for a user without pairs), from the same native pass.
     """
+    inner = inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
+    if inner.is_map:
+        result = map_adapt(w0, eta, support, support_offsets, inner=inner, init=init, num_threads=num_threads)
+        result.raise_unconverged()
+        return (result.weights, result.support_losses) if return_support_losses else result.weights
+    _no_map_arguments(eta=eta, init=init)
     dtype, w0, support, support_offsets, _, _ = _prepare(w0, support, support_offsets)
-    hyper = _hyper(steps, lr, optimizer, betas, eps)
     weights, support_losses, _, _ = _kernel("forward", dtype)(
-        w0, support, support_offsets, None, None, *hyper, bool(return_support_losses), resolve_threads(num_threads)
+        w0, support, support_offsets, None, None, *_hyper(inner), bool(return_support_losses), resolve_threads(num_threads)
     )
     return (weights, support_losses) if return_support_losses else weights
+
+
+def _no_map_arguments(**arguments) -> None:
+    for name, value in arguments.items():
+        if value is not None:
+            raise ValueError(f"{name} applies to the 'map' solver only")
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """Result of :func:`map_adapt`, one entry per user (SPEC §7)."""
+
+    weights: np.ndarray
+    """The posterior mode ``w*`` (U, K)."""
+    iterations: np.ndarray
+    """Newton steps taken (U,), int64."""
+    grad_norm: np.ndarray
+    """``‖∇F(w*)‖∞`` (U,)."""
+    converged: np.ndarray
+    """Whether ``grad_norm <= tol`` (U,), bool."""
+    support_losses: np.ndarray
+    """Mean support loss at ``w*`` (U,) (0 without support pairs)."""
+    losses: Optional[np.ndarray] = None
+    """Mean query loss at ``w*`` (U,), with query rows."""
+    accuracy: Optional[np.ndarray] = None
+    """Share of query pairs with ``d · p(w*) > 0`` (U,), with query rows."""
+    covariance: Optional[np.ndarray] = None
+    """Laplace posterior covariance ``H⁻¹`` of ``w`` (U, K, K), with ``return_covariance``."""
+
+    def raise_unconverged(self) -> None:
+        """A ValueError naming the first user whose solve did not converge, if any."""
+        bad = np.flatnonzero(~self.converged)
+        if bad.size:
+            u = int(bad[0])
+            raise ValueError(
+                f"the MAP solve did not converge for user {u} (‖∇F‖∞ = {float(self.grad_norm[u]):.3e} after "
+                f"{int(self.iterations[u])} iterations; {bad.size} such users): raise max_iter or tol, or "
+                "use mrm.ops.map_adapt, which reports them"
+            )
+
+
+def _eta(eta, dtype: np.dtype, k: int) -> np.ndarray:
+    if eta is None:
+        raise TypeError("the 'map' solver needs eta, the prior's log precisions (1 or K values)")
+    eta = np.atleast_1d(np.asarray(eta))
+    if eta.dtype.kind not in "fiu" or eta.dtype == np.bool_:
+        raise TypeError(f"eta must be a float array, got dtype {eta.dtype}")
+    if eta.ndim != 1 or eta.shape[0] not in (1, k):
+        raise ValueError(f"eta must have 1 or K = {k} values, got shape {eta.shape}")
+    return np.ascontiguousarray(eta, dtype=dtype)
+
+
+def map_adapt(
+    w0,
+    eta,
+    support,
+    support_offsets,
+    *,
+    inner: Optional[InnerLoop] = None,
+    init=None,
+    query=None,
+    query_offsets=None,
+    return_covariance: bool = False,
+    num_threads: Optional[int] = None,
+) -> MapResult:
+    """MAP adaptation of every user (SPEC §7): ``w*_u = argmin Σ softplus(−d·p(w)) + ½ (w − w0)ᵀ Λ (w − w0)``,
+    ``Λ = diag(exp(eta))``, by damped Newton from ``w0`` (or the warm start ``init``, (U, K)).
+
+    ``inner`` is an :class:`InnerLoop` with ``optimizer="map"`` (default: ``InnerLoop("map")``).
+    Users that do not converge are reported (``converged``, ``grad_norm``), not raised. With
+    ``query`` rows, also each user's query loss and accuracy at ``w*``; with
+    ``return_covariance``, the Laplace covariance ``H⁻¹`` (U, K, K).
+    """
+    inner = InnerLoop("map") if inner is None else inner_loop(inner)
+    if not inner.is_map:
+        raise ValueError(f"map_adapt needs an InnerLoop with optimizer='map', got {inner.optimizer!r}")
+    if (query is None) != (query_offsets is None):
+        raise ValueError("query and query_offsets go together: pass both or neither")
+    dtype, w0, support, support_offsets, query, query_offsets = _prepare(w0, support, support_offsets, query, query_offsets)
+    k = support.shape[1]
+    eta = _eta(eta, dtype, k)
+    if init is not None:
+        init = _float_array("init", init, (2,))
+        _same_dtype(support=support, init=init)
+        if init.shape != (len(support_offsets) - 1, k):
+            raise ValueError(f"init must have shape ({len(support_offsets) - 1}, {k}), got {init.shape}")
+    weights, iterations, grad_norm, converged, support_losses, losses, accuracy, covariance = _kernel("map_forward", dtype)(
+        w0, eta, support, support_offsets, query, query_offsets, init, int(inner.max_iter), float(inner.tol),
+        inner.weight_map, bool(return_covariance), resolve_threads(num_threads),
+    )
+    return MapResult(weights, iterations, grad_norm, converged, support_losses, losses, accuracy, covariance)
 
 
 def meta_forward(
@@ -214,23 +402,38 @@ def meta_forward(
     query,
     query_offsets,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    inner: Optional[InnerLoop] = None,
+    eta=None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[float] = None,
     num_threads: Optional[int] = None,
 ) -> MetaForward:
     """Adapt every user on its support pairs, then measure its query loss and accuracy.
 
-    Every user needs at least one query pair.
+    Every user needs at least one query pair. ``map``: a user whose solve does not converge is
+    a ValueError naming it.
     """
+    inner = inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
+    if query is None or query_offsets is None:
+        raise TypeError("meta_forward needs query and query_offsets (use adapt() to adapt without query pairs)")
+    if inner.is_map:
+        result = map_adapt(w0, eta, support, support_offsets, inner=inner, query=query, query_offsets=query_offsets,
+                           num_threads=num_threads)
+        result.raise_unconverged()
+        empty = np.flatnonzero(np.diff(np.asarray(query_offsets)) == 0)
+        if empty.size:
+            raise ValueError(f"query has no pairs for user {int(empty[0])}: every user needs at least one query pair")
+        return MetaForward(losses=result.losses, weights=result.weights, support_losses=result.support_losses,
+                           accuracy=result.accuracy)
+    _no_map_arguments(eta=eta)
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(
         w0, support, support_offsets, query, query_offsets
     )
-    hyper = _hyper(steps, lr, optimizer, betas, eps)
     weights, support_losses, losses, accuracy = _kernel("forward", dtype)(
-        w0, support, support_offsets, query, query_offsets, *hyper, True, resolve_threads(num_threads)
+        w0, support, support_offsets, query, query_offsets, *_hyper(inner), True, resolve_threads(num_threads)
     )
     return MetaForward(losses=losses, weights=weights, support_losses=support_losses, accuracy=accuracy)
 
@@ -243,15 +446,17 @@ def meta_backward(
     query_offsets,
     grad_losses,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    inner: Optional[InnerLoop] = None,
+    eta=None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[float] = None,
     first_order: bool = False,
     num_threads: Optional[int] = None,
     out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+):
     """Exact gradient of ``Σ_u grad_losses[u] · L_u`` (``L_u`` as in :func:`meta_forward`).
 
     Returns ``(grad_w0, grad_support, grad_query)``: ``grad_w0`` has the shape of ``w0`` (summed
@@ -259,13 +464,22 @@ def meta_backward(
     The inner trajectory is recomputed, not stored. ``first_order=True`` treats the inner
     gradients as constants (FOMAML): support rows then get a zero gradient.
 
+    The ``map`` solver returns ``(grad_w0, grad_support, grad_query, grad_eta)``: the implicit
+    gradient at each user's solution (SPEC §7; memory independent of the iterations);
+    ``first_order`` and ``out`` do not apply.
+
     ``out``: three writeable C-contiguous arrays of those shapes and the inputs' dtype, written
     and returned instead of new ones (a training loop can then reuse its gradient memory). They
     must not share memory with any input.
     """
+    inner = inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
+    if inner.is_map:
+        return _map_backward(w0, eta, support, support_offsets, query, query_offsets, grad_losses, inner, first_order,
+                             num_threads, out, with_values=False)[0]
+    _no_map_arguments(eta=eta)
     grads, _ = _backward(
         w0, support, support_offsets, query, query_offsets, grad_losses,
-        _hyper(steps, lr, optimizer, betas, eps), first_order, num_threads, out, with_values=False,
+        _hyper(inner), first_order, num_threads, out, with_values=False,
     )
     return grads
 
@@ -278,28 +492,65 @@ def meta_value_and_grad(
     query_offsets,
     grad_losses,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    inner: Optional[InnerLoop] = None,
+    eta=None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[float] = None,
     first_order: bool = False,
     num_threads: Optional[int] = None,
     out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
-) -> Tuple[MetaForward, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+):
     """:func:`meta_forward` and :func:`meta_backward` in one pass over the rows.
 
-    Returns ``(forward, (grad_w0, grad_support, grad_query))``, bit-identical to what the two
-    calls return. Use it when ``grad_losses`` is known before the losses, e.g. ``1/U`` each for
-    the mean query loss; when it depends on the losses (RPO), call the two functions instead.
+    Returns ``(forward, grads)``, bit-identical to what the two calls return. Use it when
+    ``grad_losses`` is known before the losses, e.g. ``1/U`` each for the mean query loss; when
+    it depends on the losses (RPO), call the two functions instead.
     Arguments as in :func:`meta_backward`.
     """
-    grads, values = _backward(
-        w0, support, support_offsets, query, query_offsets, grad_losses,
-        _hyper(steps, lr, optimizer, betas, eps), first_order, num_threads, out, with_values=True,
-    )
-    weights, support_losses, losses, accuracy = values
+    inner = inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
+    if inner.is_map:
+        grads, values = _map_backward(w0, eta, support, support_offsets, query, query_offsets, grad_losses, inner,
+                                      first_order, num_threads, out, with_values=True)
+    else:
+        _no_map_arguments(eta=eta)
+        grads, values = _backward(
+            w0, support, support_offsets, query, query_offsets, grad_losses,
+            _hyper(inner), first_order, num_threads, out, with_values=True,
+        )
+    if inner.is_map:
+        weights, _, _, _, support_losses, losses, accuracy, _ = values
+    else:
+        weights, support_losses, losses, accuracy = values
     return MetaForward(losses=losses, weights=weights, support_losses=support_losses, accuracy=accuracy), grads
+
+
+def _grad_losses(grad_losses, dtype, n_users: int) -> np.ndarray:
+    grad_losses = _float_array("grad_losses", grad_losses, (1,))
+    if grad_losses.dtype != dtype:
+        raise TypeError(f"mixed float dtypes: support is {dtype} but grad_losses is {grad_losses.dtype}; "
+                        "use one of float32 or float64 for every array")
+    if grad_losses.shape[0] != n_users:
+        raise ValueError(f"grad_losses has {grad_losses.shape[0]} entries but there are {n_users} users")
+    return grad_losses
+
+
+def _map_backward(w0, eta, support, support_offsets, query, query_offsets, grad_losses, inner, first_order,
+                  num_threads, out, *, with_values: bool):
+    if first_order:
+        raise ValueError("first_order does not apply to the 'map' solver (its gradient is implicit, never unrolled)")
+    if out is not None:
+        raise ValueError("out= does not apply to the 'map' solver")
+    dtype, w0, support, support_offsets, query, query_offsets = _prepare(w0, support, support_offsets, query, query_offsets)
+    eta = _eta(eta, dtype, support.shape[1])
+    grad_losses = _grad_losses(grad_losses, dtype, len(support_offsets) - 1)
+    (grad_w0, grad_eta, grad_support, grad_query), values = _kernel("map_backward", dtype)(
+        w0, eta, support, support_offsets, query, query_offsets, grad_losses, int(inner.max_iter), float(inner.tol),
+        inner.weight_map, resolve_threads(num_threads), bool(with_values),
+    )
+    return (grad_w0, grad_support, grad_query, grad_eta), values
 
 
 def _backward(w0, support, support_offsets, query, query_offsets, grad_losses, hyper, first_order, num_threads, out,
@@ -307,12 +558,7 @@ def _backward(w0, support, support_offsets, query, query_offsets, grad_losses, h
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(
         w0, support, support_offsets, query, query_offsets
     )
-    grad_losses = _float_array("grad_losses", grad_losses, (1,))
-    _same_dtype(support=support, grad_losses=grad_losses)
-    if grad_losses.shape[0] != len(support_offsets) - 1:
-        raise ValueError(
-            f"grad_losses has {grad_losses.shape[0]} entries but there are {len(support_offsets) - 1} users"
-        )
+    grad_losses = _grad_losses(grad_losses, dtype, len(support_offsets) - 1)
     if out is not None:
         out = _gradient_buffers(out, dtype, w0=w0, support=support, query=query)
     return _kernel("backward", dtype)(
@@ -375,12 +621,16 @@ def rpo(losses, tail: float, gamma: float) -> Tuple[float, np.ndarray]:
     return _kernel("rpo", losses.dtype)(losses, float(tail), float(gamma))
 
 
-def score(features, feature_offsets, weights, *, num_threads: Optional[int] = None) -> np.ndarray:
-    """Personalised rewards ``features[i] · softmax(weights[u])`` for each row ``i`` of user ``u``.
+def score(features, feature_offsets, weights, *, weight_map: str = "simplex",
+          num_threads: Optional[int] = None) -> np.ndarray:
+    """Personalised rewards ``features[i] · p(weights[u])`` for each row ``i`` of user ``u``
+    (``p`` = softmax for ``weight_map="simplex"``, the identity for ``"linear"``).
 
     ``features`` (N, K) grouped by user with ``feature_offsets`` (U + 1,); ``weights`` (U, K).
     Returns (N,).
     """
+    if weight_map != "simplex":
+        return predict(features, feature_offsets, weights, weight_map=weight_map, num_threads=num_threads)[0]
     features = _float_array("features", features, (2,))
     feature_offsets = _int_array("feature_offsets", feature_offsets)
     weights = _float_array("weights", weights, (2,))
@@ -413,3 +663,50 @@ def pair_differences_backward(grad, chosen, rejected, n_rows: int) -> np.ndarray
     return _kernel("pair_differences_backward", grad.dtype)(
         grad, _index("chosen", chosen), _index("rejected", rejected), int(n_rows)
     )
+
+
+def predict(features, feature_offsets, weights, *, covariance=None, weight_map: str = "simplex",
+            num_threads: Optional[int] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Posterior predictive of ``features[i] · p(w_u)`` for each row ``i`` of user ``u`` (SPEC §7):
+    ``(mean, variance)``, each (N,). ``covariance`` (U, K, K) is the users' Laplace covariance
+    (:func:`map_adapt` with ``return_covariance``); without it ``variance`` is None. Rows may be
+    base-reward features (reward and its variance) or pair differences (margin and its variance).
+    """
+    if weight_map not in WEIGHT_MAPS:
+        raise ValueError(f"weight_map must be 'simplex' or 'linear', got {weight_map!r}")
+    features = _float_array("features", features, (2,))
+    feature_offsets = _int_array("feature_offsets", feature_offsets)
+    weights = _float_array("weights", weights, (2,))
+    arrays = {"features": features, "weights": weights}
+    if covariance is not None:
+        covariance = _float_array("covariance", covariance, (3,))
+        arrays["covariance"] = covariance
+    dtype = _same_dtype(**arrays)
+    k = _same_k(**arrays)
+    n_users = len(feature_offsets) - 1
+    if weights.shape[0] != n_users:
+        raise ValueError(f"weights has {weights.shape[0]} rows but feature_offsets describes {n_users} users")
+    if covariance is not None and covariance.shape != (n_users, k, k):
+        raise ValueError(f"covariance must have shape ({n_users}, {k}, {k}), got {covariance.shape}")
+    return _kernel("predictive", dtype)(features, feature_offsets, weights, covariance, weight_map,
+                                        resolve_threads(num_threads))
+
+
+def pair_probabilities(margin, variance=None) -> np.ndarray:
+    """P(chosen ≻ rejected) from a pair's predictive margin and its variance (SPEC §7): the probit
+    approximation ``σ(m / sqrt(1 + π var / 8))``; without a variance, ``σ(m)``."""
+    margin = np.asarray(margin)
+    if variance is not None:
+        margin = margin / np.sqrt(1.0 + np.pi * np.asarray(variance) / 8.0)
+    return _sigmoid(margin)
+
+
+def information_gain(margin, variance) -> np.ndarray:
+    """Expected information of asking about a pair (SPEC §7): ``½ log(1 + s(1 − s) var)``, ``s = σ(m)``."""
+    s = _sigmoid(np.asarray(margin))
+    return 0.5 * np.log1p(s * (1.0 - s) * np.asarray(variance))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.result_type(x, np.float32), copy=False)

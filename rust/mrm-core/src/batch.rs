@@ -29,7 +29,7 @@ pub enum Start<'a, T> {
 }
 
 impl<'a, T: Real> Start<'a, T> {
-    fn check(&self, k: usize, n_users: usize) -> Result<()> {
+    pub(crate) fn check(&self, k: usize, n_users: usize) -> Result<()> {
         let (values, expected, what) = match self {
             Start::Shared(w) => (*w, k, format!("shape ({k},)")),
             Start::PerUser(w) => (*w, n_users * k, format!("shape ({n_users}, {k})")),
@@ -47,14 +47,14 @@ impl<'a, T: Real> Start<'a, T> {
     }
 
     #[inline]
-    fn of(&self, u: usize, k: usize) -> &'a [T] {
+    pub(crate) fn of(&self, u: usize, k: usize) -> &'a [T] {
         match self {
             Start::Shared(w) => w,
             Start::PerUser(w) => &w[u * k..(u + 1) * k],
         }
     }
 
-    fn users(&self, lo: usize, hi: usize, k: usize) -> Start<'a, T> {
+    pub(crate) fn users(&self, lo: usize, hi: usize, k: usize) -> Start<'a, T> {
         match self {
             Start::Shared(w) => Start::Shared(w),
             Start::PerUser(w) => Start::PerUser(&w[lo * k..hi * k]),
@@ -72,7 +72,7 @@ pub struct Control<'a> {
 
 impl Control<'_> {
     /// Calls `f(lo, hi)` for consecutive user ranges, checking `keep_going` in between.
-    fn chunks(&self, n_users: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
+    pub(crate) fn chunks(&self, n_users: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
         let step = self.chunk_users.max(1);
         let mut lo = 0;
         while lo < n_users {

@@ -10,6 +10,9 @@
 //! - [`batch::value_and_grad`]: both of the above in one pass over the rows;
 //! - [`rpo::rpo`]: the Robust Personalization Objective and its gradient;
 //! - [`batch::score`]: personalised rewards of feature rows;
+//! - [`map::map_forward`] / [`map::map_backward`]: MAP adaptation under a Gaussian prior, its
+//!   exact implicit meta-gradient and the Laplace posterior (SPEC §7); [`map::predictive`]
+//!   the posterior mean and variance of rewards or margins;
 //! - [`gather::pair_differences`]: pair differences of feature rows picked by index, and their
 //!   adjoint.
 
@@ -20,6 +23,7 @@ pub mod gather;
 mod group;
 pub mod inner;
 mod lanes;
+pub mod map;
 mod stream;
 pub mod real;
 pub mod rows;
@@ -30,5 +34,6 @@ pub use csr::Csr;
 pub use error::{Error, Result};
 pub use gather::{pair_differences, pair_differences_backward};
 pub use inner::{InnerLoop, Optimizer};
+pub use map::{map_backward, map_forward, predictive, MapGradients, MapOutputs, MapSettings, WeightMap};
 pub use real::Real;
 pub use rpo::rpo;

@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 
 mod cache;
 
-use mrm_core::{Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
-use numpy::ndarray::{Array1, Array2};
+use mrm_core::{
+    Control, Csr, Error, ForwardOutputs, InnerLoop, MapGradients, MapOutputs, MapSettings, Optimizer, Real, Start, WeightMap,
+};
+use numpy::ndarray::{Array1, Array2, Array3};
 use numpy::{
     Element, IntoPyArray, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
     PyReadwriteArray, PyUntypedArrayMethods,
@@ -308,9 +310,280 @@ fn gather_backward<'py, T: Real + Element>(
     Ok(matrix(out, n_rows, k)?.into_pyarray(py).into_any())
 }
 
+
+fn map_settings(max_iter: usize, tol: f64, weight_map: &str) -> PyResult<MapSettings> {
+    let weight_map = match weight_map {
+        "simplex" => WeightMap::Simplex,
+        "linear" => WeightMap::Linear,
+        other => return Err(PyValueError::new_err(format!("weight_map must be 'simplex' or 'linear', got {other:?}"))),
+    };
+    let settings = MapSettings { max_iter, tol, weight_map };
+    settings.validate().map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(settings)
+}
+
+/// Memory for the MAP forward outputs.
+struct MapBuffers<T> {
+    n_users: usize,
+    k: usize,
+    weights: Vec<T>,
+    iterations: Vec<i64>,
+    grad_norm: Vec<T>,
+    converged: Vec<bool>,
+    support_losses: Vec<T>,
+    losses: Option<Vec<T>>,
+    accuracy: Option<Vec<T>>,
+    covariance: Option<Vec<T>>,
+}
+
+type MapForward<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+);
+
+impl<T: Real + Element> MapBuffers<T> {
+    fn new(n_users: usize, k: usize, query: bool, covariance: bool) -> PyResult<Self> {
+        let cov_len = n_users
+            .checked_mul(k * k)
+            .ok_or_else(|| PyMemoryError::new_err("the covariance output is too large"))?;
+        let per_user = |present: bool| present.then(|| vec![T::ZERO; n_users]);
+        Ok(MapBuffers {
+            n_users,
+            k,
+            weights: vec![T::ZERO; n_users * k],
+            iterations: vec![0; n_users],
+            grad_norm: vec![T::ZERO; n_users],
+            converged: vec![false; n_users],
+            support_losses: vec![T::ZERO; n_users],
+            losses: per_user(query),
+            accuracy: per_user(query),
+            covariance: covariance.then(|| vec![T::ZERO; cov_len]),
+        })
+    }
+
+    fn outputs(&mut self) -> MapOutputs<'_, T> {
+        MapOutputs {
+            weights: &mut self.weights,
+            iterations: &mut self.iterations,
+            grad_norm: &mut self.grad_norm,
+            converged: &mut self.converged,
+            support_losses: Some(&mut self.support_losses),
+            losses: self.losses.as_deref_mut(),
+            accuracy: self.accuracy.as_deref_mut(),
+            covariance: self.covariance.as_deref_mut(),
+        }
+    }
+
+    fn into_arrays(self, py: Python<'_>) -> PyResult<MapForward<'_>> {
+        let vector = |v: Option<Vec<T>>| v.map(|v| Array1::from_vec(v).into_pyarray(py).into_any());
+        let covariance = match self.covariance {
+            Some(c) => Some(
+                Array3::from_shape_vec((self.n_users, self.k, self.k), c)
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?
+                    .into_pyarray(py)
+                    .into_any(),
+            ),
+            None => None,
+        };
+        Ok((
+            matrix(self.weights, self.n_users, self.k)?.into_pyarray(py).into_any(),
+            Array1::from_vec(self.iterations).into_pyarray(py).into_any(),
+            Array1::from_vec(self.grad_norm).into_pyarray(py).into_any(),
+            Array1::from_vec(self.converged).into_pyarray(py).into_any(),
+            Array1::from_vec(self.support_losses).into_pyarray(py).into_any(),
+            vector(self.losses),
+            vector(self.accuracy),
+            covariance,
+        ))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_forward<'py, T: Real + Element>(
+    py: Python<'py>,
+    w0: PyReadonlyArrayDyn<'py, T>,
+    eta: PyReadonlyArray1<'py, T>,
+    support: PyReadonlyArray2<'py, T>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: Option<(PyReadonlyArray2<'py, T>, PyReadonlyArray1<'py, i64>)>,
+    init: Option<PyReadonlyArray2<'py, T>>,
+    settings: MapSettings,
+    with_covariance: bool,
+    num_threads: usize,
+) -> PyResult<MapForward<'py>> {
+    let k = support.shape()[1];
+    let threads = pool(num_threads)?;
+    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
+    let query = query.as_ref().map(|(q, qo)| csr(py, "query", q, qo, &threads, false)).transpose()?;
+    let start = start(&w0)?;
+    let eta = slice("eta", &eta)?;
+    let init = init.as_ref().map(|i| slice("init", i)).transpose()?;
+    let mut buffers = MapBuffers::new(support.n_users(), k, query.is_some(), with_covariance)?;
+    run(py, &threads, |ctl| mrm_core::map_forward(start, eta, support, query, init, &settings, buffers.outputs(), ctl))?;
+    buffers.into_arrays(py)
+}
+
+type MapBackward<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+#[allow(clippy::too_many_arguments)]
+fn map_backward<'py, T: Real + Element>(
+    py: Python<'py>,
+    w0: PyReadonlyArrayDyn<'py, T>,
+    eta: PyReadonlyArray1<'py, T>,
+    support: PyReadonlyArray2<'py, T>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: PyReadonlyArray2<'py, T>,
+    query_offsets: PyReadonlyArray1<'py, i64>,
+    grad_losses: PyReadonlyArray1<'py, T>,
+    settings: MapSettings,
+    num_threads: usize,
+    with_values: bool,
+) -> PyResult<(MapBackward<'py>, Option<MapForward<'py>>)> {
+    let k = support.shape()[1];
+    let threads = pool(num_threads)?;
+    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
+    let query = csr(py, "query", &query, &query_offsets, &threads, false)?;
+    let start = start(&w0)?;
+    let eta_values = slice("eta", &eta)?;
+    let grad_losses = slice("grad_losses", &grad_losses)?;
+    let mut gw = vec![T::ZERO; w0.len()];
+    let mut ge = vec![T::ZERO; eta_values.len()];
+    let mut gs = vec![T::ZERO; support.values.len()];
+    let mut gq = vec![T::ZERO; query.values.len()];
+    let mut buffers = if with_values { Some(MapBuffers::new(support.n_users(), k, true, false)?) } else { None };
+    run(py, &threads, |ctl| {
+        let grads = MapGradients { w0: &mut gw, eta: &mut ge, support: &mut gs, query: &mut gq };
+        let values = buffers.as_mut().map(MapBuffers::outputs);
+        mrm_core::map_backward(start, eta_values, support, query, grad_losses, &settings, grads, values, ctl)
+    })?;
+    let grad_w0 = Array1::from_vec(gw).into_pyarray(py).reshape(w0.shape())?.into_any();
+    let grads = (
+        grad_w0,
+        Array1::from_vec(ge).into_pyarray(py).into_any(),
+        matrix(gs, support.n_rows(), k)?.into_pyarray(py).into_any(),
+        matrix(gq, query.n_rows(), k)?.into_pyarray(py).into_any(),
+    );
+    Ok((grads, buffers.map(|b| b.into_arrays(py)).transpose()?))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predictive<'py, T: Real + Element>(
+    py: Python<'py>,
+    rows: PyReadonlyArray2<'py, T>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    weights: PyReadonlyArray2<'py, T>,
+    covariance: Option<numpy::PyReadonlyArray3<'py, T>>,
+    weight_map: &str,
+    num_threads: usize,
+) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+    let settings = map_settings(1, 1.0, weight_map)?;
+    let threads = pool(num_threads)?;
+    let rows = csr(py, "features", &rows, &offsets, &threads, false)?;
+    let weights = slice("weights", &weights)?;
+    let covariance = covariance.as_ref().map(|c| slice("covariance", c)).transpose()?;
+    let mut mean = vec![T::ZERO; rows.n_rows()];
+    let mut variance = covariance.map(|_| vec![T::ZERO; rows.n_rows()]);
+    run(py, &threads, |ctl| {
+        mrm_core::predictive(rows, weights, covariance, settings.weight_map, &mut mean, variance.as_deref_mut(), ctl)
+    })?;
+    Ok((
+        Array1::from_vec(mean).into_pyarray(py).into_any(),
+        variance.map(|v| Array1::from_vec(v).into_pyarray(py).into_any()),
+    ))
+}
+
+/// Validates the inner-loop settings with the core's rules (`mrm.ops.InnerLoop` calls it once).
+#[pyfunction]
+#[pyo3(signature = (optimizer, steps, lr, beta1, beta2, eps, max_iter, tol, weight_map))]
+#[allow(clippy::too_many_arguments)]
+fn check_inner_loop(
+    optimizer: &str,
+    steps: usize,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    max_iter: usize,
+    tol: f64,
+    weight_map: &str,
+) -> PyResult<()> {
+    if optimizer == "map" {
+        map_settings(max_iter, tol, weight_map)?;
+        return Ok(());
+    }
+    inner_loop(steps, lr, optimizer, beta1, beta2, eps)?
+        .validate()
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 /// The Python entry points for one dtype; `mrm.ops` picks the dtype.
 macro_rules! entry_points {
-    ($t:ty, $forward:ident, $backward:ident, $rpo:ident, $score:ident, $gather:ident, $gather_backward:ident) => {
+    ($t:ty, $forward:ident, $backward:ident, $rpo:ident, $score:ident, $gather:ident, $gather_backward:ident,
+     $map_forward:ident, $map_backward:ident, $predictive:ident) => {
+        #[pyfunction]
+        #[pyo3(signature = (w0, eta, support, support_offsets, query, query_offsets, init, max_iter, tol, weight_map, with_covariance, num_threads))]
+        #[allow(clippy::too_many_arguments)]
+        fn $map_forward<'py>(
+            py: Python<'py>,
+            w0: PyReadonlyArrayDyn<'py, $t>,
+            eta: PyReadonlyArray1<'py, $t>,
+            support: PyReadonlyArray2<'py, $t>,
+            support_offsets: PyReadonlyArray1<'py, i64>,
+            query: Option<PyReadonlyArray2<'py, $t>>,
+            query_offsets: Option<PyReadonlyArray1<'py, i64>>,
+            init: Option<PyReadonlyArray2<'py, $t>>,
+            max_iter: usize,
+            tol: f64,
+            weight_map: &str,
+            with_covariance: bool,
+            num_threads: usize,
+        ) -> PyResult<MapForward<'py>> {
+            let settings = map_settings(max_iter, tol, weight_map)?;
+            map_forward(py, w0, eta, support, support_offsets, query.zip(query_offsets), init, settings, with_covariance, num_threads)
+        }
+
+        #[pyfunction]
+        #[pyo3(signature = (w0, eta, support, support_offsets, query, query_offsets, grad_losses, max_iter, tol, weight_map, num_threads, with_values=false))]
+        #[allow(clippy::too_many_arguments)]
+        fn $map_backward<'py>(
+            py: Python<'py>,
+            w0: PyReadonlyArrayDyn<'py, $t>,
+            eta: PyReadonlyArray1<'py, $t>,
+            support: PyReadonlyArray2<'py, $t>,
+            support_offsets: PyReadonlyArray1<'py, i64>,
+            query: PyReadonlyArray2<'py, $t>,
+            query_offsets: PyReadonlyArray1<'py, i64>,
+            grad_losses: PyReadonlyArray1<'py, $t>,
+            max_iter: usize,
+            tol: f64,
+            weight_map: &str,
+            num_threads: usize,
+            with_values: bool,
+        ) -> PyResult<(MapBackward<'py>, Option<MapForward<'py>>)> {
+            let settings = map_settings(max_iter, tol, weight_map)?;
+            map_backward(py, w0, eta, support, support_offsets, query, query_offsets, grad_losses, settings, num_threads, with_values)
+        }
+
+        #[pyfunction]
+        #[pyo3(signature = (rows, offsets, weights, covariance, weight_map, num_threads))]
+        fn $predictive<'py>(
+            py: Python<'py>,
+            rows: PyReadonlyArray2<'py, $t>,
+            offsets: PyReadonlyArray1<'py, i64>,
+            weights: PyReadonlyArray2<'py, $t>,
+            covariance: Option<numpy::PyReadonlyArray3<'py, $t>>,
+            weight_map: &str,
+            num_threads: usize,
+        ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+            predictive(py, rows, offsets, weights, covariance, weight_map, num_threads)
+        }
+
         #[pyfunction]
         #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, steps, lr, optimizer, beta1, beta2, eps, with_support_loss, num_threads))]
         #[allow(clippy::too_many_arguments)]
@@ -399,8 +672,10 @@ macro_rules! entry_points {
     };
 }
 
-entry_points!(f32, forward_f32, backward_f32, rpo_f32, score_f32, pair_differences_f32, pair_differences_backward_f32);
-entry_points!(f64, forward_f64, backward_f64, rpo_f64, score_f64, pair_differences_f64, pair_differences_backward_f64);
+entry_points!(f32, forward_f32, backward_f32, rpo_f32, score_f32, pair_differences_f32, pair_differences_backward_f32,
+    map_forward_f32, map_backward_f32, predictive_f32);
+entry_points!(f64, forward_f64, backward_f64, rpo_f64, score_f64, pair_differences_f64, pair_differences_backward_f64,
+    map_forward_f64, map_backward_f64, predictive_f64);
 
 /// Sets the output cache's limit in bytes (see `cache`); returns the bytes it still holds.
 #[pyfunction]
@@ -431,6 +706,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(pair_differences_f64, m)?,
         wrap_pyfunction!(pair_differences_backward_f32, m)?,
         wrap_pyfunction!(pair_differences_backward_f64, m)?,
+        wrap_pyfunction!(map_forward_f32, m)?,
+        wrap_pyfunction!(map_forward_f64, m)?,
+        wrap_pyfunction!(map_backward_f32, m)?,
+        wrap_pyfunction!(map_backward_f64, m)?,
+        wrap_pyfunction!(predictive_f32, m)?,
+        wrap_pyfunction!(predictive_f64, m)?,
+        wrap_pyfunction!(check_inner_loop, m)?,
     ] {
         m.add_function(f)?;
     }
