@@ -229,3 +229,21 @@ def test_inner_loop_settings_value():
     support, so, _, _ = _data(k=2)
     np.testing.assert_array_equal(ops.adapt(np.zeros(2), support, so, inner=loop),
                                   ops.adapt(np.zeros(2), support, so, steps=10, lr=1.0, optimizer="sgd"))
+
+
+def test_torch_op_gradients_flow_into_theta_and_match_the_numpy_gradient():
+    from mrm import torch_ops
+
+    support, so, query, qo = _data(seed=13, users=5, k=3)
+    inner = ops.InnerLoop("map", tol=1e-12, weight_map="linear")
+    w0 = torch.tensor([0.3, -0.2, 0.1], requires_grad=True)
+    eta = torch.tensor([0.2, 0.0, -0.1], requires_grad=True)
+    s = torch.tensor(support, requires_grad=True)
+    q = torch.tensor(query, requires_grad=True)
+    losses = torch_ops.user_losses(w0, s, so, q, qo, inner=inner, eta=eta)
+    losses.sum().backward()
+    grads = ops.meta_backward(w0.detach().numpy(), support, so, query, qo, np.ones(5), inner=inner, eta=eta.detach().numpy())
+    for mine, ref in zip((w0.grad, s.grad, q.grad, eta.grad), grads):
+        np.testing.assert_allclose(mine.numpy(), ref, rtol=0, atol=1e-14)
+    args = (w0.detach(), eta.detach(), s.detach(), torch.as_tensor(so), q.detach(), torch.as_tensor(qo), 100, 1e-10, "simplex", 1)
+    torch.library.opcheck(torch.ops.mrm.map_user_losses.default, args)

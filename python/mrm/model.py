@@ -40,6 +40,11 @@ class ModelConfig:
     bias: bool = False
     activation: Optional[str] = None
     """None: the official linear stack; 'relu' | 'gelu' | 'tanh': an MLP."""
+    weight_map: str = "simplex"
+    """How a user's weights mix the K bases: 'simplex' (softmax, the paper's) or 'linear' (SPEC §7)."""
+    prior: Optional[str] = None
+    """The MAP solver's Gaussian prior precisions ``exp(log_precision)``: None (no prior, the
+    T-step loops), 'per-base' (K values) or 'shared' (one value)."""
 
     def validate(self) -> None:
         if not (isinstance(self.input_dim, int) and self.input_dim >= 1):
@@ -52,6 +57,10 @@ class ModelConfig:
             raise ValueError(f"scale must be a finite non-zero number, got {self.scale!r}")
         if self.activation is not None and self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be None or one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        if self.weight_map not in ops.WEIGHT_MAPS:
+            raise ValueError(f"weight_map must be 'simplex' or 'linear', got {self.weight_map!r}")
+        if self.prior not in (None, "per-base", "shared"):
+            raise ValueError(f"prior must be None, 'per-base' or 'shared', got {self.prior!r}")
 
     @staticmethod
     def from_dict(raw: dict) -> "ModelConfig":
@@ -76,6 +85,11 @@ class MetaRewardModel(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=config.bias) for a, b in zip(widths[:-1], widths[1:]))
         self.activation = _ACTIVATIONS[config.activation]() if config.activation else None
         self.shared_weight = nn.Parameter(torch.zeros(config.num_bases))
+        if config.prior is not None:
+            # η: the MAP prior's log precisions (SPEC §7), meta-learned with θ and w0
+            self.log_precision = nn.Parameter(torch.zeros(config.num_bases if config.prior == "per-base" else 1))
+        else:
+            self.log_precision = None
 
     @property
     def num_bases(self) -> int:
@@ -102,7 +116,8 @@ class MetaRewardModel(nn.Module):
         None uses the shared start w0."""
         phi = self.features(embeddings)
         w = self.shared_weight if weights is None else torch.as_tensor(weights, dtype=phi.dtype, device=phi.device)
-        return (phi * torch.softmax(w, dim=-1)).sum(-1)
+        p = torch.softmax(w, dim=-1) if self.config.weight_map == "simplex" else w
+        return (phi * p).sum(-1)
 
     def pair_differences(self, embeddings: torch.Tensor, chosen, rejected) -> torch.Tensor:
         """d = φ(e_chosen) − φ(e_rejected) for index arrays into ``embeddings``.
@@ -137,17 +152,28 @@ class MetaRewardModel(nn.Module):
         rejected,
         offsets,
         *,
-        steps: int,
-        lr: float,
-        optimizer: str = "adam",
+        inner: Optional[ops.InnerLoop] = None,
+        steps: Optional[int] = None,
+        lr: Optional[float] = None,
+        optimizer: Optional[str] = None,
         start: Optional[np.ndarray] = None,
         num_threads: Optional[int] = None,
     ) -> np.ndarray:
-        """Adapted logits (U, K) for users whose pairs are ``chosen``/``rejected`` grouped by
-        ``offsets``; from w0, or from ``start`` (K,) or (U, K) (a warm start)."""
+        """Adapted weights (U, K) for users whose pairs are ``chosen``/``rejected`` grouped by
+        ``offsets``; from w0, or from ``start`` (K,) or (U, K) (a warm start). The ``map`` solver
+        uses this model's prior (``log_precision``); ``start`` then warm-starts the solve."""
+        inner = ops.inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer)
         d = self.pair_differences(embeddings, chosen, rejected).cpu().numpy()
-        w0 = self.shared_weight.detach().cpu().numpy().astype(d.dtype) if start is None else np.asarray(start, d.dtype)
-        return ops.adapt(w0, d, np.asarray(offsets), steps=steps, lr=lr, optimizer=optimizer, num_threads=num_threads)
+        w0 = self.shared_weight.detach().cpu().numpy().astype(d.dtype)
+        if inner.is_map:
+            if self.log_precision is None:
+                raise ValueError("this model has no prior (config.prior is None): the 'map' solver needs one")
+            eta = self.log_precision.detach().cpu().numpy().astype(d.dtype)
+            init = None if start is None else np.broadcast_to(np.asarray(start, d.dtype), (len(offsets) - 1, d.shape[1])).copy()
+            return ops.adapt(w0, d, np.asarray(offsets), inner=inner, eta=eta, init=init, num_threads=num_threads)
+        if start is not None:
+            w0 = np.asarray(start, d.dtype)
+        return ops.adapt(w0, d, np.asarray(offsets), inner=inner, num_threads=num_threads)
 
     # ---- checkpoints -------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ __all__ = [
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 SOLVERS = ("sgd", "adam", "map")
+ETA_LIMIT = 40.0
+"""The MAP prior's log precisions must lie within ±ETA_LIMIT (λ = e^η stays well inside f64)."""
 WEIGHT_MAPS = ("simplex", "linear")
 
 

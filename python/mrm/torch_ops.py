@@ -98,6 +98,74 @@ def _backward(ctx, grad_losses):
 _user_losses.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("mrm::map_user_losses", mutates_args=())
+def _map_user_losses(
+    w0: torch.Tensor,
+    eta: torch.Tensor,
+    support: torch.Tensor,
+    support_offsets: torch.Tensor,
+    query: torch.Tensor,
+    query_offsets: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    weight_map: str,
+    num_threads: int,
+) -> torch.Tensor:
+    out = ops.meta_forward(
+        _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets), eta=_np(eta),
+        inner=ops.InnerLoop("map", max_iter=max_iter, tol=tol, weight_map=weight_map), num_threads=num_threads or None,
+    )
+    return torch.from_numpy(out.losses)
+
+
+@_map_user_losses.register_fake
+def _(w0, eta, support, support_offsets, query, query_offsets, max_iter, tol, weight_map, num_threads):
+    return support.new_empty(support_offsets.shape[0] - 1)
+
+
+@torch.library.custom_op("mrm::map_user_losses_backward", mutates_args=())
+def _map_user_losses_backward(
+    grad_losses: torch.Tensor,
+    w0: torch.Tensor,
+    eta: torch.Tensor,
+    support: torch.Tensor,
+    support_offsets: torch.Tensor,
+    query: torch.Tensor,
+    query_offsets: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    weight_map: str,
+    num_threads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_w0, grad_support, grad_query, grad_eta = ops.meta_backward(
+        _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets), _np(grad_losses.to(support.dtype)),
+        eta=_np(eta), inner=ops.InnerLoop("map", max_iter=max_iter, tol=tol, weight_map=weight_map),
+        num_threads=num_threads or None,
+    )
+    return tuple(torch.from_numpy(g) for g in (grad_w0, grad_eta, grad_support, grad_query))
+
+
+@_map_user_losses_backward.register_fake
+def _(grad_losses, w0, eta, support, support_offsets, query, query_offsets, *settings):
+    return torch.empty_like(w0), torch.empty_like(eta), torch.empty_like(support), torch.empty_like(query)
+
+
+def _map_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.settings = inputs[6:]
+
+
+def _map_backward(ctx, grad_losses):
+    w0, eta, support, support_offsets, query, query_offsets = ctx.saved_tensors
+    grad_w0, grad_eta, grad_support, grad_query = _map_user_losses_backward(
+        grad_losses.contiguous(), w0, eta, support, support_offsets, query, query_offsets, *ctx.settings
+    )
+    return (grad_w0, grad_eta, grad_support, None, grad_query, None) + (None,) * len(ctx.settings)
+
+
+_map_user_losses.register_autograd(_map_backward, setup_context=_map_setup_context)
+
+
 @torch.library.custom_op("mrm::rpo", mutates_args=())
 def _rpo(losses: torch.Tensor, tail: float, gamma: float) -> torch.Tensor:
     objective, _ = ops.rpo(_np(losses), tail, gamma)
@@ -219,25 +287,41 @@ def user_losses(
     query: torch.Tensor,
     query_offsets,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    inner: Optional[ops.InnerLoop] = None,
+    eta: Optional[torch.Tensor] = None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[float] = None,
     first_order: bool = False,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
-    """Each user's query loss after its inner loop (U,), differentiable in w0, support, query.
+    """Each user's query loss after its adaptation (U,), differentiable in w0, support, query
+    (and ``eta``, the prior's log precisions, with the ``map`` solver).
 
     Same arguments as :func:`mrm.ops.meta_forward`, as CPU tensors (float32 or float64).
     """
+    inner = ops.inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
     support_offsets = _offsets("support_offsets", support_offsets)
     query_offsets = _offsets("query_offsets", query_offsets)
     _check_cpu(w0=w0, support=support, query=query, support_offsets=support_offsets, query_offsets=query_offsets)
-    beta1, beta2 = (float(b) for b in betas)
+    if inner.is_map:
+        if eta is None:
+            raise TypeError("the 'map' solver needs eta, the prior's log precisions (a tensor of 1 or K values)")
+        if first_order:
+            raise ValueError("first_order does not apply to the 'map' solver (its gradient is implicit)")
+        _check_cpu(eta=eta)
+        return _map_user_losses(
+            w0, eta, support, support_offsets, query, query_offsets, int(inner.max_iter), float(inner.tol),
+            inner.weight_map, _threads_arg(num_threads),
+        )
+    if eta is not None:
+        raise ValueError("eta applies to the 'map' solver only")
+    beta1, beta2 = inner.betas
     return _user_losses(
-        w0, support, support_offsets, query, query_offsets, int(steps), float(lr), str(optimizer),
-        beta1, beta2, float(eps), bool(first_order), _threads_arg(num_threads),
+        w0, support, support_offsets, query, query_offsets, int(inner.steps), float(inner.lr), inner.optimizer,
+        beta1, beta2, float(inner.eps), bool(first_order), _threads_arg(num_threads),
     )
 
 

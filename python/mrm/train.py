@@ -26,14 +26,17 @@ import numpy as np
 import torch
 
 from mrm import evaluate as evaluation
+from mrm import ops
 from mrm._io import atomic_dir
-from mrm.data.pairs import PreferenceData, UserPairs
+from mrm.data.pairs import PreferenceData, UserPairs, with_shots
 from mrm.model import MetaRewardModel, ModelConfig
 from mrm.torch_ops import rpo_objective, user_losses
 
-__all__ = ["TrainConfig", "MetaTrainer", "EpochPlan", "split_support_query", "fit_global_bradley_terry", "check_embeddings"]
+__all__ = ["PRESETS", "preset", "TrainConfig", "MetaTrainer", "EpochPlan", "split_support_query", "split_support_sizes", "bt_pca_start", "fit_global_bradley_terry", "check_embeddings"]
 
 STATE_NAME = "trainer_state.pt"
+SELECTION_SHOTS = (5, 10, 20, 50)
+"""Shot counts of ``select_on='seen-shots'``."""
 HISTORY_NAME = "history.json"
 
 
@@ -48,9 +51,32 @@ class TrainConfig:
     bias: bool = False
     activation: Optional[str] = None
     inner_optimizer: str = "adam"
-    inner_steps: int = 1
-    inner_lr: float = 1e-3
+    """'adam' or 'sgd' (T steps, SPEC §2) or 'map' (the posterior mode under a meta-learned prior, SPEC §7)."""
+    inner_steps: Optional[int] = None
+    """Steps of the sgd/adam loop (default 1, released); not for 'map'."""
+    inner_lr: Optional[float] = None
+    """Step size of the sgd/adam loop (default 1e-3, released); not for 'map'."""
     first_order: bool = False
+    weight_map: str = "simplex"
+    """'simplex' (softmax user weights) or 'linear' (unconstrained; 'map' only)."""
+    prior: str = "per-base"
+    """'map' only: one meta-learned prior log precision per base ('per-base') or one for all ('shared')."""
+    init_log_precision: float = 0.0
+    """'map' only: the prior's starting log precision η (λ = e^η)."""
+    map_max_iter: int = 100
+    map_tol: float = 1e-6
+    support_sizes: Optional[List[int]] = None
+    """[lo, hi]: each user's support size per epoch drawn uniformly from lo..hi pairs, with an
+    item-disjoint query (see :func:`split_support_sizes`); None: the official ``val_ratio`` split."""
+    init_ridge: float = 1.0
+    """'bt-pca' only: the isotropic prior precision of the per-user deviation fits the PCA reads."""
+    learn: str = "all"
+    """Which parameters meta-training updates: 'all' (θ, w0 and η) or 'prior' (w0 and η only:
+    φ stays at its start, e.g. the 'bt-pca' bases, and cannot memorise the seen users' items)."""
+    init: str = "random"
+    """'random' (torch's default init) or 'bt-pca': θ from the global Bradley–Terry direction plus
+    the top principal directions of seen users' deviations from it, η from their variances (needs
+    the 'map' solver, the 'linear' weight map and the linear φ with no hidden layer or bias)."""
     meta_lr: float = 1e-3
     epochs: int = 200
     tasks_per_batch: int = 2
@@ -65,7 +91,9 @@ class TrainConfig:
     eval_every: int = 1
     select_on: str = "seen"
     """Which user-level accuracy picks the best epoch: 'seen' (held-out pairs of the users seen in
-    meta-training: no unseen-user information leaks into model selection) or 'last'."""
+    meta-training, each adapted on all its training pairs: no unseen-user information leaks into
+    model selection), 'seen-shots' (the same test pairs, each seen user adapted on only its first
+    5, 10, 20 and 50 training pairs, averaged: the regime new users are in) or 'last'."""
     seed: int = 42
     dtype: str = "float32"
     num_threads: Optional[int] = None
@@ -78,14 +106,33 @@ class TrainConfig:
 
         for name in ("num_bases", "epochs", "tasks_per_batch", "eval_every"):
             positive_int(name)
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 0:
-            raise ValueError(f"inner_steps must be an int >= 0, got {self.inner_steps!r}")
-        for name in ("inner_lr", "meta_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.inner_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}")
+        value = self.meta_lr
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"meta_lr must be a finite number > 0, got {value!r}")
+        try:
+            inner = self.inner()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"inner-loop settings: {exc}") from None
+        if inner.is_map:
+            if self.prior not in ("per-base", "shared"):
+                raise ValueError(f"prior must be 'per-base' or 'shared', got {self.prior!r}")
+            if not (isinstance(self.init_log_precision, (int, float)) and abs(self.init_log_precision) <= ops.ETA_LIMIT):
+                raise ValueError(f"init_log_precision must be a number within ±{ops.ETA_LIMIT}, got {self.init_log_precision!r}")
+            if self.first_order:
+                raise ValueError("first_order does not apply to the 'map' solver (its meta-gradient is implicit)")
+        if self.support_sizes is not None:
+            sizes = self.support_sizes
+            if (not isinstance(sizes, (list, tuple)) or len(sizes) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int) for v in sizes) or not 1 <= sizes[0] <= sizes[1]):
+                raise ValueError(f"support_sizes must be [lo, hi] with 1 <= lo <= hi, got {sizes!r}")
+        if self.learn not in ("all", "prior"):
+            raise ValueError(f"learn must be 'all' or 'prior', got {self.learn!r}")
+        if self.init not in ("random", "bt-pca"):
+            raise ValueError(f"init must be 'random' or 'bt-pca', got {self.init!r}")
+        if self.init == "bt-pca" and not (inner.is_map and self.weight_map == "linear" and not self.hidden_sizes
+                                          and not self.bias and self.activation is None and self.num_bases >= 2):
+            raise ValueError("init='bt-pca' needs inner_optimizer='map', weight_map='linear', num_bases >= 2 and the "
+                             "linear φ (no hidden_sizes, bias or activation)")
         if self.objective not in ("rpo", "mean"):
             raise ValueError(f"objective must be 'rpo' or 'mean', got {self.objective!r}")
         if not 0 < self.val_ratio <= 1:
@@ -98,27 +145,66 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not (self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0)):
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        if self.select_on not in ("seen", "last"):
-            raise ValueError(f"select_on must be 'seen' or 'last', got {self.select_on!r}")
+        if self.select_on not in ("seen", "seen-shots", "last"):
+            raise ValueError(f"select_on must be 'seen', 'seen-shots' or 'last', got {self.select_on!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         self.model_config(1).validate()
 
+    def inner(self) -> ops.InnerLoop:
+        """The adaptation settings as one :class:`mrm.ops.InnerLoop` (built once per use)."""
+        if self.inner_optimizer == "map":
+            if self.inner_steps is not None or self.inner_lr is not None:
+                raise ValueError("inner_steps and inner_lr do not apply to inner_optimizer='map'")
+            return ops.InnerLoop("map", max_iter=self.map_max_iter, tol=self.map_tol, weight_map=self.weight_map)
+        return ops.InnerLoop(self.inner_optimizer, steps=self.inner_steps, lr=self.inner_lr, weight_map=self.weight_map)
+
     def model_config(self, input_dim: int) -> ModelConfig:
+        is_map = self.inner_optimizer == "map"
         return ModelConfig(
             input_dim=input_dim, num_bases=self.num_bases, hidden_sizes=list(self.hidden_sizes),
-            scale=self.scale, bias=self.bias, activation=self.activation,
+            scale=self.scale, bias=self.bias, activation=self.activation, weight_map=self.weight_map,
+            prior=self.prior if is_map else None,
         )
 
     @staticmethod
     def from_dict(raw: dict) -> "TrainConfig":
         known = {f.name for f in fields(TrainConfig)}
+        raw = {k: v for k, v in raw.items() if k != "inner"}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         config = TrainConfig(**raw)
         config.validate()
         return config
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings, with the resolved adaptation settings under ``inner``."""
+        return {**asdict(self), "inner": self.inner().to_dict()}
+
+
+PRESETS = {
+    "released": {},
+    "recommended": dict(
+        num_bases=9, scale=1.0, inner_optimizer="map", weight_map="linear", prior="per-base", init="bt-pca",
+        learn="prior", support_sizes=[5, 50], objective="mean", meta_lr=1e-2, epochs=10, tasks_per_batch=32,
+        eval_every=1, select_on="seen-shots",
+    ),
+}
+"""Named settings: 'released' is the paper's configuration (the TrainConfig defaults);
+'recommended' is MAP adaptation with linear user weights over a global Bradley–Terry direction
+plus 8 principal directions of seen users' deviations (init 'bt-pca'), the prior's precisions
+meta-learned on item-disjoint 5–50-pair supports, the epoch chosen on seen users' test pairs at
+5–50 shots (see README: what it gains over a global Bradley–Terry model, with intervals)."""
+
+
+def preset(name: str, **overrides) -> "TrainConfig":
+    """The TrainConfig of a named preset (see :data:`PRESETS`), with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {sorted(PRESETS)}")
+    config = TrainConfig(**{**PRESETS[name], **overrides})
+    config.validate()
+    return config
 
 
 def check_embeddings(embeddings, name: str = "embeddings") -> np.ndarray:
@@ -197,6 +283,78 @@ def split_support_query(pairs: UserPairs, users: np.ndarray, rng: np.random.Gene
     return EpochPlan(users, support_pairs.astype(np.int64), cs(s_counts), query_pairs.astype(np.int64), cs(q_counts))
 
 
+def split_support_sizes(pairs: UserPairs, users: np.ndarray, rng: np.random.Generator, lo: int, hi: int) -> EpochPlan:
+    """Item-disjoint support/query split with a drawn support size: for each user a target
+    ``n_s`` uniform on ``lo..hi``, then a random share ``f = sqrt(n_s / n)`` of the texts (items)
+    its pairs use become support items; pairs with both sides among them are its support, pairs
+    with both sides among the others its query, pairs across the two are left out this epoch. So
+    meta-training sees the support sizes new users have and scores adaptation on items it did not
+    adapt on, as evaluation does (pairs that share an item leak it from support into query and
+    reward a prior too weak to generalise). A user whose split leaves either side empty uses all
+    its pairs for both."""
+    users = np.asarray(users, dtype=np.int64)
+    sizes = rng.integers(lo, hi + 1, size=len(users))
+    s_parts, q_parts = [], []
+    for u, size in zip(users, sizes):
+        idx = np.arange(pairs.offsets[u], pairs.offsets[u + 1])
+        c, r = pairs.chosen[idx], pairs.rejected[idx]
+        items, inverse = np.unique(np.concatenate([c, r]), return_inverse=True)
+        share = math.sqrt(min(1.0, size / max(1, len(idx))))
+        in_support = rng.random(len(items)) < share
+        side_c, side_r = in_support[inverse[: len(idx)]], in_support[inverse[len(idx):]]
+        s_idx, q_idx = idx[side_c & side_r], idx[~side_c & ~side_r]
+        if s_idx.size == 0 or q_idx.size == 0:
+            s_idx = q_idx = idx
+        s_parts.append(s_idx)
+        q_parts.append(q_idx)
+    cs = lambda parts: np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)  # noqa: E731
+    cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return EpochPlan(users, cat(s_parts), cs(s_parts), cat(q_parts), cs(q_parts))
+
+
+def bt_pca_start(model: MetaRewardModel, embeddings: np.ndarray, data: PreferenceData, *, subspace: int = 64,
+                 ridge: float = 1.0) -> None:
+    """Initialise a linear-map MAP model from the seen users' training pairs (SPEC §7's
+    reference): base 0 = the global Bradley–Terry direction ``b`` (w0 = [1, 0, …]), bases 1..K−1
+    = the top principal directions of the users' MAP deviations from ``b`` (fitted in the top
+    ``subspace`` principal directions of the pair differences, isotropic ``ridge`` prior), η =
+    −log of each coefficient's variance over users (empirical Bayes). Only seen users are read."""
+    k = model.config.num_bases
+    seen = np.flatnonzero(data.seen)
+    pairs = data.train.select_users(seen)
+    emb = np.asarray(embeddings, np.float64)
+    x = emb[pairs.chosen] - emb[pairs.rejected]
+    bt = fit_global_bradley_terry(embeddings, pairs, model.config)
+    b = (bt.layers[0].weight.detach().double().numpy()[0] * model.config.scale)
+    m = int(min(subspace, x.shape[1], max(1, x.shape[0] - 1), 64))
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    basis = vt[:m].T  # (D, m)
+    y = np.ascontiguousarray(x @ basis)
+    w0 = basis.T @ b
+    solved = ops.map_adapt(w0, np.array([math.log(ridge)]), y, pairs.offsets,
+                           inner=ops.InnerLoop("map", weight_map="linear", max_iter=200))
+    deviations = solved.weights - w0
+    second = deviations.T @ deviations / max(1, len(seen))
+    values, vectors = np.linalg.eigh(second)
+    order = np.argsort(values)[::-1][: k - 1]
+    directions = basis @ vectors[:, order]  # (D, K−1), unit columns
+    variances = np.maximum(values[order], 1e-8)
+    along_b = deviations @ w0 / max(float(w0 @ w0), 1e-12)
+    var_b = max(float(np.mean(along_b ** 2)), 1e-8)
+    weight = np.concatenate([b[None, :], directions.T]) / model.config.scale
+    eta = -np.log(np.concatenate([[var_b], variances]))
+    eta = np.clip(eta, -ops.ETA_LIMIT + 1, ops.ETA_LIMIT - 1)
+    with torch.no_grad():
+        layer = model.layers[0]
+        layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
+        model.shared_weight.zero_()
+        model.shared_weight[0] = 1.0
+        if model.log_precision.numel() == k:
+            model.log_precision.copy_(torch.as_tensor(eta, dtype=model.log_precision.dtype))
+        else:
+            model.log_precision.fill_(float(np.mean(eta)))
+
+
 def _stable_order(owner: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Entries sorted by (owner, group), stably: one sort of a combined key when it fits in
     int64, else a two-key lexsort."""
@@ -253,10 +411,21 @@ class MetaTrainer:
                 f"({empty.size} such users): drop them or mark them unseen"
             )
         torch.manual_seed(config.seed)
-        self.model = (model or MetaRewardModel(config.model_config(emb.shape[1]))).to(self.dtype)
+        self.inner = config.inner()
+        if model is None:
+            model = MetaRewardModel(config.model_config(emb.shape[1]))
+            if model.log_precision is not None:
+                with torch.no_grad():
+                    model.log_precision.fill_(config.init_log_precision)
+            if config.init == "bt-pca":
+                bt_pca_start(model, emb, data, ridge=config.init_ridge)
+        self.model = model.to(self.dtype)
         if self.model.config.input_dim != emb.shape[1]:
             raise ValueError(f"the model expects input_dim {self.model.config.input_dim}, embeddings have D = {emb.shape[1]}")
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.meta_lr)
+        if config.learn == "prior":
+            for layer in self.model.layers:
+                layer.requires_grad_(False)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.meta_lr)
         self.batches_per_epoch = math.ceil(len(self.seen_users) / config.tasks_per_batch)
         self.total_steps = config.epochs * self.batches_per_epoch
         self.warmup_steps = int(config.warmup_ratio * self.total_steps)
@@ -280,6 +449,8 @@ class MetaTrainer:
         """The user order and support/query split of ``epoch`` (a pure function of seed, epoch)."""
         rng = np.random.default_rng([self.config.seed, epoch])
         users = self.seen_users[rng.permutation(len(self.seen_users))]
+        if self.config.support_sizes is not None:
+            return split_support_sizes(self.data.train, users, rng, *self.config.support_sizes)
         return split_support_query(self.data.train, users, rng, self.config.val_ratio)
 
     def _batch_losses(self, plan: EpochPlan, first: int, last: int) -> torch.Tensor:
@@ -296,8 +467,7 @@ class MetaTrainer:
         c = self.config
         return user_losses(
             self.model.shared_weight, d[:n_s], torch.from_numpy(s_off), d[n_s:], torch.from_numpy(q_off),
-            steps=c.inner_steps, lr=c.inner_lr, optimizer=c.inner_optimizer, first_order=c.first_order,
-            num_threads=c.num_threads,
+            inner=self.inner, eta=self.model.log_precision, first_order=c.first_order, num_threads=c.num_threads,
         )
 
     def meta_objective(self, losses: torch.Tensor) -> torch.Tensor:
@@ -319,7 +489,7 @@ class MetaTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if self.config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             objective_sum += float(objective.detach())
@@ -342,14 +512,31 @@ class MetaTrainer:
         out = [self.model.features(self.embeddings[i:i + 65536]) for i in range(0, len(self.embeddings), 65536)]
         return torch.cat(out).cpu().numpy()
 
-    def evaluate(self, data: Optional[PreferenceData] = None, *, steps: Optional[int] = None) -> evaluation.EvalResult:
-        """SPEC §5: adapt each user on all its training pairs, score its test pairs."""
-        c = self.config
+    def evaluate(self, data: Optional[PreferenceData] = None, *, adapt: bool = True,
+                 features: Optional[np.ndarray] = None) -> evaluation.EvalResult:
+        """SPEC §5: adapt each user on all its training pairs, score its test pairs
+        (``adapt=False``: every user keeps w0)."""
+        features = self.features() if features is None else features
+        if not adapt:
+            inner, eta = ops.InnerLoop("sgd", steps=0), None
+        else:
+            inner = self.inner
+            eta = None if self.model.log_precision is None else self.model.log_precision.detach().cpu().numpy()
         return evaluation.evaluate_features(
-            self.features(), self.model.shared_weight.detach().cpu().numpy(), data or self.data,
-            steps=c.inner_steps if steps is None else steps, lr=c.inner_lr, optimizer=c.inner_optimizer,
-            num_threads=c.num_threads,
+            features, self.model.shared_weight.detach().cpu().numpy(), data or self.data,
+            inner=inner, eta=eta, num_threads=self.config.num_threads,
         )
+
+    def evaluate_summary(self) -> Dict[str, float]:
+        """The evaluation record of one epoch: seen/unseen accuracy with all training pairs and,
+        for ``select_on='seen-shots'``, the seen users' mean accuracy at 5/10/20/50 shots."""
+        features = self.features()
+        record = self.evaluate(features=features).summary()
+        if self.config.select_on == "seen-shots":
+            accs = [self.evaluate(with_shots(self.data, s, users="seen"), features=features).summary()["seen"]
+                    for s in SELECTION_SHOTS]
+            record["seen_shots"] = float(np.mean(accs))
+        return record
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -368,7 +555,7 @@ class MetaTrainer:
                 record = {"epoch": self.epoch + 1, **self.train_epoch(progress=bar.update)}
                 record["seconds"] = time.perf_counter() - started
                 if self.epoch % c.eval_every == 0 or self.epoch == c.epochs:
-                    record.update(self.evaluate().summary())
+                    record.update(self.evaluate_summary())
                     self._consider_best(record)
                     self._checkpoint()
                     bar.set_postfix(seen=f"{record['seen']:.3f}", unseen=f"{record['unseen']:.3f}", obj=f"{record['objective']:.4f}")
@@ -380,18 +567,18 @@ class MetaTrainer:
         if self.best_state is not None and c.select_on != "last":
             self.model.load_state_dict(self.best_state)
         if self.output_dir is not None:
-            evaluation.write_json(self.output_dir / HISTORY_NAME, {"config": asdict(c), "history": self.history, "best": self.best})
+            evaluation.write_json(self.output_dir / HISTORY_NAME, {"config": c.to_dict(), "history": self.history, "best": self.best})
         return self.best or (self.history[-1] if self.history else {})
 
     def _consider_best(self, record: Dict) -> None:
-        key = "seen" if self.config.select_on == "seen" else None
+        key = {"seen": "seen", "seen-shots": "seen_shots"}.get(self.config.select_on)
         better = self.best is None or key is None or record[key] > self.best[key]
         if better:
             self.best = dict(record)
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.output_dir is not None:
                 with atomic_dir(self.output_dir / "best") as tmp:
-                    self.model.write_files(tmp, extra_config={"train": asdict(self.config), "metrics": record})
+                    self.model.write_files(tmp, extra_config={"train": self.config.to_dict(), "metrics": record})
 
     def _checkpoint(self) -> None:
         if self.output_dir is None:
@@ -407,7 +594,7 @@ class MetaTrainer:
             "config": asdict(self.config),
         }
         with atomic_dir(self.output_dir / "last") as tmp:
-            self.model.write_files(tmp, extra_config={"train": asdict(self.config)})
+            self.model.write_files(tmp, extra_config={"train": self.config.to_dict()})
             torch.save(state, tmp / STATE_NAME)
 
     def _load_last(self) -> None:
