@@ -332,6 +332,68 @@ def _run_demo(args: argparse.Namespace) -> str:
     return f"demo finished: {args.output_dir}/report.json"
 
 
+# ---- online serving ------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve", help="HTTP reward service: OpenRLHF /get_reward, /score, /feedback (online adaptation)",
+        description="Serve personalised rewards over HTTP (needs `pip install 'mrm-fast[serve]'`): POST /get_reward "
+                    "(OpenRLHF's remote reward model; the user id in `labels`), POST /score, POST /feedback (new "
+                    "pairs for a user: adapted from the stored state and committed before the reply), "
+                    "GET /users/{id}, GET /health, GET /metrics. User weights live in a SQLite store (--store).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="model directory with config.json and model.safetensors")
+    parser.add_argument("--store", required=True, metavar="DB", help="user-weights database (SQLite; created if missing)")
+    parser.add_argument("--backbone", default=None, metavar="NAME|PATH",
+                        help="embedding backbone for text requests ('minilm', 'smollm2' or a local model); "
+                             "without it the service takes embeddings only")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="embedding cache (default: $MRM_CACHE_DIR or $XDG_CACHE_HOME/mrm/<backbone>)")
+    parser.add_argument("--response-only", action="store_true", help="embed responses without their prompt")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--steps", type=int, default=None, metavar="T",
+                        help="inner steps per feedback (default: the checkpoint's training setting)")
+    parser.add_argument("--lr", type=float, default=None, help="inner learning rate (default: the checkpoint's)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                        help="inner optimiser (default: the checkpoint's)")
+    parser.add_argument("--uncertainty-penalty", type=float, default=0.0, metavar="BETA",
+                        help="subtract BETA x the reward's posterior standard deviation")
+    parser.add_argument("--import-weights", default=None, metavar="PARQUET",
+                        help="load a user-weights table (from `mrm adapt`) into the store before serving")
+    parser.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="FULL",
+                        help="SQLite durability: FULL survives power loss, NORMAL a killed process")
+    parser.add_argument("--max-batch", type=_positive_int, default=512, metavar="N", help="rows per micro-batch")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                        help="how long a micro-batch waits for more requests")
+    parser.add_argument("--max-items", type=_positive_int, default=1024, metavar="N", help="rows per request")
+    parser.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB", help="request body limit")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per backbone forward")
+    parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn's log level")
+    return parser
+
+
+def _run_serve(args: argparse.Namespace) -> str:
+    from mrm.serve import build_service, run
+    from mrm.serve.app import ServeLimits
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    service = build_service(args.checkpoint, args.store, backbone=args.backbone, cache_dir=args.cache_dir,
+                            response_only=args.response_only, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+                            uncertainty_penalty=args.uncertainty_penalty, synchronous=args.synchronous,
+                            import_weights=args.import_weights, batch_size=args.batch_size)
+    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_items=args.max_items,
+                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    print(f"mrm serve: http://{args.host}:{args.port} (store {args.store}, {len(service.store)} users)",
+          file=sys.stderr, flush=True)
+    run(service, host=args.host, port=args.port, limits=limits, log_level=args.log_level)
+    return "mrm serve: stopped"
+
+
 SUBCOMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], str]]] = {
     "demo": (_add_demo, _run_demo),
     "embed": (_add_embed, _run_embed),
@@ -340,6 +402,7 @@ SUBCOMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], str]]] = {
     "eval": (_add_eval, _run_eval),
     "adapt": (_add_adapt, _run_adapt),
     "score": (_add_score, _run_score),
+    "serve": (_add_serve, _run_serve),
 }
 """name -> (add its parser, run it and return a one-line report)."""
 

@@ -724,7 +724,7 @@ class EmbeddingCache:
         )
 
 
-__all__ = ["EmbeddingCache", "minilm_path", "smollm2_path"]
+__all__ = ["EmbeddingCache", "minilm_path", "smollm2_path", "default_cache_dir", "embed_dataset", "backbone_path"]
 
 
 BACKBONES = ("minilm", "smollm2")
@@ -745,15 +745,39 @@ def backbone_path(name_or_path: PathLike) -> Path:
     return path
 
 
-def embed_dataset(data, backbone: PathLike, cache_dir: PathLike, *, progress: bool = True, **cache_options) -> np.ndarray:
-    """Embeddings (rows, D) of every text of a :class:`mrm.data.PreferenceData`, through the cache.
+def default_cache_dir(backbone: PathLike) -> Path:
+    """The per-user embedding cache of a backbone: ``$MRM_CACHE_DIR/<name>`` when set, else
+    ``$XDG_CACHE_HOME/mrm/<name>`` (``~/.cache/mrm/<name>``), so every working directory shares
+    it. ``<name>`` is ``minilm`` / ``smollm2``, or a local model's folder name plus a hash of
+    its absolute path (two different folders named ``model`` never share a cache)."""
+    root = os.environ.get("MRM_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")) / "mrm"
+    name = str(backbone)
+    if name in BACKBONES:
+        return Path(root) / name
+    path = Path(name).expanduser().resolve()
+    return Path(root) / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def embed_dataset(data, backbone: PathLike, cache_dir: Optional[PathLike] = None, *, progress: bool = True,
+                  response_only: bool = False, **cache_options) -> np.ndarray:
+    """Embeddings (rows, D) of every text of a :class:`mrm.data.PreferenceData`, through the cache
+    (``cache_dir`` None: :func:`default_cache_dir`).
 
     Chat backbones get PRISM-style histories as message lists; encoders get the prompt text.
+    ``response_only``: embed each response alone, without its prompt (encoders: the response as
+    one sentence; chat backbones: the template around the assistant turn only).
     """
+    if cache_dir is None:
+        cache_dir = default_cache_dir(backbone)
     from mrm.data.pairs import prompt_messages
 
     cache = EmbeddingCache(cache_dir, backbone_path(backbone), **cache_options)
-    if cache.kind == "causal":
+    if response_only:
+        empty = [] if cache.kind == "causal" else ""
+        texts = [(empty, response) for _, response in data.texts]
+    elif cache.kind == "causal":
         texts = [(prompt_messages(prompt), response) for prompt, response in data.texts]
     else:  # a chat history becomes plain "role: content" lines for a sentence encoder
         texts = []
