@@ -502,10 +502,24 @@ class EmbeddingCache:
 
     # -- backbone -----------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, progress: bool = True) -> None:
         if self._model is not None:
             return
         torch, transformers = _require_torch()
+        if not progress:  # transformers' own "Loading weights" bar follows the caller's choice
+            from transformers.utils import logging as hf_logging
+
+            was_enabled = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                self._load_model(torch, transformers)
+            finally:
+                if was_enabled:
+                    hf_logging.enable_progress_bar()
+            return
+        self._load_model(torch, transformers)
+
+    def _load_model(self, torch, transformers) -> None:
         device = self._requested_device
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -685,7 +699,7 @@ class EmbeddingCache:
         """Embed the missing texts (longest first, so padding is small), saving shards as it goes."""
         from tqdm.auto import tqdm
 
-        self._load()
+        self._load(progress)
         encoded = [(key, self._encode(*item)) for key, item in missing.items()]
         encoded.sort(key=lambda pair: -len(pair[1]["input_ids"]))
         pending_keys: List[bytes] = []
