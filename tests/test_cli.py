@@ -66,7 +66,7 @@ def test_errors_are_one_line(tmp_path):
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "mrm.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("demo", "embed", "to-user-major", "train", "eval", "adapt", "score"):
+    for command in ("demo", "embed", "to-user-major", "train", "eval", "baseline", "adapt", "score", "serve"):
         assert command in out.stdout
 
 

@@ -11,7 +11,6 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mrm.data import (
@@ -133,7 +132,7 @@ def test_log_skips_duplicates_and_small_users_with_counts(tmp_path):
     path = tmp_path / "log.parquet"
     write_preference_log(path, rows)
     data = read_preference_log(path, min_pairs=2)
-    assert data.skipped == {"duplicate_pairs": 2, "users_below_min_pairs": 1, "pairs_of_users_below_min_pairs": 1}
+    assert data.skipped == {"same_text_pairs": 0, "duplicate_pairs": 2, "users_below_min_pairs": 1, "pairs_of_users_below_min_pairs": 1}
     assert "eve" not in data.user_ids
     assert data.train.n_pairs + data.test.n_pairs == len(log_rows())
 
@@ -149,7 +148,6 @@ def write_jsonl(path, records):
         ({"user_id": "a", "prompt": "p"}, "row 1 lacks column(s) chosen, rejected"),
         ({"user_id": "a", "prompt": "p", "chosen": 3, "rejected": "r"}, "column 'chosen', row 1: expected a string"),
         ({"user_id": "a", "prompt": " ", "chosen": "c", "rejected": "r"}, "column 'prompt', row 1: empty text"),
-        ({"user_id": "a", "prompt": "p", "chosen": "same", "rejected": "same"}, "row 1 (user a): 'chosen' equals 'rejected'"),
         ({"user_id": "a", "prompt": "p", "chosen": "c", "rejected": "r", "split": "val"}, "column 'split', row 1: 'val'"),
     ],
 )
@@ -161,6 +159,17 @@ def test_log_validation_names_file_column_and_row(tmp_path, record, message):
     with pytest.raises(ValueError) as err:
         read_preference_log(path)
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_log_same_text_pairs_are_skipped_and_counted(tmp_path):
+    rows = [{"user_id": u, "prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for u in "ab" for i in range(3)]
+    rows.insert(2, {"user_id": "a", "prompt": "p", "chosen": "same", "rejected": "same"})
+    rows.append({"user_id": "b", "prompt": "q", "chosen": "x", "rejected": "x"})
+    data = read_preference_log(write_jsonl(tmp_path / "same.jsonl", rows))
+    assert data.skipped["same_text_pairs"] == 2
+    assert data.train.n_pairs + data.test.n_pairs == 6
+    texts = {response for _, response in data.texts}
+    assert "same" not in texts and "x" not in texts
 
 
 def test_log_missing_columns_are_listed(tmp_path):

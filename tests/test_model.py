@@ -44,7 +44,7 @@ def test_overwrite_keeps_no_stale_files(tmp_path):
     _random_model(CONFIGS[0]).save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "stale.txt").write_text("old")
     _random_model(CONFIGS[1], seed=1).save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -232,11 +232,36 @@ class Checkpoint:
             "prior": self.prior,
             **self.extra_config,
         }
+        from mrm.hub import write_model_card
+
         with atomic_dir(directory, overwrite=overwrite) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
                       metadata={"format": FORMAT})
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            write_model_card(tmp, config)
         return directory
+
+    # ---- Hub conventions (huggingface_hub.ModelHubMixin's names) ------------------------------
+
+    def save_pretrained(self, directory: Union[str, Path], *, overwrite: bool = True) -> Path:
+        """:meth:`save` under ModelHubMixin's name (config.json, model.safetensors, README.md)."""
+        return self.save(directory, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, Path], *, revision: Optional[str] = None,
+                        cache_dir: Optional[Union[str, Path]] = None, local_files_only: bool = False,
+                        token: Optional[str] = None) -> "Checkpoint":
+        """:meth:`load` from a local directory or a Hub repository id (see :mod:`mrm.hub`)."""
+        from mrm.hub import resolve_pretrained
+
+        return cls.load(resolve_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local_files_only, token=token))
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload this checkpoint to a Hub repository (see :func:`mrm.hub.push_to_hub`)."""
+        from mrm.hub import push_to_hub
+
+        return push_to_hub(lambda d: self.save(d), repo_id, **kwargs)
 
     # ---- φ -----------------------------------------------------------------------------------
 

@@ -135,23 +135,35 @@ def _add_data_and_backbone(parser: argparse.ArgumentParser) -> None:
                         help="embedding backbone: 'minilm', 'smollm2' (shipped in packages) or a local model "
                              "directory / .gguf file (default minilm)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
-                        help="embedding cache for this backbone (default ./mrm-cache/<backbone name>)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per forward pass")
+                        help="embedding cache for this backbone (default: $MRM_CACHE_DIR/<backbone>, else "
+                             "$XDG_CACHE_HOME/mrm/<backbone>, i.e. ~/.cache/mrm/<backbone>: shared by every folder)")
+    parser.add_argument("--response-only", action="store_true",
+                        help="embed each response without its prompt (the official setup); a model trained this "
+                             "way must be evaluated this way too")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                        help="texts per forward pass (default 32)")
     parser.add_argument("--seed", type=int, default=42, help="seen/unseen split and per-user RNG seed (default 42)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")
+
+
+def _skipped(data) -> str:
+    """The data's skip counts as text ('' when nothing was skipped)."""
+    counts = {k: v for k, v in (getattr(data, "skipped", None) or {}).items() if v}
+    return ("skipped " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())) if counts else ""
 
 
 def _embeddings(args: argparse.Namespace):
     from mrm.data import load_dataset
-    from mrm.embed import embed_dataset
+    from mrm.embed import default_cache_dir, embed_dataset
 
     data = load_dataset(args.data, seed=args.seed)
+    skipped = _skipped(data)
+    if skipped:
+        print(f"mrm: {args.data}: {skipped}", file=sys.stderr, flush=True)
     if args.cache_dir is None:
-        from pathlib import Path
-
-        args.cache_dir = str(Path("mrm-cache") / Path(str(args.backbone).rstrip("/")).name)
+        args.cache_dir = str(default_cache_dir(args.backbone))
     embeddings = embed_dataset(data, args.backbone, args.cache_dir, progress=not args.no_progress,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, response_only=args.response_only)
     return data, embeddings
 
 
@@ -166,7 +178,9 @@ def _add_embed(subparsers) -> argparse.ArgumentParser:
 
 def _run_embed(args: argparse.Namespace) -> str:
     data, embeddings = _embeddings(args)
-    return f"{data.summary()}; {embeddings.shape[0]} texts x {embeddings.shape[1]} dims cached in {args.cache_dir}"
+    skipped = _skipped(data)
+    return (f"{data.summary()}; {embeddings.shape[0]} texts x {embeddings.shape[1]} dims cached in {args.cache_dir}"
+            + (f"; {skipped}" if skipped else ""))
 
 
 def _add_to_user_major(subparsers) -> argparse.ArgumentParser:
@@ -203,26 +217,35 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
                     "gamma=0.5), except --scale. "
                     "Writes OUTPUT/best (the best epoch's checkpoint), OUTPUT/last (resumable) and history.json.")
     _add_data_and_backbone(parser)
-    parser.add_argument("--output-dir", required=True, metavar="DIR", help="run directory")
+    parser.add_argument("--output-dir", required=True, metavar="DIR", help="run directory (created)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/last if present")
-    parser.add_argument("--num-bases", type=_positive_int, default=None, metavar="K")
-    parser.add_argument("--hidden-sizes", type=_positive_int, nargs="*", default=[], metavar="H")
+    parser.add_argument("--num-bases", type=_positive_int, default=None, metavar="K",
+                        help="number of base reward functions K (default 2, released)")
+    parser.add_argument("--hidden-sizes", type=_positive_int, nargs="*", default=[], metavar="H",
+                        help="widths of hidden layers between the embedding and the K outputs (default none: one "
+                             "linear map, released)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="input scale of the base functions (1.0 for unit-norm sentence embeddings; the "
+                        help="input scale of the base functions (default 1.0 for unit-norm sentence embeddings; the "
                              "released 0.01 suits raw LLM hidden states)")
-    parser.add_argument("--inner-optimizer", choices=("adam", "sgd"), default=None)
-    parser.add_argument("--inner-steps", type=int, default=None, metavar="T")
-    parser.add_argument("--inner-lr", type=float, default=None)
+    parser.add_argument("--inner-optimizer", choices=("adam", "sgd"), default=None,
+                        help="per-user inner optimiser (default adam, released)")
+    parser.add_argument("--inner-steps", type=int, default=None, metavar="T",
+                        help="inner steps per user (default 1, released)")
+    parser.add_argument("--inner-lr", type=float, default=None, help="inner learning rate (default 1e-3, released)")
     parser.add_argument("--first-order", action="store_true", help="first-order MAML (no Hessian terms)")
-    parser.add_argument("--meta-lr", type=float, default=None)
-    parser.add_argument("--epochs", type=_positive_int, default=None)
-    parser.add_argument("--tasks-per-batch", type=_positive_int, default=None,
-                        help="users per outer step, all in one native call (released: 2; 1024 is the fast path)")
-    parser.add_argument("--objective", choices=("rpo", "mean"), default=None)
-    parser.add_argument("--tail", type=float, default=None, help="RPO tail ratio rho")
-    parser.add_argument("--gamma", type=float, default=None, help="RPO smoothing (<= 0: hard mask)")
-    parser.add_argument("--eval-every", type=_positive_int, default=None, metavar="EPOCHS")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--meta-lr", type=float, default=None, help="outer Adam learning rate (default 1e-3, released)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="meta-training epochs (default 200, released)")
+    parser.add_argument("--tasks-per-batch", type=_positive_int, default=None, metavar="N",
+                        help="users per outer step, all in one native call (default 2, released; 1024 is the fast path)")
+    parser.add_argument("--objective", choices=("rpo", "mean"), default=None,
+                        help="meta-objective: RPO or the plain mean of the users' query losses (default rpo)")
+    parser.add_argument("--tail", type=float, default=None, help="RPO tail ratio rho (default 0.5)")
+    parser.add_argument("--gamma", type=float, default=None, help="RPO smoothing, <= 0: hard mask (default 0.5)")
+    parser.add_argument("--eval-every", type=_positive_int, default=10, metavar="EPOCHS",
+                        help="evaluate (and checkpoint the best epoch) every this many epochs, and at the last "
+                             "(default 10)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="kernel and torch threads (default: $MRM_NUM_THREADS, else every CPU)")
     return parser
 
 
@@ -255,13 +278,16 @@ def _add_eval(subparsers) -> argparse.ArgumentParser:
                     "accuracy_vs_shots.png into --output-dir.")
     _add_data_and_backbone(parser)
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (e.g. RUN/best)")
-    parser.add_argument("--output-dir", required=True, metavar="DIR")
-    parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50])
+    parser.add_argument("--output-dir", required=True, metavar="DIR", help="where report.json and the plots go")
+    parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50], metavar="N",
+                        help="unseen users adapted on their first N training pairs, for each N (default 5 10 20 50)")
     parser.add_argument("--steps", type=int, default=None, metavar="T",
                         help="inner steps (default: those the checkpoint was trained with)")
     parser.add_argument("--lr", type=float, default=None, help="inner lr (default: from the checkpoint)")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                        help="inner optimiser (default: from the checkpoint)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
     return parser
 
 
@@ -294,9 +320,67 @@ def _run_eval(args: argparse.Namespace) -> str:
     write_json(out / "report.json", {"checkpoint": str(args.checkpoint), "data": args.data, "steps": steps,
                                      "lr": lr, "optimizer": optimizer, **summary})
     plot_shots({"unseen users": {s: v["unseen"] for s, v in summary["by_shots"].items()}}, out / "accuracy_vs_shots.png")
+    return _accuracy_line(summary) + f" -> {out}/report.json"
+
+
+def _accuracy_line(summary: dict) -> str:
+    """seen, unseen at each shot count, and unseen on all training pairs: one line."""
     s = summary["all_training_pairs"]
-    return (f"seen {s['seen']:.4f} (worst 10 % {s['seen_worst10']:.4f}), unseen {s['unseen']:.4f} "
-            f"(worst 10 % {s['unseen_worst10']:.4f}), all {s['all']:.4f} -> {out}/report.json")
+    shots = ", ".join(f"@{n} {v['unseen']:.4f} (worst 10 % {v['unseen_worst10']:.4f})"
+                      for n, v in summary["by_shots"].items())
+    return (f"seen {s['seen']:.4f} (worst 10 % {s['seen_worst10']:.4f}); unseen {shots}; unseen on all their "
+            f"training pairs {s['unseen']:.4f} (worst 10 % {s['unseen_worst10']:.4f})")
+
+
+def _add_baseline(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "baseline", help="the global Bradley-Terry baseline (no personalization), evaluated like `mrm eval`",
+        description="Fit one global reward model (phi with K = 1, L-BFGS on every user's training pairs: seen users' "
+                    "and, for each --shots value, the unseen users' first N) and report the same user-level "
+                    "accuracies as `mrm eval`. Writes report.json and OUTPUT/global-bt (a checkpoint fitted on all "
+                    "training pairs).")
+    _add_data_and_backbone(parser)
+    parser.add_argument("--output-dir", required=True, metavar="DIR", help="where report.json and the checkpoint go")
+    parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50], metavar="N",
+                        help="unseen users' training pairs used, for each N (default 5 10 20 50)")
+    parser.add_argument("--hidden-sizes", type=_positive_int, nargs="*", default=[], metavar="H",
+                        help="hidden widths of phi (default none: a linear reward)")
+    parser.add_argument("--scale", type=float, default=1.0, help="input scale of phi (default 1.0)")
+    parser.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on phi's weights (default 1e-4)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
+    return parser
+
+
+def _run_baseline(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    import torch
+
+    from mrm.data import with_shots
+    from mrm.evaluate import evaluate_features, write_json
+    from mrm.model import ModelConfig
+    from mrm.train import fit_global_bradley_terry
+
+    data, embeddings = _embeddings(args)
+    config = ModelConfig(input_dim=embeddings.shape[1], num_bases=1, hidden_sizes=list(args.hidden_sizes),
+                         scale=args.scale)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def fit_and_score(view):
+        model = fit_global_bradley_terry(embeddings, view.train, config, l2=args.l2)
+        with torch.no_grad():
+            phi = model.features(torch.as_tensor(embeddings, dtype=torch.float64)).numpy()
+        return model, evaluate_features(phi, np.zeros(1), view, steps=0, lr=1.0, num_threads=args.threads)
+
+    model, full = fit_and_score(data)
+    model.save_pretrained(out / "global-bt", extra_config={"baseline": "global-bradley-terry"})
+    summary = {"all_training_pairs": full.summary(), "by_shots": {}}
+    for shots in sorted(args.shots):
+        summary["by_shots"][shots] = fit_and_score(with_shots(data, shots))[1].summary()
+    write_json(out / "report.json", {"model": "global Bradley-Terry", "data": args.data, **summary})
+    return "global Bradley-Terry: " + _accuracy_line(summary) + f" -> {out}/report.json"
 
 
 def _add_demo(subparsers) -> argparse.ArgumentParser:
@@ -308,13 +392,17 @@ def _add_demo(subparsers) -> argparse.ArgumentParser:
                     "and writes report.json, table.md, accuracy_vs_shots.png and per_user_best.csv.")
     parser.add_argument("--output-dir", default="mrm-demo", metavar="DIR", help="default ./mrm-demo")
     parser.add_argument("--cache-dir", default=None, metavar="DIR", help="embedding cache (default OUTPUT/embedding-cache)")
-    parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50])
-    parser.add_argument("--official-epochs", type=_positive_int, default=200, metavar="N")
-    parser.add_argument("--best-epochs", type=_positive_int, default=60, metavar="N")
+    parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50], metavar="N",
+                        help="unseen users' training pairs, for each N (default 5 10 20 50)")
+    parser.add_argument("--official-epochs", type=_positive_int, default=200, metavar="N",
+                        help="epochs of the released configuration (default 200)")
+    parser.add_argument("--best-epochs", type=_positive_int, default=60, metavar="N",
+                        help="epochs of the best-settings models (default 60)")
     parser.add_argument("--max-users", type=_positive_int, default=None, metavar="N",
                         help="use only N users (quick look; the table is then not comparable)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="kernel and torch threads (default: every CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")
     return parser
 
 
@@ -332,14 +420,78 @@ def _run_demo(args: argparse.Namespace) -> str:
     return f"demo finished: {args.output_dir}/report.json"
 
 
+# ---- online serving ------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve", help="HTTP reward service: OpenRLHF /get_reward, /score, /feedback (online adaptation)",
+        description="Serve personalised rewards over HTTP (needs `pip install 'mrm-fast[serve]'`): POST /get_reward "
+                    "(OpenRLHF's remote reward model; the user id in `labels`), POST /score, POST /feedback (new "
+                    "pairs for a user: adapted from the stored state and committed before the reply), "
+                    "GET /users/{id}, GET /health, GET /metrics. User weights live in a SQLite store (--store).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="model directory with config.json and model.safetensors")
+    parser.add_argument("--store", required=True, metavar="DB", help="user-weights database (SQLite; created if missing)")
+    parser.add_argument("--backbone", default=None, metavar="NAME|PATH",
+                        help="embedding backbone for text requests ('minilm', 'smollm2' or a local model); "
+                             "without it the service takes embeddings only")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="embedding cache (default: $MRM_CACHE_DIR or $XDG_CACHE_HOME/mrm/<backbone>)")
+    parser.add_argument("--response-only", action="store_true", help="embed responses without their prompt")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--steps", type=int, default=None, metavar="T",
+                        help="inner steps per feedback (default: the checkpoint's training setting)")
+    parser.add_argument("--lr", type=float, default=None, help="inner learning rate (default: the checkpoint's)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                        help="inner optimiser (default: the checkpoint's)")
+    parser.add_argument("--uncertainty-penalty", type=float, default=0.0, metavar="BETA",
+                        help="subtract BETA x the reward's posterior standard deviation")
+    parser.add_argument("--import-weights", default=None, metavar="PARQUET",
+                        help="load a user-weights table (from `mrm adapt`) into the store before serving")
+    parser.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="FULL",
+                        help="SQLite durability: FULL survives power loss, NORMAL a killed process")
+    parser.add_argument("--max-batch", type=_positive_int, default=512, metavar="N", help="rows per micro-batch")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                        help="how long a micro-batch waits for more requests")
+    parser.add_argument("--max-items", type=_positive_int, default=1024, metavar="N", help="rows per request")
+    parser.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB", help="request body limit")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per backbone forward")
+    parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn's log level")
+    return parser
+
+
+def _run_serve(args: argparse.Namespace) -> str:
+    from mrm.serve import build_service, run
+    from mrm.serve.app import ServeLimits
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    service = build_service(args.checkpoint, args.store, backbone=args.backbone, cache_dir=args.cache_dir,
+                            response_only=args.response_only, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+                            uncertainty_penalty=args.uncertainty_penalty, synchronous=args.synchronous,
+                            import_weights=args.import_weights, batch_size=args.batch_size)
+    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_items=args.max_items,
+                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    print(f"mrm serve: http://{args.host}:{args.port} (store {args.store}, {len(service.store)} users)",
+          file=sys.stderr, flush=True)
+    run(service, host=args.host, port=args.port, limits=limits, log_level=args.log_level)
+    return "mrm serve: stopped"
+
+
 SUBCOMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], str]]] = {
     "demo": (_add_demo, _run_demo),
     "embed": (_add_embed, _run_embed),
     "to-user-major": (_add_to_user_major, _run_to_user_major),
     "train": (_add_train, _run_train),
     "eval": (_add_eval, _run_eval),
+    "baseline": (_add_baseline, _run_baseline),
     "adapt": (_add_adapt, _run_adapt),
     "score": (_add_score, _run_score),
+    "serve": (_add_serve, _run_serve),
 }
 """name -> (add its parser, run it and return a one-line report)."""
 
@@ -360,6 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_progress_bars() -> None:
+    """--no-progress: no bar from this package (its calls pass progress=False) nor from the libraries
+    it loads (transformers' "Loading weights", huggingface_hub, Ray Data, any tqdm)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``mrm``; returns the exit status (2 with a one-line message on bad input)."""
     parser = build_parser()
@@ -367,6 +532,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    if getattr(args, "no_progress", False):
+        _silence_progress_bars()
     try:
         report = args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -502,10 +502,24 @@ class EmbeddingCache:
 
     # -- backbone -----------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, progress: bool = True) -> None:
         if self._model is not None:
             return
         torch, transformers = _require_torch()
+        if not progress:  # transformers' own "Loading weights" bar follows the caller's choice
+            from transformers.utils import logging as hf_logging
+
+            was_enabled = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                self._load_model(torch, transformers)
+            finally:
+                if was_enabled:
+                    hf_logging.enable_progress_bar()
+            return
+        self._load_model(torch, transformers)
+
+    def _load_model(self, torch, transformers) -> None:
         device = self._requested_device
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -685,7 +699,7 @@ class EmbeddingCache:
         """Embed the missing texts (longest first, so padding is small), saving shards as it goes."""
         from tqdm.auto import tqdm
 
-        self._load()
+        self._load(progress)
         encoded = [(key, self._encode(*item)) for key, item in missing.items()]
         encoded.sort(key=lambda pair: -len(pair[1]["input_ids"]))
         pending_keys: List[bytes] = []
@@ -724,7 +738,7 @@ class EmbeddingCache:
         )
 
 
-__all__ = ["EmbeddingCache", "minilm_path", "smollm2_path"]
+__all__ = ["EmbeddingCache", "minilm_path", "smollm2_path", "default_cache_dir", "embed_dataset", "backbone_path"]
 
 
 BACKBONES = ("minilm", "smollm2")
@@ -745,15 +759,39 @@ def backbone_path(name_or_path: PathLike) -> Path:
     return path
 
 
-def embed_dataset(data, backbone: PathLike, cache_dir: PathLike, *, progress: bool = True, **cache_options) -> np.ndarray:
-    """Embeddings (rows, D) of every text of a :class:`mrm.data.PreferenceData`, through the cache.
+def default_cache_dir(backbone: PathLike) -> Path:
+    """The per-user embedding cache of a backbone: ``$MRM_CACHE_DIR/<name>`` when set, else
+    ``$XDG_CACHE_HOME/mrm/<name>`` (``~/.cache/mrm/<name>``), so every working directory shares
+    it. ``<name>`` is ``minilm`` / ``smollm2``, or a local model's folder name plus a hash of
+    its absolute path (two different folders named ``model`` never share a cache)."""
+    root = os.environ.get("MRM_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")) / "mrm"
+    name = str(backbone)
+    if name in BACKBONES:
+        return Path(root) / name
+    path = Path(name).expanduser().resolve()
+    return Path(root) / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def embed_dataset(data, backbone: PathLike, cache_dir: Optional[PathLike] = None, *, progress: bool = True,
+                  response_only: bool = False, **cache_options) -> np.ndarray:
+    """Embeddings (rows, D) of every text of a :class:`mrm.data.PreferenceData`, through the cache
+    (``cache_dir`` None: :func:`default_cache_dir`).
 
     Chat backbones get PRISM-style histories as message lists; encoders get the prompt text.
+    ``response_only``: embed each response alone, without its prompt (encoders: the response as
+    one sentence; chat backbones: the template around the assistant turn only).
     """
+    if cache_dir is None:
+        cache_dir = default_cache_dir(backbone)
     from mrm.data.pairs import prompt_messages
 
     cache = EmbeddingCache(cache_dir, backbone_path(backbone), **cache_options)
-    if cache.kind == "causal":
+    if response_only:
+        empty = [] if cache.kind == "causal" else ""
+        texts = [(empty, response) for _, response in data.texts]
+    elif cache.kind == "causal":
         texts = [(prompt_messages(prompt), response) for prompt, response in data.texts]
     else:  # a chat history becomes plain "role: content" lines for a sentence encoder
         texts = []

@@ -192,17 +192,26 @@ class MetaRewardModel(nn.Module):
         config = {"format": FORMAT, **asdict(self.config), **(extra_config or {})}
         save_file(state, str(Path(directory) / WEIGHTS_NAME), metadata={"format": FORMAT})
         (Path(directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        from mrm.hub import write_model_card
+
+        write_model_card(directory, config)  # README.md: the training config and the eval table
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], *, expected: Optional[ModelConfig] = None) -> "MetaRewardModel":
-        """Load a checkpoint written by :meth:`save_pretrained`.
+    def from_pretrained(cls, directory: Union[str, Path], *, expected: Optional[ModelConfig] = None,
+                        revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False,
+                        token: Optional[str] = None) -> "MetaRewardModel":
+        """Load a checkpoint written by :meth:`save_pretrained`, from a local directory or a Hub
+        repository id (``revision``, ``cache_dir``, ``local_files_only``, ``token``: as
+        huggingface_hub's; see :mod:`mrm.hub`).
 
         ``expected``: fail with a clear error if the checkpoint's shape (D, K, hidden sizes)
         differs from this config.
         """
         from mrm.checkpoint import read_config
+        from mrm.hub import resolve_pretrained
 
-        directory = Path(directory)
+        directory = resolve_pretrained(directory, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token)
         raw, config_path, weights_path = read_config(directory)
         model_keys = set(ModelConfig.__dataclass_fields__)
         config = ModelConfig.from_dict({k: v for k, v in raw.items() if k in model_keys or k == "format"})
@@ -219,6 +228,12 @@ class MetaRewardModel(nn.Module):
         model.load_checked_state(state, source=str(weights_path))
         model.extra_config = {k: v for k, v in raw.items() if k not in model_keys and k != "format"}
         return model
+
+    def push_to_hub(self, repo_id: str, *, extra_config: Optional[dict] = None, **kwargs) -> str:
+        """Upload this model (config.json, model.safetensors, README.md) to a Hub repository."""
+        from mrm.hub import push_to_hub
+
+        return push_to_hub(lambda d: self.save_pretrained(d, extra_config=extra_config), repo_id, **kwargs)
 
     def load_checked_state(self, state: dict, source: str) -> None:
         """load_state_dict with errors that name the culprit key and shapes."""

@@ -19,10 +19,11 @@ start with ``PAR1``).
 Reading (:func:`read_preference_log`):
 
 - Rows are validated; a bad row is a ``ValueError`` naming the file, the column and the row
-  (0-based, in file order): a missing column, a non-string or empty text, ``chosen`` equal to
-  ``rejected``, a ``split`` other than ``"train"``/``"test"``.
-- Skipped, and counted in ``PreferenceData.skipped`` (also logged on the ``mrm.data`` logger):
-  ``duplicate_pairs`` — a repeat of an earlier row's (user, prompt, chosen, rejected), whatever
+  (0-based, in file order): a missing column, a non-string or empty text, a ``split`` other than
+  ``"train"``/``"test"``.
+- Skipped, and counted in ``PreferenceData.skipped`` (also logged on the ``mrm.data`` logger;
+  ``mrm`` commands print the counts): ``same_text_pairs`` — ``chosen`` equal to ``rejected``
+  (no preference to learn from); ``duplicate_pairs`` — a repeat of an earlier row's (user, prompt, chosen, rejected), whatever
   its split, so that one pair never lands in both train and test; ``users_below_min_pairs`` and
   ``pairs_of_users_below_min_pairs`` — users with fewer than ``min_pairs`` pairs left.
 - Seen/unseen users follow SPEC §6 (sorted, ``random.Random(seed)``, first half seen).
@@ -100,8 +101,9 @@ def _read_columns(path: Path) -> Dict[str, list]:
     return columns
 
 
-def _validate_rows(source: str, columns: Dict[str, list]) -> None:
-    """Raise a ValueError naming the column and row of the first bad value."""
+def _validate_rows(source: str, columns: Dict[str, list], same_text_is_error: bool = True) -> None:
+    """Raise a ValueError naming the column and row of the first bad value (a pair whose two
+    texts are equal too, unless ``same_text_is_error`` is False: readers skip and count those)."""
     n = len(columns["user_id"])
     for name in ("prompt", "chosen", "rejected"):
         for row, value in enumerate(columns[name]):
@@ -119,7 +121,7 @@ def _validate_rows(source: str, columns: Dict[str, list]) -> None:
                 raise ValueError(f"{source}: column {name!r}, row {row}: expected a string, got {type(value).__name__}")
             if isinstance(value, str) and not value.strip():
                 raise ValueError(f"{source}: column {name!r}, row {row}: empty id")
-    for row in range(n):
+    for row in range(n if same_text_is_error else 0):
         if columns["chosen"][row] == columns["rejected"][row]:
             raise ValueError(f"{source}: row {row} (user {columns['user_id'][row]}): 'chosen' equals 'rejected'")
     if "split" in columns:
@@ -146,16 +148,19 @@ def preference_data_from_rows(
     lengths = {len(columns[c]) for c in columns}
     if len(lengths) > 1:
         raise ValueError(f"{source}: columns have different lengths")
-    _validate_rows(source, columns)
+    _validate_rows(source, columns, same_text_is_error=False)
 
     has_split = "split" in columns
     has_group = "group_id" in columns
     seen_keys = set()
     per_user: Dict[str, List[tuple]] = {}
-    duplicates = 0
+    duplicates = same_text = 0
     for row in range(len(columns["user_id"])):
         user = str(columns["user_id"][row])
         pair = (columns["prompt"][row], columns["chosen"][row], columns["rejected"][row])
+        if pair[1] == pair[2]:
+            same_text += 1
+            continue
         if (user,) + pair in seen_keys:
             duplicates += 1
             continue
@@ -167,6 +172,7 @@ def preference_data_from_rows(
 
     small = sorted(u for u, pairs in per_user.items() if len(pairs) < min_pairs)
     skipped = {
+        "same_text_pairs": same_text,
         "duplicate_pairs": duplicates,
         "users_below_min_pairs": len(small),
         "pairs_of_users_below_min_pairs": sum(len(per_user[u]) for u in small),
@@ -193,7 +199,7 @@ def preference_data_from_rows(
         test.append([p[:4] for p in pairs if p[3] not in train_groups])
 
     if any(skipped.values()):
-        log.info("%s: skipped %s", source, ", ".join(f"{k}={v}" for k, v in skipped.items() if v))
+        log.warning("%s: skipped %s", source, ", ".join(f"{k}={v}" for k, v in skipped.items() if v))
     return build_preference_data(user_ids, train, test, split_seen_users(user_ids, seed), name, skipped)
 
 

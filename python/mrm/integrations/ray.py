@@ -3,6 +3,8 @@
 ``ray.data.read_parquet(logs)`` → ``map_batches`` with an actor class that loads the checkpoint
 (and the user-weights table) once and sizes the kernel's thread pool from the CPUs Ray assigned
 to it → ``write_parquet`` into a temporary directory, renamed to ``output`` only on success.
+:func:`embed` runs the backbone in Ray actors (one GPU each when the cluster has GPUs) that write
+their vectors into the same embedding cache as :class:`mrm.embed.EmbeddingCache`.
 The per-batch computation is the one the local jobs run, so results are identical to
 :func:`mrm.batch.adapt_users` and :func:`mrm.batch.score` (row order may differ; the output is a
 directory of Parquet files, which the local jobs also accept as input).
@@ -23,7 +25,7 @@ from mrm import batch as local
 from mrm._io import atomic_dir
 from mrm.checkpoint import Checkpoint
 
-__all__ = ["adapt_users", "score"]
+__all__ = ["adapt_users", "embed", "score"]
 
 PathLike = Union[str, Path]
 
@@ -222,3 +224,87 @@ def score(
     return local.ScoreSummary(users=len(fallback), pairs=n_pairs, candidates=n_candidates,
                               fallback_users=int(pc.sum(fallback).as_py() or 0),
                               seconds=time.perf_counter() - started, output=output)
+
+
+# ---- embeddings at scale ---------------------------------------------------------------------------
+
+
+class _EmbedWorker:
+    """Ray actor: one backbone load, then :meth:`EmbeddingCache.embed` per batch (its shards are
+    written atomically into the shared cache directory)."""
+
+    def __init__(self, cache_dir, model_path, cache_options):
+        from mrm.embed import EmbeddingCache
+
+        self.cache = EmbeddingCache(cache_dir, model_path, **cache_options)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import json
+
+        prompts = [json.loads(p) for p in table.column("prompt").to_pylist()]
+        responses = table.column("response").to_pylist()
+        self.cache.embed(list(zip(prompts, responses)), progress=False)
+        return pa.table({"done": pa.array([True] * len(responses))})
+
+
+def embed(
+    texts,
+    backbone: PathLike,
+    cache_dir: Optional[PathLike] = None,
+    *,
+    workers: Optional[int] = None,
+    num_gpus: Optional[float] = None,
+    cpus_per_worker: float = 1.0,
+    batch_texts: int = 256,
+    **cache_options,
+) -> np.ndarray:
+    """Embeddings (N, D) of (prompt, response) ``texts``, the texts missing from the cache computed
+    by a Ray Data pipeline of backbone actors; the result equals :meth:`EmbeddingCache.embed`.
+
+    ``backbone``: ``minilm`` / ``smollm2`` / a local model path; ``cache_dir`` (default
+    :func:`mrm.embed.default_cache_dir`) must be visible to every worker (one machine, or shared
+    storage). ``num_gpus`` per actor: default 1 when the cluster has GPUs, else 0. ``workers``:
+    default the cluster's GPUs (with GPUs) or (CPUs − 1) / ``cpus_per_worker``. Only missing texts
+    are sent to the actors, ``batch_texts`` at a time; ``cache_options`` go to
+    :class:`~mrm.embed.EmbeddingCache` (``kind``, ``max_length``, ``dtype``, ``batch_size``...).
+    """
+    import json
+
+    from mrm.embed import EmbeddingCache, backbone_path, default_cache_dir
+
+    ray = _import_ray()
+    model_path = backbone_path(backbone)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(backbone)
+    if isinstance(batch_texts, bool) or not isinstance(batch_texts, int) or batch_texts < 1:
+        raise ValueError(f"batch_texts must be a positive integer, got {batch_texts!r}")
+    cache = EmbeddingCache(cache_dir, model_path, **cache_options)  # validates options and the cache
+    items = [(p, r) for p, r in texts]
+    cache._refresh_index()
+    missing, seen = [], set()
+    for prompt, response in items:
+        key = cache.key(prompt, response)
+        if key not in cache._index and key not in seen:
+            seen.add(key)
+            missing.append((prompt, response))
+    if missing:
+        if not ray.is_initialized():
+            ray.init()
+        resources = ray.cluster_resources()
+        if num_gpus is None:
+            num_gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+        if workers is None:
+            workers = (max(1, int(resources.get("GPU", 1) // max(num_gpus, 1e-9))) if num_gpus
+                       else max(1, int((resources.get("CPU", 1) - 1) // cpus_per_worker)))
+        workers = max(1, min(int(workers), -(-len(missing) // batch_texts)))
+        table = pa.table({"prompt": pa.array([json.dumps(p) for p, _ in missing]),
+                          "response": pa.array([r for _, r in missing])})
+        step = -(-len(missing) // workers)  # one block per worker, so every actor gets work
+        dataset = ray.data.from_arrow([table.slice(lo, step) for lo in range(0, len(missing), step)])
+        done = dataset.map_batches(
+            _EmbedWorker, fn_constructor_args=(str(cache_dir), str(model_path), cache_options),
+            batch_size=batch_texts, batch_format="pyarrow", concurrency=workers, num_cpus=cpus_per_worker,
+            num_gpus=num_gpus,
+        ).count()
+        if done != len(missing):
+            raise RuntimeError(f"the Ray embedding pipeline returned {done} of {len(missing)} texts")
+    return cache.embed(items, progress=False)  # everything is cached now: read back in order
