@@ -534,12 +534,21 @@ class _Adapter:
         self.dtype = self.reader.dtype
         self.num_bases = checkpoint.num_bases
         self.w0 = checkpoint.w0.astype(self.dtype)
-        self.steps, self.lr, self.optimizer, self.threads = steps, lr, optimizer, threads
+        self.threads = threads
+        # one settings value, checked once before any output exists
+        if optimizer == "map":
+            if checkpoint.eta is None:
+                raise ValueError("optimizer 'map' needs a checkpoint trained with a prior (inner_optimizer='map')")
+            self.inner = ops.InnerLoop("map", weight_map=checkpoint.weight_map)
+            self.eta = checkpoint.eta.astype(self.dtype)
+        else:
+            if checkpoint.weight_map != "simplex":
+                raise ValueError(f"the checkpoint has {checkpoint.weight_map} user weights: adapt it with optimizer 'map', "
+                                 f"not {optimizer!r}")
+            self.inner = ops.InnerLoop(optimizer, steps=steps, lr=lr)
+            self.eta = None
         self.warm = warm
         self.schema = _weights_schema(self.dtype)
-        # Check the hyper-parameters once, before any output exists.
-        ops.adapt(self.w0, np.zeros((0, self.num_bases), self.dtype), np.zeros(1, np.int64), steps=steps, lr=lr,
-                  optimizer=optimizer, num_threads=1)
 
     @property
     def columns(self) -> List[str]:
@@ -562,9 +571,13 @@ class _Adapter:
             start[known] = self.warm.weights[warm_rows]
             version[known] = self.warm.version[warm_rows] + 1
         with _explained([self.reader], batch, user_ids):
-            weights, losses = ops.adapt(start, differences, offsets, steps=self.steps, lr=self.lr,
-                                        optimizer=self.optimizer, num_threads=self.threads,
-                                        return_support_losses=True)
+            if self.inner.is_map:  # the prior stays centred on w0; stored weights only warm-start the solve
+                prior_mean = np.broadcast_to(self.w0, start.shape).copy()
+                weights, losses = ops.adapt(prior_mean, differences, offsets, inner=self.inner, eta=self.eta,
+                                            init=start, num_threads=self.threads, return_support_losses=True)
+            else:
+                weights, losses = ops.adapt(start, differences, offsets, inner=self.inner, num_threads=self.threads,
+                                            return_support_losses=True)
         return _weights_batch(self.schema, user_ids, weights, np.diff(offsets), losses, version), warm_rows
 
 
@@ -645,6 +658,7 @@ class _Scorer:
     def __init__(self, checkpoint: Checkpoint, schema: pa.Schema, weights: Optional[WeightsTable], threads: int):
         self.checkpoint = checkpoint
         self.threads = threads
+        self.weight_map = checkpoint.weight_map
         pair_kind = _pick_source(schema, PAIR_COLUMNS, "pair", required=False)
         candidate_kind = _pick_source(schema, CANDIDATE_COLUMNS, "candidate", required=False)
         if pair_kind is None and candidate_kind is None:
@@ -690,7 +704,8 @@ class _Scorer:
 
         def rewards(rows_k: np.ndarray, offsets: np.ndarray) -> np.ndarray:
             with _explained([self.pairs, self.candidates], batch, user_ids):
-                return ops.score(rows_k.astype(self.dtype, copy=False), offsets, weights, num_threads=self.threads)
+                return ops.score(rows_k.astype(self.dtype, copy=False), offsets, weights, weight_map=self.weight_map,
+                                 num_threads=self.threads)
 
         if self.candidates:
             (column,) = self.candidates.columns

@@ -77,7 +77,8 @@ def _add_adapt(subparsers) -> argparse.ArgumentParser:
     _add_common(parser)
     parser.add_argument("--steps", type=int, default=1, metavar="T", help="inner steps per user (default 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="inner learning rate (default 1e-3)")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="inner optimiser (default adam)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd", "map"), default="adam",
+                        help="inner optimiser, or map for checkpoints trained with a prior (default adam)")
     parser.add_argument("--warm-start", default=None, metavar="PARQUET",
                         help="a previous user-weights table: its users start from their weights (online update)")
     return parser
@@ -227,8 +228,19 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="input scale of the base functions (default 1.0 for unit-norm sentence embeddings; the "
                              "released 0.01 suits raw LLM hidden states)")
-    parser.add_argument("--inner-optimizer", choices=("adam", "sgd"), default=None,
-                        help="per-user inner optimiser (default adam, released)")
+    parser.add_argument("--preset", choices=("released", "recommended"), default="released",
+                        help="starting settings, which the other flags override: 'released' (the paper's) or "
+                             "'recommended' (MAP adaptation under a meta-learned prior over a global Bradley-Terry "
+                             "direction plus 8 personal directions; see the README) (default released)")
+    parser.add_argument("--inner-optimizer", choices=("adam", "sgd", "map"), default=None,
+                        help="per-user adaptation: adam/sgd steps, or map (the posterior mode under a meta-learned "
+                             "Gaussian prior) (default adam, released)")
+    parser.add_argument("--weight-map", choices=("simplex", "linear"), default=None,
+                        help="user weights over the bases: softmax (simplex) or unconstrained (linear, map only) "
+                             "(default simplex)")
+    parser.add_argument("--support-sizes", type=_positive_int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="meta-train on item-disjoint supports of LO..HI pairs per user instead of the "
+                             "official 10 %% split (default: the official split; recommended: 5 50)")
     parser.add_argument("--inner-steps", type=int, default=None, metavar="T",
                         help="inner steps per user (default 1, released)")
     parser.add_argument("--inner-lr", type=float, default=None, help="inner learning rate (default 1e-3, released)")
@@ -241,27 +253,28 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
                         help="meta-objective: RPO or the plain mean of the users' query losses (default rpo)")
     parser.add_argument("--tail", type=float, default=None, help="RPO tail ratio rho (default 0.5)")
     parser.add_argument("--gamma", type=float, default=None, help="RPO smoothing, <= 0: hard mask (default 0.5)")
-    parser.add_argument("--eval-every", type=_positive_int, default=10, metavar="EPOCHS",
+    parser.add_argument("--eval-every", type=_positive_int, default=None, metavar="EPOCHS",
                         help="evaluate (and checkpoint the best epoch) every this many epochs, and at the last "
-                             "(default 10)")
+                             "(default 10; recommended preset: 1)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="kernel and torch threads (default: $MRM_NUM_THREADS, else every CPU)")
     return parser
 
 
 def _run_train(args: argparse.Namespace) -> str:
-    from mrm.train import MetaTrainer, TrainConfig
+    from mrm.train import MetaTrainer, preset
 
     chosen = dict(
-        num_bases=args.num_bases, hidden_sizes=list(args.hidden_sizes), scale=args.scale,
+        num_bases=args.num_bases, hidden_sizes=list(args.hidden_sizes) or None, scale=args.scale,
         inner_optimizer=args.inner_optimizer, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-        first_order=args.first_order, meta_lr=args.meta_lr, epochs=args.epochs,
+        weight_map=args.weight_map, support_sizes=list(args.support_sizes) if args.support_sizes else None,
+        first_order=args.first_order or None, meta_lr=args.meta_lr, epochs=args.epochs,
         tasks_per_batch=args.tasks_per_batch, objective=args.objective, tail=args.tail, gamma=args.gamma,
-        eval_every=args.eval_every, seed=args.seed, num_threads=args.threads,
+        eval_every=args.eval_every if args.eval_every is not None else (None if args.preset == "recommended" else 10),
+        seed=args.seed, num_threads=args.threads,
     )
-    # options left out keep TrainConfig's defaults: the released hyper-parameters
-    config = TrainConfig(**{k: v for k, v in chosen.items() if v is not None})
-    config.validate()
+    # options left out keep the preset's values (released: the paper's hyper-parameters)
+    config = preset(args.preset, **{k: v for k, v in chosen.items() if v is not None})
     data, embeddings = _embeddings(args)
     trainer = MetaTrainer(config, embeddings, data, output_dir=args.output_dir, resume=args.resume)
     best = trainer.fit(progress=not args.no_progress)
@@ -284,7 +297,7 @@ def _add_eval(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, metavar="T",
                         help="inner steps (default: those the checkpoint was trained with)")
     parser.add_argument("--lr", type=float, default=None, help="inner lr (default: from the checkpoint)")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+    parser.add_argument("--optimizer", choices=("adam", "sgd", "map"), default=None,
                         help="inner optimiser (default: from the checkpoint)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
@@ -299,16 +312,14 @@ def _run_eval(args: argparse.Namespace) -> str:
     from mrm.evaluate import evaluate_features, plot_shots, write_json
 
     checkpoint = Checkpoint.load(args.checkpoint)
-    trained = checkpoint.extra_config.get("train", {})  # the settings it was meta-trained with, if any
-    steps = args.steps if args.steps is not None else trained.get("inner_steps", 1)
-    lr = args.lr if args.lr is not None else trained.get("inner_lr", 1e-3)
-    optimizer = args.optimizer or trained.get("inner_optimizer", "adam")
+    # the settings it was meta-trained with, unless the flags say otherwise
+    inner = checkpoint.inner_loop(optimizer=args.optimizer, steps=args.steps, lr=args.lr)
     data, embeddings = _embeddings(args)
     if embeddings.shape[1] != checkpoint.input_dim:
         raise ValueError(f"--checkpoint expects {checkpoint.input_dim}-d embeddings but --backbone gives "
                          f"{embeddings.shape[1]}-d ones")
     features = checkpoint.features(embeddings.astype(np.float64))
-    kw = dict(steps=steps, lr=lr, optimizer=optimizer, num_threads=args.threads)
+    kw = dict(inner=inner, eta=checkpoint.eta, num_threads=args.threads)
     full = evaluate_features(features, checkpoint.w0.astype(np.float64), data, **kw)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,8 +328,8 @@ def _run_eval(args: argparse.Namespace) -> str:
     for shots in sorted(args.shots):
         summary["by_shots"][shots] = evaluate_features(features, checkpoint.w0.astype(np.float64),
                                                        with_shots(data, shots), **kw).summary()
-    write_json(out / "report.json", {"checkpoint": str(args.checkpoint), "data": args.data, "steps": steps,
-                                     "lr": lr, "optimizer": optimizer, **summary})
+    write_json(out / "report.json", {"checkpoint": str(args.checkpoint), "data": args.data,
+                                     "inner": inner.to_dict(), **summary})
     plot_shots({"unseen users": {s: v["unseen"] for s, v in summary["by_shots"].items()}}, out / "accuracy_vs_shots.png")
     return _accuracy_line(summary) + f" -> {out}/report.json"
 
@@ -387,17 +398,20 @@ def _add_demo(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo", help="the main job: MovieLens-100K end to end, with baselines",
         description="MovieLens-100K (from the installed recbole package) -> MiniLM embeddings (cached) -> a "
-                    "global Bradley-Terry model, MRM with the released hyper-parameters and MRM with the best "
-                    "settings found (mean objective and RPO) -> unseen users at several shots. Prints a table "
-                    "and writes report.json, table.md, accuracy_vs_shots.png and per_user_best.csv.")
+                    "global Bradley-Terry model, MRM with the released hyper-parameters and MAP adaptation with the "
+                    "recommended preset (mean objective and RPO, several seeds) -> unseen users at several shots, "
+                    "with paired differences and bootstrap 95%% intervals. Prints the tables "
+                    "and writes report.json, table.md, accuracy_vs_shots.png and per_user_recommended.csv.")
     parser.add_argument("--output-dir", default="mrm-demo", metavar="DIR", help="default ./mrm-demo")
     parser.add_argument("--cache-dir", default=None, metavar="DIR", help="embedding cache (default OUTPUT/embedding-cache)")
     parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50], metavar="N",
                         help="unseen users' training pairs, for each N (default 5 10 20 50)")
     parser.add_argument("--official-epochs", type=_positive_int, default=200, metavar="N",
                         help="epochs of the released configuration (default 200)")
-    parser.add_argument("--best-epochs", type=_positive_int, default=60, metavar="N",
-                        help="epochs of the best-settings models (default 60)")
+    parser.add_argument("--seeds", type=_positive_int, default=3, metavar="N",
+                        help="training seeds of the recommended preset, averaged in its rows (default 3)")
+    parser.add_argument("--best-epochs", type=_positive_int, default=10, metavar="N",
+                        help="epochs of the recommended (MAP) preset (default 10)")
     parser.add_argument("--max-users", type=_positive_int, default=None, metavar="N",
                         help="use only N users (quick look; the table is then not comparable)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -413,7 +427,7 @@ def _run_demo(args: argparse.Namespace) -> str:
 
     options = DemoOptions(
         output_dir=Path(args.output_dir), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        shots=args.shots, official_epochs=args.official_epochs, best_epochs=args.best_epochs,
+        shots=args.shots, official_epochs=args.official_epochs, best_epochs=args.best_epochs, seeds=args.seeds,
         max_users=args.max_users, threads=args.threads, progress=not args.no_progress,
     )
     run_demo(options)
@@ -445,7 +459,7 @@ def _add_serve(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, metavar="T",
                         help="inner steps per feedback (default: the checkpoint's training setting)")
     parser.add_argument("--lr", type=float, default=None, help="inner learning rate (default: the checkpoint's)")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+    parser.add_argument("--optimizer", choices=("adam", "sgd", "map"), default=None,
                         help="inner optimiser (default: the checkpoint's)")
     parser.add_argument("--uncertainty-penalty", type=float, default=0.0, metavar="BETA",
                         help="subtract BETA x the reward's posterior standard deviation")
