@@ -206,7 +206,7 @@ def worker(spec):
         s_pad, s_mask = bl.csr_to_padded(s, so, dtype=tdt)
         q_pad, q_mask = bl.csr_to_padded(q, qo, dtype=tdt)
         tw0 = torch.as_tensor(w0, dtype=tdt)
-        del s, q  # the torch call only sees the padded tensors
+        s = q = None  # the torch call only sees the padded tensors (frees them)
         fn = {("padded", "fwd"): bl.padded_forward,
               ("padded", "fwdbwd"): bl.padded_forward_backward,
               ("func", "fwd"): bl.func_forward,

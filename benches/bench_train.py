@@ -21,7 +21,6 @@ thread count.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from baselines import _optimizer_step, _padded_inner_grad, _padded_losses  # noqa: E402
+from baselines import _optimizer_step, _padded_losses  # noqa: E402
 from mrm import ops  # noqa: E402
 from mrm.data.pairs import PreferenceData, UserPairs  # noqa: E402
 from mrm.train import MetaTrainer, TrainConfig  # noqa: E402

@@ -50,8 +50,8 @@ def main():
         return np.sort(acc)[: max(1, len(acc) // 10)].mean()
 
     print(f"{args.users:,} users, {args.shots} support pairs each, K = {k}, {args.steps} SGD steps (lr {args.lr})")
-    print(f"| model                   | user-level accuracy | worst-10 % users |")
-    print(f"|-------------------------|---------------------|------------------|")
+    print("| model                   | user-level accuracy | worst-10 % users |")
+    print("|-------------------------|---------------------|------------------|")
     print(f"| shared start (no adapt) | {before.accuracy.mean():19.3f} | {worst10(before.accuracy):16.3f} |")
     print(f"| adapted per user        | {after.accuracy.mean():19.3f} | {worst10(after.accuracy):16.3f} |")
     print(f"adaptation + evaluation: {seconds:.2f} s ({args.users / seconds:,.0f} users/s, "

@@ -24,7 +24,7 @@ Every report gives paired differences over the same unseen users with bootstrap 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -270,7 +270,7 @@ class MetaRewardModel(nn.Module):
         for i in range(1, n_layers):
             if shapes[i][1] != shapes[i - 1][0]:
                 raise ValueError(f"{path}: layers.{i}.weight has shape {shapes[i]}, inconsistent with layers.{i - 1}")
-        bias = f"layers.0.bias" in state
+        bias = "layers.0.bias" in state
         config = ModelConfig(
             input_dim=shapes[0][1],
             num_bases=shapes[-1][0],

@@ -12,6 +12,9 @@
 //! Notation: `J = ∂p/∂w` (`diag(p) − p pᵀ` for softmax, `I` for the identity), `z_i = d_i · p`,
 //! `s_i = σ(−z_i)`, `g_p = −Σ s_i d_i`, `A = Σ s_i (1 − s_i) d_i d_iᵀ`.
 
+// Index loops over K-sized vectors and K × K matrices say which entry is which.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 use crate::batch::{Control, Start};
@@ -103,6 +106,9 @@ pub struct MapOutputs<'a, T> {
     /// definite), U × K × K.
     pub covariance: Option<&'a mut [T]>,
 }
+
+/// One block's partial sums of the shared gradients (w0, eta), or the error of its first bad user.
+type BlockSums = std::result::Result<(Vec<f64>, Vec<f64>), String>;
 
 /// Gradients written by [`map_backward`].
 pub struct MapGradients<'a, T> {
@@ -537,6 +543,7 @@ fn blocks_of(lo: usize, hi: usize) -> Vec<(usize, usize)> {
     (lo..hi).step_by(BLOCK_USERS).map(|a| (a, (a + BLOCK_USERS).min(hi))).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Solves every user's MAP problem (SPEC §7); with `query`, also its query loss and accuracy.
 /// `init`: per-user warm starts (U × K), else `w0`. Non-convergence is reported per user in
 /// `out.converged`, never an error here.
@@ -735,7 +742,7 @@ pub fn map_backward<T: Real>(
             .zip(optional_pieces(vl, &rel, 1))
             .zip(optional_pieces(va, &rel, 1))
             .collect();
-        let results: Vec<std::result::Result<(Vec<f64>, Vec<f64>), String>> = ctl.pool.install(|| {
+        let results: Vec<BlockSums> = ctl.pool.install(|| {
             work.into_par_iter()
                 .map_init(
                     || (Work::new(k), vec![0.0; k]),
