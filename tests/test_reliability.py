@@ -83,3 +83,47 @@ def test_the_native_pool_refuses_more_than_max_threads():
     with pytest.raises(ValueError, match=f"num_threads must be <= {ops.MAX_THREADS}"):
         _native.forward_f64(*args, ops.MAX_THREADS + 1)
     assert 64 <= ops.max_threads() <= ops.MAX_THREADS
+
+
+# --- 4. finite results: rpo, pair_differences ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rpo_with_a_tiny_gamma_is_finite_and_right(dtype):
+    # τ = 2 is the middle loss itself: its σ is constant in it (σ(0) = 1/2); the others are
+    # hard 0 / 1 at this γ, with slopes that underflow to 0.
+    obj, grad = ops.rpo(np.array([1, 2, 3], dtype), 0.5, 1e-300)
+    assert obj == pytest.approx(4.0) and grad.dtype == dtype
+    np.testing.assert_allclose(grad, [0.0, 0.5, 1.0])
+
+
+def test_rpo_with_extreme_losses_is_right():
+    # τ = 0 (the convex combination, where torch's lerp form overflows): σ = 0 and 1.
+    obj, grad = ops.rpo([-1e308, 1e308], 0.5, 0.5)
+    assert obj == 1e308
+    np.testing.assert_array_equal(grad, [0.0, 1.0])
+    obj, grad = ops.rpo(np.float32([3e38, 3e38]), 0.5, 0.5)  # both are τ: 1/2 each
+    np.testing.assert_allclose(grad, [0.5, 0.5])
+
+
+def test_rpo_overflow_is_a_value_error_naming_the_argument():
+    # A loss tied with τ without being τ has a gradient of about loss / (4 γ): beyond float32.
+    with pytest.raises(ValueError, match="gamma = 1e-300 is too small"):
+        ops.rpo(np.float32([1.0, 2.0, 2.0, 2.0, 3.0]), 0.5, 1e-300)
+    with pytest.raises(ValueError, match="losses are too large"):
+        ops.rpo(np.float32([1.0, 3e38, 3e38, 3e38]), 1.0, 0.0)
+    with pytest.raises(ValueError, match="gamma is too large for a float"):
+        ops.rpo([1.0, 2.0], 0.5, 10**400)
+
+
+def test_pair_differences_overflow_and_non_finite_are_named():
+    with pytest.raises(ValueError, match=r"pair 0: features\[0\] - features\[1\] overflows in column 0"):
+        ops.pair_differences(np.float32([[3e38], [-3e38]]), [0], [1])
+    with pytest.raises(ValueError, match=r"features contains a non-finite value \(row 1, column 0; pair 0\)"):
+        ops.pair_differences(np.float32([[1.0], [np.inf]]), [0], [1])
+    # A NaN in a row no pair reads is not looked at.
+    assert ops.pair_differences(np.float32([[1.0], [2.0], [np.nan]]), [0], [1]).tolist() == [[-1.0]]
+    with pytest.raises(ValueError, match=r"grad contains a non-finite value \(pair 1, column 0\)"):
+        ops.pair_differences_backward(np.float32([[1.0], [np.nan]]), [0, 0], [1, 1], 2)
+    with pytest.raises(ValueError, match="the gradient of feature row 0 overflows in column 0"):
+        ops.pair_differences_backward(np.float32([[3e38], [3e38]]), [0, 0], [1, 1], 2)
