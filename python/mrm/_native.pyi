@@ -6,6 +6,9 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+MAX_STEPS: int
+MAX_THREADS: int
+TRAJECTORY_BUDGET_BYTES: int
 
 def forward_f32(
     w0: npt.NDArray[np.float32], support: npt.NDArray[np.float32], support_offsets: npt.NDArray[np.int64],

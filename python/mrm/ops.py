@@ -25,11 +25,66 @@ import numpy as np
 from mrm import _native
 
 __all__ = [
-    "InnerLoop", "MapResult", "MetaForward", "adapt", "map_adapt", "predict", "pair_probabilities", "information_gain", "meta_forward", "meta_backward", "meta_value_and_grad", "rpo", "score", "pair_differences",
+    "InnerLoop", "MapResult", "MetaForward", "adapt", "map_adapt", "predict", "pair_probabilities", "information_gain",
+    "MAX_STEPS", "MAX_THREADS", "TRAJECTORY_BUDGET_BYTES", "max_threads", "meta_forward", "meta_backward",
+    "meta_value_and_grad", "rpo", "score", "pair_differences",
     "pair_differences_backward", "resolve_threads", "set_output_cache_limit", "output_cache_limit",
 ]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+MAX_STEPS: int = _native.MAX_STEPS
+"""The most inner ``steps`` one call may take (100,000); more is a ValueError, not a clamp."""
+MAX_THREADS: int = _native.MAX_THREADS
+"""The hard ceiling on ``num_threads`` (1024); see :func:`max_threads` for the limit in force."""
+TRAJECTORY_BUDGET_BYTES: int = _native.TRAJECTORY_BUDGET_BYTES
+"""The inner trajectory the exact backward may keep per group of 8 users (1 GiB); a call that
+would need more is a ValueError naming ``steps`` and the bytes, raised before any allocation."""
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def max_threads() -> int:
+    """The most threads a kernel call accepts: 4 × the CPUs this process may use, at least 64,
+    at most :data:`MAX_THREADS`. More (argument or ``$MRM_NUM_THREADS``) is a ValueError."""
+    return min(MAX_THREADS, max(64, 4 * _cpus()))
+
+
+def _check_threads(num_threads: int, source: str) -> int:
+    limit = max_threads()
+    if num_threads > limit:
+        raise ValueError(
+            f"{source} must be <= {limit} (4 x the {_cpus()} CPUs, at least 64, at most {MAX_THREADS}), "
+            f"got {num_threads}"
+        )
+    return num_threads
+
+
+def _check_steps(steps) -> int:
+    """``steps``: an int in ``0..=MAX_STEPS`` (any size of Python int is a clean error)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be <= {MAX_STEPS}, got {steps}")
+    return int(steps)
+
+
+def _real(name: str, value) -> float:
+    """A real-number argument as a float; an int too large for a float is a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float (over 1.8e308)") from None
+
 
 SOLVERS = ("sgd", "adam", "map")
 ETA_LIMIT = 40.0
@@ -73,7 +128,7 @@ class InnerLoop:
                 raise ValueError(f"weight_map {self.weight_map!r} needs the 'map' solver; the {self.optimizer} loop uses softmax weights")
             object.__setattr__(self, "steps", 1 if self.steps is None else self.steps)
             object.__setattr__(self, "lr", 1e-3 if self.lr is None else self.lr)
-            _check_int("steps", self.steps, 0)
+            object.__setattr__(self, "steps", _check_steps(self.steps))
             _check_real("lr", self.lr)
         _check_int("max_iter", self.max_iter, 1)
         _check_real("eps", self.eps)
@@ -116,8 +171,7 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def _check_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = _real(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
 
@@ -173,16 +227,13 @@ def resolve_threads(num_threads: Optional[int]) -> int:
                 raise ValueError(f"MRM_NUM_THREADS must be a positive integer, got {env!r}") from None
             if num_threads < 1:
                 raise ValueError(f"MRM_NUM_THREADS must be a positive integer, got {env!r}")
-            return num_threads
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not on Linux
-            return max(1, os.cpu_count() or 1)
+            return _check_threads(num_threads, "MRM_NUM_THREADS")
+        return min(_cpus(), max_threads())
     if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
         raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    return int(num_threads)
+    return _check_threads(int(num_threads), "num_threads")
 
 
 def _float_array(name: str, value, ndims: Sequence[int]) -> np.ndarray:
@@ -615,9 +666,7 @@ def rpo(losses, tail: float, gamma: float) -> Tuple[float, np.ndarray]:
     ``Σ σ((L − τ)/γ) L``, differentiated through σ and τ; ``gamma ≤ 0``: ``Σ 1[L > τ] L``.
     """
     losses = _float_array("losses", losses, (1,))
-    for name, v in (("tail", tail), ("gamma", gamma)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    tail, gamma = _real("tail", tail), _real("gamma", gamma)
     if not (math.isfinite(tail) and 0.0 < tail <= 1.0):
         raise ValueError(f"tail must be in (0, 1], got {tail}")
     return _kernel("rpo", losses.dtype)(losses, float(tail), float(gamma))
@@ -660,8 +709,10 @@ def pair_differences_backward(grad, chosen, rejected, n_rows: int) -> np.ndarray
     """The adjoint of :func:`pair_differences`: the gradient with respect to ``features``
     (n_rows, K) given the gradient ``grad`` (N, K) with respect to the differences."""
     grad = _float_array("grad", grad, (2,))
-    if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral) or n_rows < 0:
-        raise ValueError(f"n_rows must be a non-negative int, got {n_rows!r}")
+    if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral):
+        raise TypeError(f"n_rows must be an int, got {type(n_rows).__name__}")
+    if n_rows < 0 or n_rows > np.iinfo(np.int64).max:
+        raise ValueError(f"n_rows must be a non-negative int that fits int64, got {n_rows!r}")
     return _kernel("pair_differences_backward", grad.dtype)(
         grad, _index("chosen", chosen), _index("rejected", rejected), int(n_rows)
     )

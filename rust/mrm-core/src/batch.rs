@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::csr::{all_finite, check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
 use crate::group::{lane_values, Group, Members};
-use crate::inner::{loss_and_accuracy, InnerLoop};
+use crate::inner::{loss_and_accuracy, InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
 use crate::real::{softmax_into, Real};
 use crate::rows::{with_row_ops, RowOps, WithRowOps};
@@ -62,12 +62,57 @@ impl<'a, T: Real> Start<'a, T> {
     }
 }
 
+/// The most worker threads a caller should give a pool for these kernels (the bindings refuse
+/// more): beyond the CPUs there is nothing to gain, and each thread costs a stack and a start.
+pub const MAX_THREADS: usize = 1024;
+
 /// How a long call is run: on which pool, in chunks of how many users, and a callback asked
-/// between chunks whether to go on (return `false` to stop with [`Error::Interrupted`]).
+/// between chunks, and every so many inner steps inside a group's long loop (from the workers,
+/// so it must be cheap and thread-safe), whether to go on (return `false` to stop with
+/// [`Error::Interrupted`]).
 pub struct Control<'a> {
     pub pool: &'a rayon::ThreadPool,
     pub chunk_users: usize,
-    pub keep_going: &'a dyn Fn() -> bool,
+    pub keep_going: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// Combines two blocks' results: both finite flags, or the first error.
+fn both<X: std::ops::BitAnd<Output = X>>(a: Result<X>, b: Result<X>) -> Result<X> {
+    Ok(a? & b?)
+}
+
+/// Checks that the exact backward's stored trajectory fits [`TRAJECTORY_BUDGET_BYTES`] for any
+/// group of [`LANES`] consecutive users: an error naming `steps`, the users and the bytes.
+fn check_trajectory_budget<T: Real>(support: &Csr<'_, T>, inner: &InnerLoop, first_order: bool) -> Result<()> {
+    let (k, n_users) = (support.k, support.n_users());
+    if inner.steps == 0 || n_users == 0 {
+        return Ok(());
+    }
+    // Support rows of the eight consecutive users with the most.
+    let (mut rows, mut first) = (0usize, 0usize);
+    for u in 0..n_users {
+        let n = support.users(u, (u + LANES).min(n_users)).n_rows();
+        if n > rows {
+            (rows, first) = (n, u);
+        }
+    }
+    if rows == 0 {
+        return Ok(()); // no user takes a step
+    }
+    // Per step: p, g_p, g, m, v (and with the exact backward μ/n and p/n) as K values per
+    // lane, and each support row's s_i (and c_i).
+    let per_step = if first_order { 5 * LANES * k + rows } else { 7 * LANES * k + 2 * rows } as u128;
+    let bytes = inner.steps as u128 * per_step * std::mem::size_of::<T>() as u128;
+    if bytes > TRAJECTORY_BUDGET_BYTES as u128 {
+        let last = (first + LANES).min(n_users) - 1;
+        return invalid(format!(
+            "steps = {} would need {bytes} bytes of inner trajectory for users {first}..={last} \
+             ({rows} support rows, K = {k}), more than the budget of {TRAJECTORY_BUDGET_BYTES} bytes \
+             per group of {LANES} users; use fewer steps, first_order, or fewer support pairs per user",
+            inner.steps
+        ));
+    }
+    Ok(())
 }
 
 impl Control<'_> {
@@ -217,11 +262,12 @@ pub fn forward<T: Real>(
         let st = start.users(lo, hi, k);
         let blocks = block_bounds(hi - lo);
         let work: Vec<_> = blocks.iter().copied().zip(values.block_parts(k, lo, hi, &blocks)).collect();
+        let keep_going = ctl.keep_going;
         let inputs_finite = ctl.pool.install(|| {
             work.into_par_iter()
-                .map(|(users, values)| with_row_ops(k, ForwardBlock { users, start: st, support: sup, query: qry, inner, values }))
-                .reduce(|| true, |a, b| a & b)
-        });
+                .map(|(users, values)| with_row_ops(k, ForwardBlock { users, start: st, support: sup, query: qry, inner, values, keep_going }))
+                .reduce(|| Ok(true), both)
+        })?;
         if inputs_finite {
             Ok(())
         } else {
@@ -279,6 +325,7 @@ pub fn value_and_grad<T: Real>(
     if let Some(u) = grad_losses.iter().position(|x| !x.is_finite()) {
         return invalid(format!("grad_losses contains a non-finite value (user {u})"));
     }
+    check_trajectory_budget(&support, inner, first_order)?;
     let shared = matches!(start, Start::Shared(_));
     check_len("grad_w0", grad_w0, if shared { k } else { n_users * k })?;
     check_len("grad_support", grad_support, support.values.len())?;
@@ -309,7 +356,8 @@ pub fn value_and_grad<T: Real>(
             None => blocks.iter().map(|_| None).collect(),
         };
         let work: Vec<_> = blocks.iter().copied().zip(gs_parts).zip(gq_parts).zip(gw_parts).zip(value_parts).collect();
-        let (inputs_finite, outputs_finite) = ctl.pool.install(|| {
+        let keep_going = ctl.keep_going;
+        let Flags(inputs_finite, outputs_finite) = ctl.pool.install(|| {
             work.into_par_iter()
                 .map(
                 |((((users, grad_support), grad_query), grad_w0), values)| {
@@ -327,12 +375,13 @@ pub fn value_and_grad<T: Real>(
                         grad_support,
                         grad_query,
                         values,
+                        keep_going,
                     };
                     with_row_ops(k, block)
                 },
                 )
-                .reduce(|| (true, true), |a, b| (a.0 & b.0, a.1 & b.1))
-        });
+                .reduce(|| Ok(Flags(true, true)), both)
+        })?;
         if !inputs_finite {
             return input_error(&support, Some(&query), ctl.pool);
         }
@@ -363,6 +412,7 @@ struct ForwardBlock<'a, 'd, T> {
     query: Option<Csr<'d, T>>,
     inner: &'a InnerLoop,
     values: BlockValues<'a, T>,
+    keep_going: &'a (dyn Fn() -> bool + Sync),
 }
 
 /// Users per finite-value scan ahead of the groups: their rows are read in one streaming pass
@@ -435,12 +485,12 @@ fn group_at<'d, T: Real>(
 
 impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
     /// Whether every row of the block's users was finite (a user with a non-finite row is
-    /// skipped: the call ends in an error naming it).
-    type Output = bool;
+    /// skipped: the call ends in an error naming it), or an interruption.
+    type Output = Result<bool>;
 
     #[inline(always)]
-    fn run<R: RowOps<T>>(self, ops: R) -> bool {
-        let ForwardBlock { users, start, support, query, inner, mut values } = self;
+    fn run<R: RowOps<T>>(self, ops: R) -> Result<bool> {
+        let ForwardBlock { users, start, support, query, inner, mut values, keep_going } = self;
         let k = support.k;
         let mut group = Group::<T, R::Lanes>::new(k);
         let mut inputs_finite = true;
@@ -450,11 +500,11 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
             let (members, range) = group_at(lo, users.1, start, support, query, &mut scan, &mut inputs_finite);
             lo = range.end;
             let members = &members;
-            group.adapt(ops, members, inner, false);
+            group.adapt(ops, members, inner, false, keep_going)?;
             let first = range.start - users.0;
             values.write(ops, k, &mut group, members, first, false);
         }
-        inputs_finite
+        Ok(inputs_finite)
     }
 }
 
@@ -514,6 +564,17 @@ struct BackwardBlock<'a, 'd, T> {
     grad_query: &'a mut [T],
     /// With [`value_and_grad`]: the block's share of the forward outputs.
     values: Option<BlockValues<'a, T>>,
+    keep_going: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// A backward block's (inputs finite, outputs finite).
+struct Flags(bool, bool);
+
+impl std::ops::BitAnd for Flags {
+    type Output = Flags;
+    fn bitand(self, other: Flags) -> Flags {
+        Flags(self.0 & other.0, self.1 & other.1)
+    }
 }
 
 /// The rows of consecutive users `range` of `batch` in `buf` (which holds the rows of the
@@ -534,12 +595,13 @@ fn member_rows<'b, T: Real>(buf: &'b mut [T], batch: &Csr<'_, T>, base: usize, r
 
 impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
     /// Whether every input row and every gradient row of the block's users was finite (a user
-    /// with a non-finite input row is skipped: the call ends in an error naming it).
-    type Output = (bool, bool);
+    /// with a non-finite input row is skipped: the call ends in an error naming it), or an
+    /// interruption or failed allocation.
+    type Output = Result<Flags>;
 
     #[inline(always)]
-    fn run<R: RowOps<T>>(self, ops: R) -> (bool, bool) {
-        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, stream, grad_w0, grad_support, grad_query, mut values } = self;
+    fn run<R: RowOps<T>>(self, ops: R) -> Result<Flags> {
+        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, stream, grad_w0, grad_support, grad_query, mut values, keep_going } = self;
         // Rows go straight into the outputs, unless they are to be streamed and only a copy
         // from scratch can stream them (kernels without non-temporal stores of their own).
         let direct = R::STREAMS || !stream;
@@ -575,7 +637,7 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                     (*a, *b) = (&mut [], &mut []);
                 }
             }
-            outputs_finite &= group.backward(ops, members, scale, inner, first_order, values.is_some(), stream, &mut gs, &mut gq);
+            outputs_finite &= group.backward(ops, members, scale, inner, first_order, values.is_some(), stream, &mut gs, &mut gq, keep_going)?;
             // The backward leaves the group's adapted weights and query margins in place.
             if let Some(v) = values.as_mut() {
                 v.write(ops, k, &mut group, members, first, true);
@@ -600,7 +662,7 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             }
         }
         stream::fence();
-        (inputs_finite, outputs_finite)
+        Ok(Flags(inputs_finite, outputs_finite))
     }
 }
 

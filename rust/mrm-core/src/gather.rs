@@ -15,6 +15,14 @@ fn check_indices(name: &str, index: &[i64], n_rows: usize) -> Result<()> {
     Ok(())
 }
 
+/// An error naming the first non-finite value of `values` (rows of width `k`) as `what`.
+fn check_finite<T: Real>(values: &[T], k: usize, what: impl Fn(usize, usize) -> String) -> Result<()> {
+    match values.iter().position(|x| !x.is_finite()) {
+        Some(pos) => invalid(what(pos / k, pos % k)),
+        None => Ok(()),
+    }
+}
+
 fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
     if chosen.len() != rejected.len() {
         return invalid(format!(
@@ -42,7 +50,14 @@ pub fn pair_differences<T: Real>(features: &[T], k: usize, chosen: &[i64], rejec
             *o = a - b;
         }
     }
-    Ok(())
+    // A non-finite difference: a non-finite feature row it read, or an overflow of finite ones.
+    check_finite(out, k, |i, col| {
+        let (c, r) = (chosen[i] as usize, rejected[i] as usize);
+        match [c, r].into_iter().find(|&row| !features[row * k + col].is_finite()) {
+            Some(row) => format!("features contains a non-finite value (row {row}, column {col}; pair {i})"),
+            None => format!("pair {i}: features[{c}] - features[{r}] overflows in column {col} (a difference beyond the dtype)"),
+        }
+    })
 }
 
 /// The adjoint of [`pair_differences`]: `out` (rows × K) is set to `Σ_i grad[i]` over the pairs
@@ -62,6 +77,7 @@ pub fn pair_differences_backward<T: Real>(
     if grad.len() != chosen.len() * k {
         return invalid(format!("grad must have {} values (pairs × K), got {}", chosen.len() * k, grad.len()));
     }
+    check_finite(grad, k, |i, col| format!("grad contains a non-finite value (pair {i}, column {col})"))?;
     out.fill(T::ZERO);
     for ((g, &c), &r) in grad.chunks_exact(k).zip(chosen).zip(rejected) {
         let c = c as usize * k;
@@ -73,7 +89,9 @@ pub fn pair_differences_backward<T: Real>(
             *o -= x;
         }
     }
-    Ok(())
+    check_finite(out, k, |row, col| {
+        format!("the gradient of feature row {row} overflows in column {col} (the sum of its pairs' grad rows)")
+    })
 }
 
 #[cfg(test)]
@@ -100,6 +118,20 @@ mod tests {
         let lhs: f64 = g.iter().zip(&d).map(|(a, b)| a * b).sum();
         let rhs: f64 = back.iter().zip(&features).map(|(a, b)| a * b).sum();
         assert!((lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn non_finite_inputs_and_overflows_are_errors_naming_where() {
+        let mut out = vec![0.0f32; 2];
+        let err = pair_differences(&[3e38f32, 1.0, -3e38, 1.0], 2, &[0], &[1], &mut out).unwrap_err();
+        assert!(err.to_string().starts_with("pair 0: features[0] - features[1] overflows in column 0"), "{err}");
+        let err = pair_differences(&[0.0f32, f32::NAN, 0.0, 0.0], 2, &[0], &[1], &mut out).unwrap_err();
+        assert_eq!(err.to_string(), "features contains a non-finite value (row 0, column 1; pair 0)");
+        let mut back = vec![0.0f32; 4];
+        let err = pair_differences_backward(&[0.0f32, f32::INFINITY], 2, &[0], &[1], &mut back).unwrap_err();
+        assert_eq!(err.to_string(), "grad contains a non-finite value (pair 0, column 1)");
+        let err = pair_differences_backward(&[3e38f32, 0.0, 3e38, 0.0], 2, &[0, 0], &[1, 1], &mut back).unwrap_err();
+        assert!(err.to_string().starts_with("the gradient of feature row 0 overflows in column 0"), "{err}");
     }
 
     #[test]

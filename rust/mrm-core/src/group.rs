@@ -15,6 +15,7 @@
 //! depend on which users share its group. A user without support pairs takes no steps: its
 //! gradient is zero, so its weights stay at the start, and no adjoint flows back through steps.
 
+use crate::error::{Error, Result};
 use crate::inner::{mean, positive_share, InnerLoop, Optimizer};
 use crate::lanes::{dot, softmax, softmax_jvp, Lanes, LANES};
 use crate::real::Real;
@@ -22,6 +23,32 @@ use crate::rows::{AdamStep, RowOps};
 
 /// Steps whose Adam constants a group keeps (later ones are computed when needed).
 const ADAM_TABLE: usize = 64;
+
+/// Rows (support rows plus K per lane) a group's loop reads between two calls of the caller's
+/// `keep_going` (and at most [`CHECK_STEPS`] steps), so that Ctrl-C reaches a long single user.
+const CHECK_ROWS: usize = 1 << 20;
+const CHECK_STEPS: usize = 256;
+
+/// How many steps go between two `keep_going` checks for a group with `n_rows` support rows.
+#[inline]
+fn check_interval(n_rows: usize, k: usize) -> usize {
+    (CHECK_ROWS / (n_rows + LANES * k).max(1)).clamp(1, CHECK_STEPS)
+}
+
+/// Sets `buf` to `len` values, `fill` for new ones; a failed allocation is an error naming
+/// `steps` and the bytes (never an abort).
+fn grow<X: Clone>(buf: &mut Vec<X>, len: usize, fill: X, steps: usize) -> Result<()> {
+    if len > buf.len() {
+        buf.try_reserve_exact(len - buf.len()).map_err(|_| {
+            Error::Invalid(format!(
+                "steps = {steps}: cannot allocate {} bytes for the inner trajectory",
+                len.saturating_mul(std::mem::size_of::<X>())
+            ))
+        })?;
+    }
+    buf.resize(len, fill);
+    Ok(())
+}
 
 /// Per-thread scratch for one group at a time. Vectors of `V` hold one value per user (lane);
 /// `Vec<T>` buffers named `rows_*` hold eight users' K values, one row per user.
@@ -181,8 +208,17 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
 
     /// Runs the inner loop of every member from its start, leaving `w_T` in `self.w`; with
     /// `record`, keeps the trajectory for [`Group::backward`]. Returns the steps taken.
+    /// `keep_going` is asked every so many steps ([`check_interval`]); `false` stops the loop
+    /// with [`Error::Interrupted`].
     #[inline(always)]
-    pub(crate) fn adapt<R: RowOps<T>>(&mut self, ops: R, users: &Members<'_, T>, inner: &InnerLoop, record: bool) -> usize {
+    pub(crate) fn adapt<R: RowOps<T>>(
+        &mut self,
+        ops: R,
+        users: &Members<'_, T>,
+        inner: &InnerLoop,
+        record: bool,
+        keep_going: &(dyn Fn() -> bool + Sync),
+    ) -> Result<usize> {
         self.load(ops, users);
         let k = ops.width(self.k);
         let any_rows = users.support.iter().any(|r| !r.is_empty());
@@ -195,13 +231,21 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         let (sup, n_all) = (self.sup, self.sup[LANES]);
         self.z.resize(n_all, T::ZERO);
         if record {
-            self.trajectory.resize(steps * 5 * k, zero);
-            self.s.resize(steps * n_all, T::ZERO);
+            grow(&mut self.trajectory, steps.saturating_mul(5 * k), zero, inner.steps)?;
+            grow(&mut self.s, steps.saturating_mul(n_all), T::ZERO, inner.steps)?;
         }
         self.mom.fill(zero);
         self.vel.fill(zero);
         let lr = V::splat(T::of(inner.lr));
+        let (every, mut countdown) = (check_interval(n_all, k), check_interval(n_all, k));
         for t in 0..steps {
+            countdown -= 1;
+            if countdown == 0 {
+                countdown = every;
+                if !keep_going() {
+                    return Err(Error::Interrupted);
+                }
+            }
             softmax(&self.w[..k], &mut self.p[..k]);
             V::to_rows(&self.p, k, &mut self.rows_p);
             // The passes over rows, user after user: independent chains.
@@ -246,7 +290,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
                 }
             }
         }
-        steps
+        Ok(steps)
     }
 
     /// Each member's `softmax(w_T)` as a row (K values per lane), for per-user passes.
@@ -300,7 +344,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
     /// gradients as constants. With `keep_margins`, keeps the query margins at `w_T` for
     /// [`Group::mean_losses`]. Returns whether every gradient row written is finite; with
     /// `stream`, rows are written with non-temporal stores where the kernels have them
-    /// ([`RowOps::STREAMS`]).
+    /// ([`RowOps::STREAMS`]). `keep_going` as in [`Group::adapt`].
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(crate) fn backward<R: RowOps<T>>(
@@ -314,9 +358,10 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         stream: bool,
         grad_support: &mut [&mut [T]; LANES],
         grad_query: &mut [&mut [T]; LANES],
-    ) -> bool {
+        keep_going: &(dyn Fn() -> bool + Sync),
+    ) -> Result<bool> {
         let k = ops.width(self.k);
-        let steps = self.adapt(ops, users, inner, true);
+        let steps = self.adapt(ops, users, inner, true, keep_going)?;
         let zero = V::splat(T::ZERO);
 
         // Query: L_q = mean_j softplus(−q_j·p_T); ∂/∂q_j = −(1/m) s_j p_T; ∂/∂w_T = J g_p.
@@ -349,7 +394,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             for g in grad_support.iter_mut() {
                 ops.zero_rows(g, stream);
             }
-            return finite;
+            return Ok(finite);
         }
 
         self.lam_m.fill(zero);
@@ -357,10 +402,18 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         let neg_lr = V::splat(-T::of(inner.lr));
         let n_all = sup[LANES];
         let row_stride = LANES * k;
-        self.c.resize(steps * n_all, T::ZERO);
-        self.rank_mu.resize(steps * row_stride, T::ZERO);
-        self.rank_p.resize(steps * row_stride, T::ZERO);
+        grow(&mut self.c, steps.saturating_mul(n_all), T::ZERO, inner.steps)?;
+        grow(&mut self.rank_mu, steps.saturating_mul(row_stride), T::ZERO, inner.steps)?;
+        grow(&mut self.rank_p, steps.saturating_mul(row_stride), T::ZERO, inner.steps)?;
+        let (every, mut countdown) = (check_interval(n_all, k), check_interval(n_all, k));
         for t in (0..steps).rev() {
+            countdown -= 1;
+            if countdown == 0 {
+                countdown = every;
+                if !keep_going() {
+                    return Err(Error::Interrupted);
+                }
+            }
             let tr = &self.trajectory[t * 5 * k..(t + 1) * 5 * k];
             let (p, rest) = tr.split_at(k);
             let (gp, rest) = rest.split_at(k);
@@ -435,7 +488,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             let (s, c) = (&self.s[sup[l]..], &self.c[sup[l]..]);
             finite &= ops.rank2_sums(g, k, steps, s, c, n_all, &self.rank_mu[l * k..], &self.rank_p[l * k..], row_stride, stream);
         }
-        finite
+        Ok(finite)
     }
 }
 
@@ -476,7 +529,7 @@ mod tests {
                 let mut gq: Vec<Vec<T>> = self.users.iter().map(|u| vec![T::ZERO; u.1.len()]).collect();
                 let mut group = Group::<T, R::Lanes>::new(k);
                 let weights: Vec<T> = {
-                    group.adapt(ops, &members, self.inner, false);
+                    group.adapt(ops, &members, self.inner, false, &|| true).unwrap();
                     group.weight_rows(ops).to_vec()
                 };
                 {
@@ -485,7 +538,7 @@ mod tests {
                     for ((a, b), (s, q)) in gs_refs.iter_mut().zip(gq_refs.iter_mut()).zip(gs.iter_mut().zip(gq.iter_mut())) {
                         (*a, *b) = (s, q);
                     }
-                    group.backward(ops, &members, grad_loss, self.inner, self.first_order, false, false, &mut gs_refs, &mut gq_refs);
+                    group.backward(ops, &members, grad_loss, self.inner, self.first_order, false, false, &mut gs_refs, &mut gq_refs, &|| true).unwrap();
                 }
                 (0..members.len)
                     .map(|l| {

@@ -24,6 +24,15 @@ pub enum Optimizer {
     Adam { beta1: f64, beta2: f64, eps: f64 },
 }
 
+/// The most inner steps one call may take. A step reads every support row once, so more would
+/// be minutes of work per user; [`InnerLoop::validate`] rejects more (an error, not a clamp).
+pub const MAX_STEPS: usize = 100_000;
+
+/// The most bytes of inner trajectory the exact backward may keep for one group of eight users
+/// (one per worker thread): `steps × (7·8·K + 2·n) × size_of(T)`, `n` the group's support rows.
+/// A call that would need more is an error naming `steps` and the bytes, before any allocation.
+pub const TRAJECTORY_BUDGET_BYTES: usize = 1 << 30;
+
 /// The inner loop's hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct InnerLoop {
@@ -34,6 +43,9 @@ pub struct InnerLoop {
 
 impl InnerLoop {
     pub fn validate(&self) -> Result<()> {
+        if self.steps > MAX_STEPS {
+            return invalid(format!("steps must be <= {MAX_STEPS}, got {}", self.steps));
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return invalid(format!("lr must be finite and > 0, got {}", self.lr));
         }

@@ -2,23 +2,33 @@
 //! No maths here. The public, documented API is `mrm.ops` (Python), which calls these.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 mod cache;
 
 use mrm_core::{
     Control, Csr, Error, ForwardOutputs, InnerLoop, MapGradients, MapOutputs, MapSettings, Optimizer, Real, Start, WeightMap,
+    MAX_THREADS,
 };
 use numpy::ndarray::{Array1, Array2, Array3};
 use numpy::{
     Element, IntoPyArray, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
     PyReadwriteArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError, PyMemoryError};
 use pyo3::prelude::*;
 
 /// Users per chunk between two checks for Ctrl-C.
 const CHUNK_USERS: usize = 1 << 16;
+
+/// How often the calling thread looks for Ctrl-C while the workers run.
+const SIGNAL_POLL: Duration = Duration::from_millis(20);
+
+/// Pools of this many different sizes are kept; building another drops one of the others.
+const CACHED_POOLS: usize = 8;
 
 /// Private rayon pools by size, remembered with the process id that built them: a forked
 /// child finds another pid and builds fresh pools (the parent's threads do not exist there).
@@ -27,6 +37,9 @@ static POOLS: Mutex<Option<(u32, HashMap<usize, Arc<rayon::ThreadPool>>)>> = Mut
 fn pool(num_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     if num_threads == 0 {
         return Err(PyValueError::new_err("num_threads must be >= 1"));
+    }
+    if num_threads > MAX_THREADS {
+        return Err(PyValueError::new_err(format!("num_threads must be <= {MAX_THREADS}, got {num_threads}")));
     }
     let mut guard = POOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let pid = std::process::id();
@@ -46,35 +59,58 @@ fn pool(num_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
         .build()
         .map_err(|e| PyValueError::new_err(format!("could not start {num_threads} threads: {e}")))?;
     let built = Arc::new(built);
+    if pools.len() >= CACHED_POOLS {
+        // A caller still running on the dropped pool holds its own reference to it.
+        if let Some(&other) = pools.keys().next() {
+            pools.remove(&other);
+        }
+    }
     pools.insert(num_threads, built.clone());
     Ok(built)
 }
 
-/// Runs `f` without the GIL on `pool`, with a Ctrl-C check between chunks of users.
+/// Runs `f` without the GIL on `pool`. The calling thread waits for it, looking for Ctrl-C
+/// every [`SIGNAL_POLL`]; one found sets a flag that the kernels read between chunks of users
+/// and every so many inner steps (`Control::keep_going`), so they stop soon after.
 fn run<R: Send>(
     py: Python<'_>,
     pool: &rayon::ThreadPool,
     f: impl FnOnce(&Control<'_>) -> Result<R, Error> + Send,
 ) -> PyResult<R> {
     let pending: Mutex<Option<PyErr>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
     let result = py.detach(|| {
-        let keep_going = || match Python::attach(|py| py.check_signals()) {
-            Ok(()) => true,
-            Err(err) => {
-                *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
-                false
-            }
-        };
+        let keep_going = || !stop.load(Ordering::Relaxed);
         let ctl = Control { pool, chunk_users: CHUNK_USERS, keep_going: &keep_going };
-        f(&ctl)
+        let ctl = &ctl;
+        let (done, finished) = sync_channel(1);
+        pool.in_place_scope(|scope| {
+            scope.spawn(move |_| {
+                let _ = done.send(f(ctl));
+            });
+            loop {
+                match finished.recv_timeout(SIGNAL_POLL) {
+                    Ok(result) => return result,
+                    // The work panicked: the scope passes the panic on when this returns.
+                    Err(RecvTimeoutError::Disconnected) => return Err(Error::Interrupted),
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(err) = Python::attach(|py| py.check_signals()) {
+                            *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        })
     });
+    // A signal's exception (raised by its Python handler) wins even over a finished result:
+    // the handler has run, so it would be lost otherwise.
+    if let Some(err) = pending.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(err);
+    }
     result.map_err(|e| match e {
         Error::Invalid(msg) => PyValueError::new_err(msg),
-        Error::Interrupted => pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted")),
+        Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
     })
 }
 
@@ -300,10 +336,10 @@ fn gather_backward<'py, T: Real + Element>(
     let k = grad.shape()[1];
     let (g, c, r) = (slice("grad", &grad)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
     // n_rows comes from the caller: an impossible size is an error, never an abort
-    let len = n_rows.checked_mul(k).ok_or_else(|| PyValueError::new_err(format!("n_rows = {n_rows} is too large")))?;
+    let too_large = || PyValueError::new_err(format!("n_rows = {n_rows} is too large: cannot allocate the ({n_rows}, {k}) gradient"));
+    let len = n_rows.checked_mul(k).ok_or_else(too_large)?;
     let mut out = Vec::new();
-    out.try_reserve_exact(len)
-        .map_err(|_| PyMemoryError::new_err(format!("cannot allocate the ({n_rows}, {k}) gradient")))?;
+    out.try_reserve_exact(len).map_err(|_| too_large())?;
     out.resize(len, T::ZERO);
     py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out))
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -717,5 +753,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(f)?;
     }
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_STEPS", mrm_core::MAX_STEPS)?;
+    m.add("MAX_THREADS", MAX_THREADS)?;
+    m.add("TRAJECTORY_BUDGET_BYTES", mrm_core::TRAJECTORY_BUDGET_BYTES)?;
     Ok(())
 }
