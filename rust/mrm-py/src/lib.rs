@@ -32,7 +32,9 @@ const CACHED_POOLS: usize = 8;
 
 /// Private rayon pools by size, remembered with the process id that built them: a forked
 /// child finds another pid and builds fresh pools (the parent's threads do not exist there).
-static POOLS: Mutex<Option<(u32, HashMap<usize, Arc<rayon::ThreadPool>>)>> = Mutex::new(None);
+/// Pools by thread count, with the process id that built them.
+type Pools = Option<(u32, HashMap<usize, Arc<rayon::ThreadPool>>)>;
+static POOLS: Mutex<Pools> = Mutex::new(None);
 
 fn pool(num_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     if num_threads == 0 {
