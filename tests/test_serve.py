@@ -26,10 +26,11 @@ torch = pytest.importorskip("torch")
 
 import reference  # noqa: E402
 from mrm.checkpoint import Checkpoint  # noqa: E402
+from mrm.ops import InnerLoop
 from mrm.store import AdaptSettings, UserStore  # noqa: E402
 
 D, K = 16, 3
-SETTINGS = AdaptSettings(steps=2, lr=0.5, optimizer="sgd")
+SETTINGS = AdaptSettings(InnerLoop("sgd", steps=2, lr=0.5))
 PYTHON_PATH = str(Path(__file__).resolve().parents[1] / "python")
 
 

@@ -238,8 +238,15 @@ def plot_shots(curves: Dict[str, Dict[int, float]], path, *, title: str = "Unsee
     ax.set_xlabel("training pairs per unseen user (shots)")
     ax.set_ylabel("user-level accuracy")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, ax, path)
+
+
+def _save(fig, ax, path) -> None:
+    """Grid, tight layout and an atomic PNG write, then the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format="png")
@@ -284,9 +291,5 @@ def plot_reliability(curves: Dict[str, Dict], path, *, title: str = "Reliability
     ax.set_xlabel("confidence max(p, 1 − p)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png")
-    plt.close(fig)
+    _save(fig, ax, path)

@@ -162,7 +162,7 @@ fn block_row_lengths<'b, T: Real>(batch: &'b Csr<'_, T>, blocks: &'b [(usize, us
     blocks.iter().map(move |&(lo, hi)| batch.users(lo, hi).values.len())
 }
 
-fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
+pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
     if buf.len() != expected {
         return invalid(format!("{name} must have {expected} values, got {}", buf.len()));
     }
