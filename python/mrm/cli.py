@@ -253,9 +253,9 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
                         help="meta-objective: RPO or the plain mean of the users' query losses (default rpo)")
     parser.add_argument("--tail", type=float, default=None, help="RPO tail ratio rho (default 0.5)")
     parser.add_argument("--gamma", type=float, default=None, help="RPO smoothing, <= 0: hard mask (default 0.5)")
-    parser.add_argument("--eval-every", type=_positive_int, default=None, metavar="EPOCHS",
+    parser.add_argument("--eval-every", type=_positive_int, default=10, metavar="EPOCHS",
                         help="evaluate (and checkpoint the best epoch) every this many epochs, and at the last "
-                             "(default 10; recommended preset: 1)")
+                             "(default 10)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="kernel and torch threads (default: $MRM_NUM_THREADS, else every CPU)")
     return parser
@@ -270,7 +270,7 @@ def _run_train(args: argparse.Namespace) -> str:
         weight_map=args.weight_map, support_sizes=list(args.support_sizes) if args.support_sizes else None,
         first_order=args.first_order or None, meta_lr=args.meta_lr, epochs=args.epochs,
         tasks_per_batch=args.tasks_per_batch, objective=args.objective, tail=args.tail, gamma=args.gamma,
-        eval_every=args.eval_every if args.eval_every is not None else (None if args.preset == "recommended" else 10),
+        eval_every=args.eval_every,
         seed=args.seed, num_threads=args.threads,
     )
     # options left out keep the preset's values (released: the paper's hyper-parameters)

@@ -108,10 +108,13 @@ class TrainConfig:
         value = self.meta_lr
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"meta_lr must be a finite number > 0, got {value!r}")
+        if self.inner_optimizer not in ops.SOLVERS:
+            raise ValueError(f"inner_optimizer must be one of {', '.join(map(repr, ops.SOLVERS))}, got {self.inner_optimizer!r}")
         try:
             inner = self.inner()
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"inner-loop settings: {exc}") from None
+            # the InnerLoop names its own fields: say which TrainConfig fields they come from
+            raise ValueError(f"inner-loop settings (inner_steps, inner_lr, weight_map, map_max_iter, map_tol): {exc}") from None
         if inner.is_map:
             if self.prior not in ("per-base", "shared"):
                 raise ValueError(f"prior must be 'per-base' or 'shared', got {self.prior!r}")

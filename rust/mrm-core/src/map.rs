@@ -208,13 +208,16 @@ impl Work {
     }
 
     /// `Σ softplus(−z_i)` and every `s_i = σ(−z_i)` (into `s`), sharing one exponential.
+    /// Branch-free polynomial `exp` and `ln_1p` (within a few ulp, see [`Real::exp_fast`]), so
+    /// the loop vectorises: the library calls cost most of a solve otherwise.
     fn softplus_and_sigmoid(z: &[f64], s: &mut Vec<f64>) -> f64 {
-        s.clear();
+        s.resize(z.len(), 0.0);
         let mut total = 0.0;
-        for &zi in z {
-            let e = (-zi.abs()).exp();
-            total += (-zi).max(0.0) + e.ln_1p();
-            s.push(if zi >= 0.0 { e / (1.0 + e) } else { 1.0 / (1.0 + e) });
+        for (si, &zi) in s.iter_mut().zip(z) {
+            let e = (-zi.abs()).exp_fast();
+            total += (-zi).max(0.0) + e.ln_1p_fast();
+            let inv = 1.0 / (1.0 + e);
+            *si = if zi >= 0.0 { e * inv } else { inv };
         }
         total
     }
