@@ -127,3 +127,53 @@ def test_pair_differences_overflow_and_non_finite_are_named():
         ops.pair_differences_backward(np.float32([[1.0], [np.nan]]), [0, 0], [1, 1], 2)
     with pytest.raises(ValueError, match="the gradient of feature row 0 overflows in column 0"):
         ops.pair_differences_backward(np.float32([[3e38], [3e38]]), [0, 0], [1, 1], 2)
+
+
+# --- 2. no code execution from files -----------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: proof that a loader unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles_a_planted_trainer_state(tmp_path):
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    from test_train import _random_data
+
+    from mrm.train import MetaTrainer, TrainConfig
+
+    emb, data = _random_data(seed=4, n_users=10)
+    config = TrainConfig(scale=0.5, dtype="float64", epochs=2, select_on="last")
+    first = MetaTrainer(config, emb, data, output_dir=tmp_path / "run")
+    first.train_epoch(), first._checkpoint()
+    last = tmp_path / "run" / "last"
+    assert {p.name for p in last.iterdir()} >= {"trainer_state.safetensors", "trainer_state.json"}
+    marker = tmp_path / "pwned"
+    # torch.save's format (a zip holding a pickle) and a bare pickle, in every place a loader
+    # might look: the old name, and in place of the new files.
+    torch.save({"epoch": _Payload(str(marker))}, last / "trainer_state.pt")
+    for name in ("trainer_state.safetensors", "trainer_state.json"):
+        original = (last / name).read_bytes()
+        (last / name).write_bytes(pickle.dumps(_Payload(str(marker))))
+        with pytest.raises(ValueError, match=f"{name}"):
+            MetaTrainer(config, emb, data, output_dir=tmp_path / "run", resume=True)
+        (last / name).write_bytes(original)
+    resumed = MetaTrainer(config, emb, data, output_dir=tmp_path / "run", resume=True)  # the real state is intact
+    assert resumed.epoch == 1
+    # Only the old pickle: refused by name, never opened.
+    for name in ("trainer_state.safetensors", "trainer_state.json"):
+        (last / name).unlink()
+    with pytest.raises(ValueError, match="trainer_state.pt is a pickle"):
+        MetaTrainer(config, emb, data, output_dir=tmp_path / "run", resume=True)
+    assert not marker.exists()
+    # The payload is live: a plain unpickle does run it (so the checks above mean something).
+    pickle.loads(pickle.dumps(_Payload(str(marker))))
+    assert marker.exists()
