@@ -177,3 +177,129 @@ def test_resume_never_unpickles_a_planted_trainer_state(tmp_path):
     # The payload is live: a plain unpickle does run it (so the checks above mean something).
     pickle.loads(pickle.dumps(_Payload(str(marker))))
     assert marker.exists()
+
+
+# --- 5. named errors: the CLI's one line, and the API's ValueError/TypeError -------------------
+
+
+def _cli(*args, cwd, env=None):
+    run = subprocess.run([sys.executable, "-m", "mrm.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, **(env or {})})
+    return run.returncode, run.stdout, run.stderr
+
+
+def _one_line_error(rc, stderr, *needles):
+    assert rc == 2, stderr
+    assert stderr.startswith("mrm: error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    for needle in needles:
+        assert needle in stderr, stderr
+
+
+@pytest.fixture()
+def job(tmp_path):
+    """A checkpoint and user-major logs for adapt / score, in tmp_path."""
+    pytest.importorskip("torch")
+    import test_batch
+
+    from mrm import batch
+
+    test_batch._torch_checkpoint(tmp_path / "ckpt")
+    ids, offsets, chosen, rejected = test_batch._features_logs(n_users=5, seed=8)
+    test_batch._write(batch.user_major_table(ids, offsets, chosen, rejected), tmp_path / "logs.parquet")
+    return tmp_path
+
+
+def test_cli_huge_steps_and_threads_are_one_line(job):
+    for flag, value in (("--steps", "1000000000000000000000000000000"), ("--threads", "100000"), ("--lr", "1e400")):
+        rc, _, err = _cli("adapt", "--checkpoint", "ckpt", "--logs", "logs.parquet", "--output", "w.parquet",
+                          flag, value, cwd=job)
+        _one_line_error(rc, err, f"argument {flag}")
+    rc, _, err = _cli("adapt", "--checkpoint", "ckpt", "--logs", "logs.parquet", "--output", "w.parquet",
+                      cwd=job, env={"MRM_NUM_THREADS": "100000"})
+    _one_line_error(rc, err, "MRM_NUM_THREADS must be <=")
+    assert not (job / "w.parquet").exists()
+
+
+_UNWRITABLE = textwrap.dedent("""
+    import errno, os, sys, tempfile
+    from mrm import cli
+    kind = sys.argv[1]
+    if kind == "permission":  # as root, chmod does not stop a write: fail the temp file as a read-only dir would
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, ".tmp"))
+        tempfile.mkstemp = refuse
+    else:  # a full disk: the write or the fsync fails, with no file name of its own
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync = full
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("kind,reason", [("permission", "Permission denied"), ("full", "No space left on device")])
+@pytest.mark.parametrize("command", ["adapt", "score"])
+def test_cli_unwritable_output_is_one_line_naming_the_path(job, kind, reason, command):
+    (job / "out").mkdir()
+    done = subprocess.run([sys.executable, "-c", _UNWRITABLE, kind, command, "--checkpoint", "ckpt", "--logs",
+                           "logs.parquet", "--output", "out/result.parquet", "--no-progress"],
+                          cwd=job, capture_output=True, text=True, timeout=120)
+    _one_line_error(done.returncode, done.stderr, "out", reason)
+    assert list((job / "out").iterdir()) == []  # nothing half-written left behind
+
+
+def test_cli_eval_with_a_bad_trained_setting_names_the_file_and_key(job):
+    import json
+
+    config = json.loads((job / "ckpt" / "config.json").read_text())
+    config["train"] = {"inner_steps": "ten"}
+    (job / "ckpt" / "config.json").write_text(json.dumps(config))
+    rc, _, err = _cli("eval", "--checkpoint", "ckpt", "--output-dir", "ev", cwd=job)
+    _one_line_error(rc, err, "config.json: train.inner_steps must be an integer", "'ten'")
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: ops.adapt(np.zeros(2), np.ones((1, 2)), [0, 1], steps=2**64, lr=0.1), "steps"),
+    (lambda: ops.adapt(np.zeros(2), np.ones((1, 2)), [0, 1], steps=1, lr=10**400), "lr"),
+    (lambda: ops.adapt(np.zeros(2), np.ones((1, 2)), [0, 1], steps=1, lr=0.1, eps=10**400), "eps"),
+    (lambda: ops.adapt(np.zeros(2), np.ones((1, 2)), [0, 1], steps=1, lr=0.1, betas=(10**400, 0.9)), r"betas\[0\]"),
+    (lambda: ops.adapt(np.zeros(2), np.ones((1, 2)), [0, 1], steps=1, lr=0.1, num_threads=2**64), "num_threads"),
+    (lambda: ops.rpo([1.0, 2.0], 10**400, 0.5), "tail"),
+    (lambda: ops.pair_differences_backward(np.ones((1, 2)), [0], [0], 2**64), "n_rows"),
+    (lambda: ops.pair_differences_backward(np.ones((1, 2)), [0], [0], 2**62), "n_rows"),
+    (lambda: ops.adapt(np.zeros(2), [[1.0, 2.0], [3.0]], [0, 2], steps=1, lr=0.1), "support"),
+    (lambda: ops.adapt(np.zeros(2), np.ones((2, 2)), [[0], [1, 2]], steps=1, lr=0.1), "support_offsets"),
+    (lambda: ops.rpo([1.0, [2.0]], 0.5, 0.5), "losses"),
+])
+def test_api_overflow_and_ragged_input_are_value_errors_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_meta_forward_without_query_is_a_type_error():
+    with pytest.raises(TypeError, match="query must be an array, got None"):
+        ops.meta_forward(np.zeros(2), np.ones((1, 2)), [0, 1], None, [0, 1], steps=1, lr=0.1)
+    with pytest.raises(TypeError, match="query_offsets must be an array, got None"):
+        ops.meta_backward(np.zeros(2), np.ones((1, 2)), [0, 1], np.ones((1, 2)), None, np.ones(1), steps=1, lr=0.1)
+
+
+def test_int32_offsets_work_like_int64():
+    data = (np.zeros(2), np.ones((3, 2)), np.array([0, 1, 3], np.int32), np.ones((2, 2)), np.array([0, 1, 2], np.int32))
+    wide = tuple(np.asarray(x, np.int64) if x.dtype == np.int32 else x for x in data)
+    got = ops.meta_forward(*data, steps=2, lr=0.1)
+    want = ops.meta_forward(*wide, steps=2, lr=0.1)
+    np.testing.assert_array_equal(got.losses, want.losses)
+
+
+# --- 6. train / eval refuse an existing output directory -------------------------------------
+
+
+def test_cli_train_and_eval_refuse_an_existing_output_dir(job):
+    (job / "run").mkdir()
+    (job / "run" / "history.json").write_text("{}")
+    rc, _, err = _cli("train", "--output-dir", "run", "--data", "movielens", cwd=job)
+    _one_line_error(rc, err, "run already exists and is not empty", "--overwrite", "--resume")
+    (job / "ev").mkdir()
+    (job / "ev" / "report.json").write_text("{}")
+    rc, _, err = _cli("eval", "--checkpoint", "ckpt", "--output-dir", "ev", cwd=job)
+    _one_line_error(rc, err, "ev already exists and is not empty", "--overwrite")
+    assert (job / "run" / "history.json").read_text() == "{}" and (job / "ev" / "report.json").read_text() == "{}"

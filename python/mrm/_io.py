@@ -13,13 +13,26 @@ PathLike = Union[str, os.PathLike]
 
 
 @contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An operating-system error without a file name (a full disk in write or fsync) gets
+    ``path``'s, so that the message says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
+        with _naming(path), os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
