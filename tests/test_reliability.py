@@ -303,3 +303,65 @@ def test_cli_train_and_eval_refuse_an_existing_output_dir(job):
     rc, _, err = _cli("eval", "--checkpoint", "ckpt", "--output-dir", "ev", cwd=job)
     _one_line_error(rc, err, "ev already exists and is not empty", "--overwrite")
     assert (job / "run" / "history.json").read_text() == "{}" and (job / "ev" / "report.json").read_text() == "{}"
+
+
+# --- 7. batch-job errors say where: file, column, user id, pair ------------------------------
+
+
+def _nested(rows):
+    import pyarrow as pa
+
+    return pa.array(rows, type=pa.list_(pa.list_(pa.float32())))
+
+
+def _logs(job, name, user_ids, chosen, rejected):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = job / name
+    pq.write_table(pa.table({"user_id": user_ids, "chosen_features": _nested(chosen),
+                             "rejected_features": _nested(rejected)}), path, row_group_size=2)
+    return path
+
+
+def _adapt_error(job, logs):
+    from mrm import batch
+
+    with pytest.raises(ValueError) as error:
+        batch.adapt_users(job / "ckpt", logs, job / "w.parquet", steps=1, lr=0.1, progress=False, batch_users=2)
+    assert not (job / "w.parquet").exists()
+    return str(error.value)
+
+
+def test_content_errors_name_the_file_column_user_and_pair(job):
+    ok = [[[1, 0, 0]]]
+    logs = _logs(job, "nan.parquet", ["a", "b", "c"], [ok[0], ok[0], [[1, 0, 0], [np.nan, 0, 0]]],
+                 [ok[0], ok[0], [[0, 0, 0], [0, 0, 0]]])
+    assert _adapt_error(job, logs) == (f"{logs}: column 'chosen_features': user 'c' has a NaN, infinite or null "
+                                       "value (pair/response 1 of that user)")
+
+
+def test_a_finite_overflow_is_named_as_an_overflow(job):
+    logs = _logs(job, "overflow.parquet", ["a", "b"], [[[1, 0, 0]], [[0, 3e38, 0]]], [[[0, 0, 0]], [[0, -3e38, 0]]])
+    message = _adapt_error(job, logs)
+    assert message == (f"{logs}: columns 'chosen_features' - 'rejected_features': user 'b', pair 0: the difference "
+                       "overflows float32 (finite values too far apart)")
+
+
+def test_a_null_user_id_names_the_file_row_and_the_user_before(job):
+    logs = _logs(job, "null.parquet", ["a", "b", "c", None], [[[1, 0, 0]]] * 4, [[[0, 0, 0]]] * 4)
+    assert _adapt_error(job, logs) == f"{logs}: column 'user_id' has a null value (row 3 of the file, after user 'c')"
+
+
+def test_a_dictionary_encoded_user_id_column_is_read(job):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mrm import batch
+
+    ids = pa.array(["a", "b", "c"]).dictionary_encode()
+    logs = _logs(job, "dict.parquet", ids, [[[1, 0, 0]]] * 3, [[[0, 1, 0]]] * 3)
+    plain = _logs(job, "plain.parquet", ["a", "b", "c"], [[[1, 0, 0]]] * 3, [[[0, 1, 0]]] * 3)
+    batch.adapt_users(job / "ckpt", logs, job / "w1.parquet", steps=1, lr=0.1, progress=False)
+    batch.adapt_users(job / "ckpt", plain, job / "w2.parquet", steps=1, lr=0.1, progress=False)
+    assert pq.read_table(job / "w1.parquet").equals(pq.read_table(job / "w2.parquet"))
