@@ -365,3 +365,93 @@ def test_a_dictionary_encoded_user_id_column_is_read(job):
     batch.adapt_users(job / "ckpt", logs, job / "w1.parquet", steps=1, lr=0.1, progress=False)
     batch.adapt_users(job / "ckpt", plain, job / "w2.parquet", steps=1, lr=0.1, progress=False)
     assert pq.read_table(job / "w1.parquet").equals(pq.read_table(job / "w2.parquet"))
+
+
+# --- 8. nothing left behind, no silent corruption -------------------------------------------
+
+
+def test_stale_temp_files_of_a_dead_writer_are_removed_by_the_next_write(tmp_path):
+    from mrm._io import _host, atomic_file, remove_stale
+
+    host = _host()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    target = tmp_path / "out.parquet"
+    stale = tmp_path / f".out.parquet.mrm-tmp-{pid}@{host}.abc123.tmp"
+    stale.write_bytes(b"half a table")
+    live = tmp_path / f".out.parquet.mrm-tmp-{os.getpid()}@{host}.live01.tmp"  # a live writer's: kept
+    live.write_bytes(b"in progress")
+    other = tmp_path / f".out.parquet.mrm-tmp-{pid}@not-{host}.zz.tmp"  # another host's: kept
+    other.write_bytes(b"not ours")
+    with atomic_file(target) as handle:
+        writing = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".out.parquet.mrm-tmp-{os.getpid()}@")]
+        assert len(writing) == 2  # its own temp file, recognisable while it is written (and `live`)
+        handle.write(b"new")
+    assert target.read_bytes() == b"new" and not stale.exists() and live.exists() and other.exists()
+    # A directory write that died between moving the old content aside and the new in: put back.
+    old = tmp_path / f".best.mrm-old-{pid}@{host}.x1.tmp"
+    (old / "content").mkdir(parents=True)
+    (old / "content" / "model.safetensors").write_bytes(b"the old model")
+    remove_stale(tmp_path / "best")
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == b"the old model" and not old.exists()
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    from mrm._io import atomic_dir, atomic_file
+
+    old = os.umask(0o027)
+    try:
+        with atomic_file(tmp_path / "f.bin") as handle:
+            handle.write(b"x")
+        with atomic_dir(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+
+
+def test_no_directory_is_created_through_dotdot(job):
+    rc, _, err = _cli("adapt", "--checkpoint", "ckpt", "--logs", "logs.parquet", "--output", "a/../x.parquet", cwd=job)
+    _one_line_error(rc, err, "does not exist", "'..'")
+    assert not (job / "a").exists() and not (job / "x.parquet").exists()
+    rc, _, err = _cli("adapt", "--checkpoint", "ckpt", "--logs", "logs.parquet", "--output", "new/x.parquet",
+                      "--no-progress", cwd=job)
+    assert rc == 0, err  # a directory the user named is created
+
+
+def test_mixed_integer_and_string_user_ids_are_an_error_naming_the_rows(tmp_path):
+    import json
+
+    from mrm.data.logs import read_preference_log
+
+    rows = [{"user_id": 0, "prompt": "p", "chosen": "a", "rejected": "b"},
+            {"user_id": "0", "prompt": "q", "chosen": "c", "rejected": "d"}]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"column 'user_id' mixes integer ids \(row 0: 0\) and string ids \(row 1: '0'\)"):
+        read_preference_log(path)
+
+
+def test_a_corrupt_embedding_shard_is_re_embedded(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import warnings
+
+    from test_embed import TEXTS, save_tiny_bert
+
+    from mrm.embed import EmbeddingCache
+
+    save_tiny_bert(tmp_path / "bert", hidden_size=16)
+    cache = EmbeddingCache(tmp_path / "cache", tmp_path / "bert", batch_size=2)
+    want = cache.embed(TEXTS, progress=False)
+    (shard,) = (tmp_path / "cache" / "shards").iterdir()
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x40  # one flipped bit inside the last embedding: still a valid safetensors file
+    shard.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = EmbeddingCache(tmp_path / "cache", tmp_path / "bert", batch_size=2).embed(TEXTS, progress=False)
+    assert any("fails its checksum" in str(w.message) for w in caught)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not shard.exists()
