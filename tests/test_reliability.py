@@ -2,14 +2,12 @@
 errors everywhere, nothing left behind. Each test runs the issue's repro as written."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-
 from mrm import ops
 
 # --- 1. bounded work: steps, trajectory memory, interrupts ------------------------------------
@@ -146,9 +144,8 @@ def test_resume_never_unpickles_a_planted_trainer_state(tmp_path):
     import pickle
 
     torch = pytest.importorskip("torch")
-    from test_train import _random_data
-
     from mrm.train import MetaTrainer, TrainConfig
+    from test_train import _random_data
 
     emb, data = _random_data(seed=4, n_users=10)
     config = TrainConfig(scale=0.5, dtype="float64", epochs=2, select_on="last")
@@ -200,7 +197,6 @@ def job(tmp_path):
     """A checkpoint and user-major logs for adapt / score, in tmp_path."""
     pytest.importorskip("torch")
     import test_batch
-
     from mrm import batch
 
     test_batch._torch_checkpoint(tmp_path / "ckpt")
@@ -356,7 +352,6 @@ def test_a_null_user_id_names_the_file_row_and_the_user_before(job):
 def test_a_dictionary_encoded_user_id_column_is_read(job):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from mrm import batch
 
     ids = pa.array(["a", "b", "c"]).dictionary_encode()
@@ -438,9 +433,8 @@ def test_a_corrupt_embedding_shard_is_re_embedded(tmp_path):
     pytest.importorskip("transformers")
     import warnings
 
-    from test_embed import TEXTS, save_tiny_bert
-
     from mrm.embed import EmbeddingCache
+    from test_embed import TEXTS, save_tiny_bert
 
     save_tiny_bert(tmp_path / "bert", hidden_size=16)
     cache = EmbeddingCache(tmp_path / "cache", tmp_path / "bert", batch_size=2)

@@ -403,9 +403,11 @@ def set_output_cache_limit(limit_bytes: int) -> int:
     The default limit is ``$MRM_OUTPUT_CACHE_MB`` MiB, else 1024 MiB; 0 turns the cache off.
     Free arrays over the new limit are released at once. Returns the bytes the cache still holds.
     """
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, numbers.Integral):
+        raise TypeError(f"limit_bytes must be an int, got {type(limit_bytes).__name__}")
     limit_bytes = operator.index(limit_bytes)
-    if limit_bytes < 0:
-        raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
+    if not 0 <= limit_bytes < 2**63:
+        raise ValueError(f"limit_bytes must be >= 0 and < 2**63, got {limit_bytes}")
     return _native.set_output_cache_limit(limit_bytes)
 
 
