@@ -129,7 +129,7 @@ def main():
                 speedup = t_torch / t_adapt
             print(f"{weight_map:>8} {users:>9} {t_adapt:>9.4f} {result.iterations.mean():>6.2f} {t_grad:>9.4f} "
                   f"{t_fused:>11.4f} {t_grad / t_fused:>6.2f} {t_torch:>9.4f} {speedup:>7.1f}x", flush=True)
-            del support, query
+
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 
 import reference  # noqa: E402
 from mrm.checkpoint import Checkpoint  # noqa: E402
-from mrm.ops import InnerLoop
+from mrm.ops import InnerLoop  # noqa: E402
 from mrm.store import AdaptSettings, UserStore  # noqa: E402
 
 D, K = 16, 3

@@ -39,6 +39,7 @@ succeeds: a job killed part-way leaves the old output (or none), and can simply 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -152,9 +153,34 @@ def _schema(files: Sequence[Path]) -> pa.Schema:
     return _open_parquet(files[0]).schema_arrow
 
 
+_SOURCE, _FIRST_ROW = b"mrm.source", b"mrm.first_row"
+
+
+def _source(batch: pa.RecordBatch) -> Tuple[Optional[str], int]:
+    """The file a batch of :func:`_iter_batches` came from (None for other batches) and the
+    file row of its first row."""
+    meta = batch.schema.metadata or {}
+    path = meta.get(_SOURCE)
+    return (path.decode() if path is not None else None), int(meta.get(_FIRST_ROW, b"0"))
+
+
+@contextmanager
+def _in_file(batch: pa.RecordBatch) -> Iterator[None]:
+    """A ValueError about a batch's content names the file it came from."""
+    try:
+        yield
+    except ValueError as exc:
+        path, _ = _source(batch)
+        if path is None or str(exc).startswith(path):
+            raise
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def _iter_batches(files: Sequence[Path], columns: Sequence[str], batch_users: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of at most ``batch_users`` rows (users), with Parquet errors made readable."""
+    """Record batches of at most ``batch_users`` rows (users), with Parquet errors made readable.
+    Each batch carries its file and first row in its schema metadata (see :func:`_source`)."""
     for path in files:
+        first_row = 0
         parquet = _open_parquet(path)
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
         if missing:
@@ -169,7 +195,9 @@ def _iter_batches(files: Sequence[Path], columns: Sequence[str], batch_users: in
                     break
                 except (pa.ArrowException, OSError) as exc:
                     raise ValueError(f"{path} could not be read (corrupt or truncated Parquet?): {exc}") from None
-                yield batch
+                meta = {**(batch.schema.metadata or {}), _SOURCE: str(path).encode(), _FIRST_ROW: str(first_row).encode()}
+                first_row += batch.num_rows
+                yield batch.replace_schema_metadata(meta)
 
 
 def _read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -224,11 +252,16 @@ def _total_rows(files: Sequence[Path]) -> int:
 
 def _user_ids(batch: pa.RecordBatch) -> pa.Array:
     column = batch.column(batch.schema.get_field_index(USER))
+    if pa.types.is_dictionary(column.type):  # dictionary-encoded strings (pandas categoricals, Spark)
+        column = column.dictionary_decode()
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ValueError(f"column {USER!r} must be a string column, got {column.type}")
     if column.null_count:
         row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"column {USER!r} has a null value (row {row} of a batch)")
+        path, first_row = _source(batch)
+        where = f"row {first_row + row} of the file" if path is not None else f"row {row} of the batch"
+        after = f", after user {column[row - 1].as_py()!r}" if row > 0 else ""
+        raise ValueError(f"column {USER!r} has a null value ({where}{after})")
     return column.cast(pa.string())
 
 
@@ -360,16 +393,37 @@ class _Features:
 
 
 @contextmanager
-def _explained(readers, batch: pa.RecordBatch, user_ids: pa.Array):
+def _explained(readers, batch: pa.RecordBatch, user_ids: pa.Array, pairs=None):
     """Re-raises a kernel error caused by a non-finite input value as one that names the column,
-    the user id and the pair; any other error passes unchanged."""
+    the user id and the pair; with ``pairs`` (the reader, chosen − rejected, offsets), a
+    difference that overflows is named so too. Any other error has its batch user indices
+    replaced by user ids."""
     try:
         yield
-    except ValueError:
+    except ValueError as exc:
         for reader in readers:
             if reader is not None:
                 reader.check_finite(batch, user_ids)
-        raise
+        if pairs is not None:
+            reader, differences, offsets = pairs
+            finite = np.isfinite(differences).all(axis=1)
+            if not finite.all():
+                row = int(np.flatnonzero(~finite)[0])
+                u = int(np.searchsorted(offsets, row, side="right") - 1)
+                chosen, rejected = reader.columns
+                raise ValueError(
+                    f"columns {chosen!r} - {rejected!r}: user {user_ids[u].as_py()!r}, pair {row - int(offsets[u])}: "
+                    f"the difference overflows {differences.dtype} (finite values too far apart)"
+                ) from None
+
+        def named(match: "re.Match") -> str:
+            u = int(match.group(1))
+            return f"user {user_ids[u].as_py()!r}" if u < len(user_ids) else match.group(0)
+
+        message = re.sub(r"\buser (\d+)\b", named, str(exc))
+        if message == str(exc):
+            raise
+        raise ValueError(message) from None
 
 
 # ---- user-weights tables -------------------------------------------------------------------------
@@ -578,7 +632,8 @@ class _Adapter:
         """(user-weights batch, rows of the warm-start table this batch updated)."""
         user_ids = _user_ids(batch)
         chosen, rejected, offsets = self.reader.pairs(batch, user_ids)
-        differences = chosen - rejected
+        with np.errstate(over="ignore"):  # an overflow is named below, if the kernel finds one
+            differences = chosen - rejected
         del chosen, rejected
         count = len(user_ids)
         start = np.broadcast_to(self.w0, (count, self.num_bases)).copy()
@@ -590,7 +645,7 @@ class _Adapter:
             warm_rows = rows[known]
             start[known] = self.warm.weights[warm_rows]
             version[known] = self.warm.version[warm_rows] + 1
-        with _explained([self.reader], batch, user_ids):
+        with _explained([self.reader], batch, user_ids, (self.reader, differences, offsets)):
             covariance = None
             if self.inner.is_map:  # the prior stays centred on w0; stored weights only warm-start the solve
                 result = ops.map_adapt(self.w0, self.eta, differences, offsets, inner=self.inner, init=start,
@@ -652,7 +707,8 @@ def adapt_users(
     with atomic_file(output) as handle, pq.ParquetWriter(handle, adapter.schema, **WRITE_OPTIONS) as writer, \
             _progress(_total_rows(files), "adapt", progress) as bar:
         for batch in _read_ahead(_iter_batches(files, adapter.columns, batch_users)):
-            result, warm_rows = adapter(batch)
+            with _in_file(batch):
+                result, warm_rows = adapter(batch)
             writer.write_batch(result)
             touched[warm_rows] = True
             seen_ids.append(result.column(0))
@@ -820,7 +876,8 @@ def score(
     with atomic_file(output) as handle, pq.ParquetWriter(handle, scorer.schema, **WRITE_OPTIONS) as writer, \
             _progress(_total_rows(files), "score", progress) as bar:
         for batch in _read_ahead(_iter_batches(files, scorer.columns, batch_users)):
-            result, pairs, candidates = scorer(batch)
+            with _in_file(batch):
+                result, pairs, candidates = scorer(batch)
             writer.write_batch(result)
             n_users += len(result)
             n_pairs += pairs
