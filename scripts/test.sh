@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 echo "== cargo test (mrm-core)"
 cargo test -p mrm-core --release --quiet
 
+echo "== lint (Rust): cargo fmt --check, clippy -D warnings"
+cargo fmt --all --check
+cargo clippy -p mrm-core -p mrm-py --release --all-targets --quiet -- -D warnings
+
 echo "== build and install (.venv, extras: test)"
 MRM_EXTRAS=test MRM_WITH_SMOLLM=1 bash scripts/setup.sh
 
@@ -16,6 +20,9 @@ smoke_env="$(mktemp -d)/venv"
 "$smoke_env/bin/python" -m pip install -q dist/mrm_fast-*.whl
 "$smoke_env/bin/python" tests/wheel_smoke.py
 rm -rf "$(dirname "$smoke_env")"
+
+echo "== lint (Python): ruff"
+.venv/bin/python -m ruff check python tests benches examples
 
 echo "== pytest"
 set +e

@@ -205,9 +205,9 @@ impl Work {
 
     /// Margins `z_i = d_i · p` of `rows` into `z`.
     #[inline(always)]
-    fn margins<T: Real>(rows: &[T], k: usize, p: &[f64], z: &mut Vec<f64>) {
+    fn margins(rows: &[f64], k: usize, p: &[f64], z: &mut Vec<f64>) {
         z.clear();
-        z.extend(rows.chunks_exact(k).map(|d| d.iter().zip(p).map(|(x, y)| x.to_f64() * y).sum::<f64>()));
+        z.extend(rows.chunks_exact(k).map(|d| d.iter().zip(p).map(|(x, y)| x * y).sum::<f64>()));
     }
 
     /// `Σ softplus(−z_i)` and every `s_i = σ(−z_i)` (into `s`), sharing one exponential.
@@ -234,7 +234,7 @@ impl Work {
 
     /// `F` at `w` (margins left in `z`, sigmoids in `s`, `p` at `w`).
     #[inline(always)]
-    fn objective<T: Real>(&mut self, rows: &[T], map: WeightMap, w: &[f64], w0: &[f64], lam: &[f64]) -> f64 {
+    fn objective(&mut self, rows: &[f64], map: WeightMap, w: &[f64], w0: &[f64], lam: &[f64]) -> f64 {
         Self::map_weights(map, w, &mut self.p);
         Self::margins(rows, self.k, &self.p, &mut self.z);
         Self::softplus_and_sigmoid(&self.z, &mut self.s) + Self::prior(lam, w, w0)
@@ -242,12 +242,12 @@ impl Work {
 
     /// `g_p = −Σ s_i d_i` from the current `s`, then `∇F = J g_p + Λ (w − w0)` into `grad`.
     #[inline(always)]
-    fn gradient<T: Real>(&mut self, rows: &[T], map: WeightMap, w0: &[f64], lam: &[f64]) {
+    fn gradient(&mut self, rows: &[f64], map: WeightMap, w0: &[f64], lam: &[f64]) {
         let k = self.k;
         self.gp.iter_mut().for_each(|g| *g = 0.0);
         for (d, &si) in rows.chunks_exact(k).zip(&self.s) {
             for (g, x) in self.gp.iter_mut().zip(d) {
-                *g -= si * x.to_f64();
+                *g -= si * x;
             }
         }
         Self::jacobian_times(map, &self.p, &self.gp, &mut self.grad);
@@ -259,22 +259,25 @@ impl Work {
     /// The step matrix into `h`: with `exact`, `∇²F` (SPEC §2's HVP in sum form plus Λ), else
     /// Gauss–Newton `J A J + Λ`. Needs `p`, `s` and `g_p` at `w`.
     #[inline(always)]
-    fn hessian<T: Real>(&mut self, rows: &[T], map: WeightMap, lam: &[f64], exact: bool) {
+    fn hessian(&mut self, rows: &[f64], map: WeightMap, lam: &[f64], exact: bool) {
         let k = self.k;
         // A = Σ s_i (1 − s_i) d_i d_iᵀ (upper triangle, mirrored below)
-        // (full square rather than a triangle: the row updates vectorise)
-        self.a.iter_mut().for_each(|x| *x = 0.0);
-        let mut d64 = [0.0f64; MAX_K];
-        for (d, &si) in rows.chunks_exact(k).zip(&self.s) {
-            let c = si * (1.0 - si);
-            for (x, y) in d64.iter_mut().zip(d) {
-                *x = y.to_f64();
-            }
-            let d64 = &d64[..k];
-            for (row, &dr) in self.a.chunks_exact_mut(k).zip(d64) {
-                let cr = c * dr;
-                for (x, &dc) in row.iter_mut().zip(d64) {
-                    *x += cr * dc;
+        // (full square rather than a triangle: the row updates vectorise; common K unrolled)
+        match k {
+            2 => accumulate_curvature::<2>(rows, &self.s, &mut self.a),
+            4 => accumulate_curvature::<4>(rows, &self.s, &mut self.a),
+            8 => accumulate_curvature::<8>(rows, &self.s, &mut self.a),
+            16 => accumulate_curvature::<16>(rows, &self.s, &mut self.a),
+            _ => {
+                self.a.iter_mut().for_each(|x| *x = 0.0);
+                for (d, &si) in rows.chunks_exact(k).zip(&self.s) {
+                    let c = si * (1.0 - si);
+                    for (row, &dr) in self.a.chunks_exact_mut(k).zip(d) {
+                        let cr = c * dr;
+                        for (x, &dc) in row.iter_mut().zip(d) {
+                            *x += cr * dc;
+                        }
+                    }
                 }
             }
         }
@@ -374,9 +377,9 @@ impl Work {
     /// Damped Newton from `init` (SPEC §7). Leaves `w` = w*, and `p`, `z`, `s`, `g_p`, `grad`
     /// at it. `Err` only for an objective that is not finite at the start.
     #[inline(always)]
-    fn solve<T: Real>(
+    fn solve(
         &mut self,
-        rows: &[T],
+        rows: &[f64],
         w0: &[f64],
         init: &[f64],
         lam: &[f64],
@@ -454,7 +457,7 @@ impl Work {
     /// Mean `softplus(−z)` and the share of `z > 0` of `rows` at the current `p`, leaving the
     /// margins in `z` and the sigmoids in `s`.
     #[inline(always)]
-    fn mean_loss<T: Real>(&mut self, rows: &[T]) -> (f64, f64) {
+    fn mean_loss(&mut self, rows: &[f64]) -> (f64, f64) {
         Self::margins(rows, self.k, &self.p, &mut self.z);
         let n = self.z.len();
         if n == 0 {
@@ -498,6 +501,27 @@ fn accelerated() -> bool {
         let portable = std::env::var("MRM_PORTABLE_KERNELS").is_ok_and(|v| v.trim() == "1");
         !portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     })
+}
+
+/// `A = Σ_i s_i (1 − s_i) d_i d_iᵀ` into `a` (K × K) for a K known at compile time: the
+/// accumulator stays in registers. Same sums in the same order as the general loop.
+#[inline(always)]
+fn accumulate_curvature<const K: usize>(rows: &[f64], s: &[f64], a: &mut [f64]) {
+    let mut acc = [[0.0f64; K]; K];
+    for (d, &si) in rows.chunks_exact(K).zip(s) {
+        // a fixed-size copy: no bounds checks in the loops below (chunks are exactly K long)
+        let d: [f64; K] = d.try_into().unwrap_or([0.0; K]);
+        let c = si * (1.0 - si);
+        for r in 0..K {
+            let cr = c * d[r];
+            for col in 0..K {
+                acc[r][col] += cr * d[col];
+            }
+        }
+    }
+    for (out, row) in a.chunks_exact_mut(K).zip(&acc) {
+        out.copy_from_slice(row);
+    }
 }
 
 /// `values` as f64 into `out` (resized).
