@@ -11,13 +11,13 @@ use crate::inner::{loss_and_accuracy, InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
 use crate::real::{softmax_into, Real};
 use crate::rows::{with_row_ops, RowOps, WithRowOps};
-use crate::stream;
+use crate::simd::stream;
 
 /// Users per unit of parallel work. Fixed, so reductions do not depend on the thread count.
 const BLOCK_USERS: usize = 256;
 
 /// Gradients of at least this many bytes (support and query rows together) are written with
-/// non-temporal stores (see [`crate::stream`]): larger than the caches, they would only evict
+/// non-temporal stores (see [`crate::simd::stream`]): larger than the caches, they would only evict
 /// other data. Smaller ones are stored plainly and stay in cache for the caller.
 const STREAM_MIN_BYTES: usize = 8 << 20;
 

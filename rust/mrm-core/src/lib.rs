@@ -24,7 +24,7 @@ mod group;
 pub mod inner;
 mod lanes;
 pub mod map;
-mod stream;
+mod simd;
 pub mod real;
 pub mod rows;
 pub mod rpo;

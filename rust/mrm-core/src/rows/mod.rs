@@ -40,7 +40,7 @@ pub trait RowOps<T: Real>: Copy {
     fn weighted_row_sums(self, rows: &[T], k: usize, x: &[T], out: &mut [T]);
     /// Whether [`RowOps::outer`], [`RowOps::rank2_sums`] and [`RowOps::zero_rows`] write
     /// with non-temporal stores when asked (`stream`: stores that do not read the memory
-    /// first and do not keep it in cache; see [`crate::stream`]), so that they may write a
+    /// first and do not keep it in cache; see [`crate::simd::stream`]), so that they may write a
     /// large gradient straight into its output; when not, the caller builds rows in scratch
     /// and streams them out.
     const STREAMS: bool = false;
@@ -325,7 +325,7 @@ pub mod avx2 {
         #[inline(always)]
         fn zero_rows(self, out: &mut [f32], stream: bool) {
             if stream {
-                crate::stream::zero(out);
+                crate::simd::stream::zero(out);
             } else {
                 out.fill(0.0);
             }
@@ -477,7 +477,7 @@ pub mod avx2 {
     }
 
     /// How a kernel stores the registers of its rows into `out`: non-temporal (see
-    /// [`crate::stream`]) when asked and the rows are aligned for it, else plainly.
+    /// [`crate::simd::stream`]) when asked and the rows are aligned for it, else plainly.
     #[derive(Clone, Copy)]
     enum Put {
         Stream256,
@@ -777,7 +777,7 @@ mod tests {
                 let ok_outer = ops.outer(&mut bufs[0][at..at + n * k], k, 0.75, self.s, self.mu, self.stream);
                 let ok_sums = ops.rank2_sums(&mut bufs[1][at..at + n * k], k, 3, self.s, self.c, n, self.mu, &self.mu[1..], k, self.stream);
                 ops.zero_rows(&mut bufs[2][at..at + n * k], self.stream);
-                crate::stream::fence();
+                crate::simd::stream::fence();
                 for b in &bufs {
                     assert!(b[..at].iter().chain(&b[at + n * k..]).all(|&x| x == -7.0), "wrote outside out");
                 }
