@@ -4,13 +4,14 @@
 
 use rayon::prelude::*;
 
-use crate::csr::{all_finite, check_output_finite, check_rows_finite, Csr};
+use crate::csr::{check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
 use crate::group::{lane_values, Group, Members};
 use crate::inner::{loss_and_accuracy, InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
-use crate::real::{softmax_into, Real};
-use crate::rows::{with_row_ops, RowOps, WithRowOps};
+use crate::dispatch::{with_row_ops, Dtype, WithRowOps};
+use crate::real::{all_finite, softmax_into, Real};
+use crate::rows::RowOps;
 use crate::simd::stream;
 
 /// Users per unit of parallel work. Fixed, so reductions do not depend on the thread count.
@@ -236,7 +237,7 @@ impl<'a, T: Real> ForwardOutputs<'a, T> {
 
 /// Adapts every user (SPEC §2); with `query`, also the query loss and accuracy at `w_T`.
 /// The support loss is measured at the adapted weights `w_T`.
-pub fn forward<T: Real>(
+pub fn forward<T: Dtype>(
     start: Start<'_, T>,
     support: Csr<'_, T>,
     query: Option<Csr<'_, T>>,
@@ -281,7 +282,7 @@ pub fn forward<T: Real>(
 /// `grad_w0`: K values for a shared start, summed over users in a fixed order; U × K for a
 /// per-user start), every support row and every query row.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: Real>(
+pub fn backward<T: Dtype>(
     start: Start<'_, T>,
     support: Csr<'_, T>,
     query: Csr<'_, T>,
@@ -301,7 +302,7 @@ pub fn backward<T: Real>(
 /// bit-identical to [`forward`]'s. Reads every row once instead of twice, for callers that
 /// know `grad_losses` before the losses (a fixed weighting such as the mean).
 #[allow(clippy::too_many_arguments)]
-pub fn value_and_grad<T: Real>(
+pub fn value_and_grad<T: Dtype>(
     start: Start<'_, T>,
     support: Csr<'_, T>,
     query: Csr<'_, T>,
@@ -724,7 +725,7 @@ pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ct
 }
 
 /// Mean loss and accuracy of each user's pairs at fixed weights (no adaptation).
-pub fn evaluate<T: Real>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], accuracy: &mut [T]) -> Result<()> {
+pub fn evaluate<T: Dtype>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], accuracy: &mut [T]) -> Result<()> {
     let (k, n_users) = (pairs.k, pairs.n_users());
     check_len("weights", weights, n_users * k)?;
     check_weights(weights, k)?;

@@ -1,7 +1,7 @@
 //! Ragged per-user row sets in CSR layout (SPEC §4) and their validation.
 
 use crate::error::{invalid, Result};
-use crate::real::Real;
+use crate::real::{all_finite, Real};
 
 /// Rows of width `k` grouped by user: user `u` owns rows `offsets[u]..offsets[u+1]`
 /// (relative to `offsets[0]`, so a slice of a larger batch is itself a batch).
@@ -132,12 +132,6 @@ pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
 /// Values scanned per piece: each piece is checked without an early exit (so the loop
 /// vectorises), and only a piece that has a non-finite value is searched for its position.
 const SCAN_PIECE: usize = 1 << 14;
-
-/// Whether every value is finite, in a loop without an early exit (so that it vectorises).
-#[inline(always)]
-pub fn all_finite<T: Real>(values: &[T]) -> bool {
-    values.iter().fold(true, |ok, x| ok & x.is_finite())
-}
 
 /// Index of the first non-finite value, scanning on `pool` when one is given.
 pub fn first_non_finite<T: Real>(values: &[T], pool: Option<&rayon::ThreadPool>) -> Option<usize> {

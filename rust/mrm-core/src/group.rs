@@ -16,10 +16,10 @@
 //! gradient is zero, so its weights stay at the start, and no adjoint flows back through steps.
 
 use crate::error::{Error, Result};
-use crate::inner::{mean, positive_share, InnerLoop, Optimizer};
+use crate::inner::{mean, positive_share, AdamStep, InnerLoop, Optimizer};
 use crate::lanes::{dot, softmax, softmax_jvp, Lanes, LANES};
 use crate::real::Real;
-use crate::rows::{AdamStep, RowOps};
+use crate::rows::RowOps;
 
 /// Steps whose Adam constants a group keeps (later ones are computed when needed).
 const ADAM_TABLE: usize = 64;
@@ -496,7 +496,8 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
 mod tests {
     use super::*;
     use crate::inner::Workspace;
-    use crate::rows::{with_row_ops, Portable, WithRowOps};
+    use crate::dispatch::{with_row_ops, WithRowOps};
+    use crate::rows::Portable;
 
     fn lcg(seed: &mut u64) -> f64 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

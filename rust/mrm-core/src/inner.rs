@@ -13,8 +13,6 @@ use crate::real::Real;
 #[cfg(test)]
 use crate::real::{dot, softmax_into, softmax_jvp};
 use crate::rows::RowOps;
-#[cfg(test)]
-use crate::rows::AdamStep;
 
 /// The inner optimiser.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,6 +58,25 @@ impl InnerLoop {
             }
         }
         Ok(())
+    }
+}
+
+/// The constants of Adam's step `t` (1-based; `torch.optim.Adam` semantics):
+/// `w −= c1 m / (sqrt(v) / c2 + ε)` with `c1 = α / (1 − β1^t)`, `c2 = sqrt(1 − β2^t)`.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep<T> {
+    pub c1: T,
+    pub c2: T,
+    pub beta1: T,
+    pub beta2: T,
+    pub eps: T,
+}
+
+impl<T: Real> AdamStep<T> {
+    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, t: usize) -> Self {
+        let t = t as i32;
+        let (c1, c2) = (lr / (1.0 - beta1.powi(t)), (1.0 - beta2.powi(t)).sqrt());
+        AdamStep { c1: T::of(c1), c2: T::of(c2), beta1: T::of(beta1), beta2: T::of(beta2), eps: T::of(eps) }
     }
 }
 
@@ -519,7 +536,7 @@ mod tests {
     /// inner loop and gradients as the f64 portable ones, to f32 rounding, for ragged users.
     #[test]
     fn f32_kernels_match_f64_portable_kernels() {
-        use crate::rows::{with_row_ops, WithRowOps};
+        use crate::dispatch::{with_row_ops, WithRowOps};
         struct Run<'a> {
             w0: &'a [f32],
             support: &'a [f32],

@@ -201,7 +201,7 @@ pub mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Lanes, LANES};
-    use crate::rows::avx2::exp;
+    use crate::simd::avx2::exp;
 
     /// Eight f32 lanes. Every method uses AVX2 and FMA instructions. This module is private
     /// to the crate and only the hand-vectorised row kernels ([`crate::rows::avx2::F32Rows`],

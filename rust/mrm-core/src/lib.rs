@@ -18,6 +18,7 @@
 
 pub mod batch;
 pub mod csr;
+mod dispatch;
 pub mod error;
 pub mod gather;
 mod group;
@@ -35,5 +36,16 @@ pub use error::{Error, Result};
 pub use gather::{pair_differences, pair_differences_backward};
 pub use inner::{InnerLoop, Optimizer, MAX_STEPS, TRAJECTORY_BUDGET_BYTES};
 pub use map::{map_backward, map_forward, predictive, MapGradients, MapOutputs, MapSettings, WeightMap};
+pub use dispatch::Dtype;
 pub use real::Real;
 pub use rpo::rpo;
+
+/// The row kernels, as [`dispatch`] picks them, and the scalar softmax: for the timing
+/// programs in `examples/` only, not part of the supported API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::dispatch::{with_row_ops, WithRowOps};
+    pub use crate::lanes::Lanes;
+    pub use crate::real::{softmax_into, softmax_jvp};
+    pub use crate::rows::RowOps;
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 mod cache;
 
 use mrm_core::{
-    Control, Csr, Error, ForwardOutputs, InnerLoop, MapGradients, MapOutputs, MapSettings, Optimizer, Real, Start, WeightMap,
+    Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, MapGradients, MapOutputs, MapSettings, Optimizer, Real, Start, WeightMap,
     MAX_THREADS,
 };
 use numpy::ndarray::{Array1, Array2, Array3};
@@ -169,7 +169,7 @@ type Backward<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
 type BackwardOut<'py, T> = (Bound<'py, PyArrayDyn<T>>, Bound<'py, PyArray2<T>>, Bound<'py, PyArray2<T>>);
 
 #[allow(clippy::too_many_arguments)]
-fn forward<'py, T: Real + Element>(
+fn forward<'py, T: Dtype + Element>(
     py: Python<'py>,
     w0: PyReadonlyArrayDyn<'py, T>,
     support: PyReadonlyArray2<'py, T>,
@@ -235,7 +235,7 @@ impl<T: Real + Element> ForwardBuffers<T> {
 /// `backward`, and with `with_values` also `forward`'s four outputs from the same pass
 /// (`mrm_core::value_and_grad`); returns the gradients and those outputs.
 #[allow(clippy::too_many_arguments)]
-fn backward<'py, T: Real + Element>(
+fn backward<'py, T: Dtype + Element>(
     py: Python<'py>,
     w0: PyReadonlyArrayDyn<'py, T>,
     support: PyReadonlyArray2<'py, T>,

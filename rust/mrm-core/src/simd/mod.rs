@@ -5,3 +5,6 @@
 //!   sigmoid and softplus and the register shuffles that the hand-vectorised kernels share.
 
 pub(crate) mod stream;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
