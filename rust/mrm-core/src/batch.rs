@@ -7,10 +7,10 @@ use rayon::prelude::*;
 use crate::csr::{check_output_finite, check_rows_finite, Csr};
 use crate::error::{invalid, Error, Result};
 use crate::group::{lane_values, Group, Members};
-use crate::inner::{loss_and_accuracy, InnerLoop, TRAJECTORY_BUDGET_BYTES};
+use crate::inner::{InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
 use crate::dispatch::{with_row_ops, Dtype, WithRowOps};
-use crate::real::{all_finite, softmax_into, Real};
+use crate::real::{all_finite, Real};
 use crate::rows::RowOps;
 use crate::simd::stream;
 
@@ -134,12 +134,12 @@ impl Control<'_> {
 }
 
 /// Block boundaries (relative user indices) for `n_users` users.
-fn block_bounds(n_users: usize) -> Vec<(usize, usize)> {
+pub(crate) fn block_bounds(n_users: usize) -> Vec<(usize, usize)> {
     (0..n_users).step_by(BLOCK_USERS).map(|lo| (lo, (lo + BLOCK_USERS).min(n_users))).collect()
 }
 
 /// Splits `buf` into consecutive pieces of the given lengths.
-fn split_lengths<T>(buf: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+pub(crate) fn split_lengths<T>(buf: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut rest = buf;
     let mut parts = Vec::new();
     for len in lengths {
@@ -163,7 +163,7 @@ fn block_row_lengths<'b, T: Real>(batch: &'b Csr<'_, T>, blocks: &'b [(usize, us
     blocks.iter().map(move |&(lo, hi)| batch.users(lo, hi).values.len())
 }
 
-fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
+pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
     if buf.len() != expected {
         return invalid(format!("{name} must have {expected} values, got {}", buf.len()));
     }
@@ -674,85 +674,4 @@ fn input_error<T: Real>(support: &Csr<'_, T>, query: Option<&Csr<'_, T>>, pool: 
         q.check_values("query", Some(pool))?;
     }
     invalid("support or query contains a non-finite value")
-}
-
-/// Per-user weights (U × K) must be finite; the error names the first bad user.
-fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
-    match weights.iter().position(|x| !x.is_finite()) {
-        Some(pos) => invalid(format!("weights contains a non-finite value (user {})", pos / k)),
-        None => Ok(()),
-    }
-}
-
-/// Personalised rewards `r = f · softmax(w_u)` for every row `f` of user `u`.
-pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
-    let (k, n_users) = (features.k, features.n_users());
-    if weights.len() != n_users * k {
-        return invalid(format!(
-            "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
-            weights.len()
-        ));
-    }
-    check_weights(weights, k)?;
-    check_len("rewards", rewards, features.n_rows())?;
-    ctl.chunks(n_users, |lo, hi| {
-        let feats = features.users(lo, hi);
-        let blocks = block_bounds(hi - lo);
-        let row_start = features.users(0, lo).n_rows();
-        let r_parts = split_lengths(
-            &mut rewards[row_start..row_start + feats.n_rows()],
-            blocks.iter().map(|&(a, b)| feats.users(a, b).n_rows()),
-        );
-        let work: Vec<_> = blocks.iter().copied().zip(r_parts).collect();
-        ctl.pool.install(|| {
-            work.into_par_iter().for_each_init(
-                || vec![T::ZERO; k],
-                |p, (b, out)| {
-                    let mut row = 0;
-                    for u in b.0..b.1 {
-                        softmax_into(&weights[(lo + u) * k..(lo + u + 1) * k], p);
-                        for f in feats.rows(u).chunks_exact(k) {
-                            out[row] = crate::real::dot(f, p);
-                            row += 1;
-                        }
-                    }
-                },
-            );
-        });
-        Ok(())
-    })?;
-    check_rows_finite("rewards", rewards, &features, ctl.pool)
-}
-
-/// Mean loss and accuracy of each user's pairs at fixed weights (no adaptation).
-pub fn evaluate<T: Dtype>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], accuracy: &mut [T]) -> Result<()> {
-    let (k, n_users) = (pairs.k, pairs.n_users());
-    check_len("weights", weights, n_users * k)?;
-    check_weights(weights, k)?;
-    check_len("losses", losses, n_users)?;
-    check_len("accuracy", accuracy, n_users)?;
-    with_row_ops(k, EvaluateAll { pairs, weights, losses, accuracy });
-    Ok(())
-}
-
-/// [`evaluate`]'s loop over users.
-struct EvaluateAll<'a, T> {
-    pairs: Csr<'a, T>,
-    weights: &'a [T],
-    losses: &'a mut [T],
-    accuracy: &'a mut [T],
-}
-
-impl<T: Real> WithRowOps<T> for EvaluateAll<'_, T> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<R: RowOps<T>>(self, ops: R) {
-        let k = self.pairs.k;
-        let (mut p, mut scratch) = (vec![T::ZERO; k], Vec::new());
-        for u in 0..self.pairs.n_users() {
-            softmax_into(&self.weights[u * k..(u + 1) * k], &mut p);
-            (self.losses[u], self.accuracy[u]) = loss_and_accuracy(ops, self.pairs.rows(u), k, &p, &mut scratch);
-        }
-    }
 }

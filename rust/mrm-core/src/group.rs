@@ -495,7 +495,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inner::Workspace;
+    use crate::reference::Workspace;
     use crate::dispatch::{with_row_ops, WithRowOps};
     use crate::rows::Portable;
 

@@ -9,7 +9,7 @@
 //!   with respect to the start and every support and query row;
 //! - [`batch::value_and_grad`]: both of the above in one pass over the rows;
 //! - [`rpo::rpo`]: the Robust Personalization Objective and its gradient;
-//! - [`batch::score`]: personalised rewards of feature rows;
+//! - [`score::score`]: personalised rewards of feature rows;
 //! - [`map::map_forward`] / [`map::map_backward`]: MAP adaptation under a Gaussian prior, its
 //!   exact implicit meta-gradient and the Laplace posterior (SPEC §7); [`map::predictive`]
 //!   the posterior mean and variance of rewards or margins;
@@ -22,15 +22,18 @@ mod dispatch;
 pub mod error;
 pub mod gather;
 mod group;
-pub mod inner;
+mod inner;
 mod lanes;
 pub mod map;
 mod simd;
-pub mod real;
-pub mod rows;
+mod real;
+#[cfg(test)]
+mod reference;
+mod rows;
 pub mod rpo;
+pub mod score;
 
-pub use batch::{backward, evaluate, forward, score, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
+pub use batch::{backward, forward, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
 pub use csr::Csr;
 pub use error::{Error, Result};
 pub use gather::{pair_differences, pair_differences_backward};
@@ -39,8 +42,9 @@ pub use map::{map_backward, map_forward, predictive, MapGradients, MapOutputs, M
 pub use dispatch::Dtype;
 pub use real::Real;
 pub use rpo::rpo;
+pub use score::score;
 
-/// The row kernels, as [`dispatch`] picks them, and the scalar softmax: for the timing
+/// The row kernels, as `dispatch` picks them, and the scalar softmax: for the timing
 /// programs in `examples/` only, not part of the supported API.
 #[doc(hidden)]
 pub mod bench {

@@ -1,5 +1,5 @@
 //! The floating-point types the kernels run on (f32 and f64): scalar maths (fast `exp` and
-//! `ln_1p`, sigmoid, dot, softmax and its Jacobian) and finiteness.
+//! `ln_1p`, dot, softmax and its Jacobian) and finiteness.
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -170,12 +170,6 @@ ln_1p_poly!(ln_1p_poly_f64, f64, std::f64::consts::SQRT_2, std::f64::consts::LN_
 #[inline(always)]
 pub fn all_finite<T: Real>(values: &[T]) -> bool {
     values.iter().fold(true, |ok, x| ok & x.is_finite())
-}
-
-/// `σ(x) = 1 / (1 + e^{-x})`, finite for every finite or infinite `x`.
-#[inline(always)]
-pub fn sigmoid<T: Real>(x: T) -> T {
-    T::ONE / (T::ONE + (-x).exp())
 }
 
 #[inline(always)]

@@ -17,7 +17,7 @@
 use crate::real::{all_finite, dot, Real};
 /// The row kernels. `k` is the row width; an implementation may know it at compile time.
 pub trait RowOps<T: Real>: Copy {
-    /// The lane vectors that go with these kernels (see [`crate::lanes`]).
+    /// The lane vectors that go with these kernels (see `crate::lanes`).
     type Lanes: crate::lanes::Lanes<T>;
     /// The row width: `k`, or the compile-time width when there is one.
     fn width(self, k: usize) -> usize;
@@ -36,7 +36,7 @@ pub trait RowOps<T: Real>: Copy {
     fn weighted_row_sums(self, rows: &[T], k: usize, x: &[T], out: &mut [T]);
     /// Whether [`RowOps::outer`], [`RowOps::rank2_sums`] and [`RowOps::zero_rows`] write
     /// with non-temporal stores when asked (`stream`: stores that do not read the memory
-    /// first and do not keep it in cache; see [`crate::simd::stream`]), so that they may write a
+    /// first and do not keep it in cache; see `crate::simd::stream`), so that they may write a
     /// large gradient straight into its output; when not, the caller builds rows in scratch
     /// and streams them out.
     const STREAMS: bool = false;
