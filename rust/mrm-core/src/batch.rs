@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use crate::csr::{check_output_finite, check_rows_finite, Csr};
-use crate::error::{invalid, Error, Result};
+use crate::error::{non_finite, shape, value, Error, Result};
 use crate::group::{lane_values, Group, Members};
 use crate::inner::{InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
@@ -36,12 +36,12 @@ impl<'a, T: Real> Start<'a, T> {
             Start::PerUser(w) => (*w, n_users * k, format!("shape ({n_users}, {k})")),
         };
         if values.len() != expected {
-            return invalid(format!("w0 must have {what} to match the data, got {} values", values.len()));
+            return shape("w0", format!("w0 must have {what} to match the data, got {} values", values.len()));
         }
         if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
             return match self {
-                Start::Shared(_) => invalid("w0 contains a non-finite value"),
-                Start::PerUser(_) => invalid(format!("w0 contains a non-finite value (user {})", pos / k)),
+                Start::Shared(_) => non_finite("w0", "w0 contains a non-finite value"),
+                Start::PerUser(_) => non_finite("w0", format!("w0 contains a non-finite value (user {})", pos / k)),
             };
         }
         Ok(())
@@ -106,7 +106,7 @@ fn check_trajectory_budget<T: Real>(support: &Csr<'_, T>, inner: &InnerLoop, fir
     let bytes = inner.steps as u128 * per_step * std::mem::size_of::<T>() as u128;
     if bytes > TRAJECTORY_BUDGET_BYTES as u128 {
         let last = (first + LANES).min(n_users) - 1;
-        return invalid(format!(
+        return value("steps", format!(
             "steps = {} would need {bytes} bytes of inner trajectory for users {first}..={last} \
              ({rows} support rows, K = {k}), more than the budget of {TRAJECTORY_BUDGET_BYTES} bytes \
              per group of {LANES} users; use fewer steps, first_order, or fewer support pairs per user",
@@ -165,24 +165,24 @@ fn block_row_lengths<'b, T: Real>(batch: &'b Csr<'_, T>, blocks: &'b [(usize, us
 
 pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
     if buf.len() != expected {
-        return invalid(format!("{name} must have {expected} values, got {}", buf.len()));
+        return shape(name.to_owned(), format!("{name} must have {expected} values, got {}", buf.len()));
     }
     Ok(())
 }
 
 fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
     if support.k != query.k {
-        return invalid(format!("support has K = {} columns but query has K = {}", support.k, query.k));
+        return shape("query", format!("support has K = {} columns but query has K = {}", support.k, query.k));
     }
     if support.n_users() != query.n_users() {
-        return invalid(format!(
+        return shape("query_offsets", format!(
             "support_offsets describes {} users but query_offsets describes {}",
             support.n_users(),
             query.n_users()
         ));
     }
     if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
-        return invalid(format!("query has no pairs for user {u}: every user needs at least one query pair"));
+        return shape("query", format!("query has no pairs for user {u}: every user needs at least one query pair"));
     }
     Ok(())
 }
@@ -253,7 +253,7 @@ pub fn forward<T: Dtype>(
     }
     out.check_lengths(k, n_users)?;
     if (out.losses.is_some() || out.accuracy.is_some()) && query.is_none() {
-        return invalid("losses and accuracy need query pairs");
+        return value("query", "losses and accuracy need query pairs");
     }
     let ForwardOutputs { weights, support_losses, losses, accuracy } = out;
     let mut values = ForwardOutputs { weights, support_losses, losses, accuracy };
@@ -324,7 +324,7 @@ pub fn value_and_grad<T: Dtype>(
     }
     check_len("grad_losses", grad_losses, n_users)?;
     if let Some(u) = grad_losses.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("grad_losses contains a non-finite value (user {u})"));
+        return non_finite("grad_losses", format!("grad_losses contains a non-finite value (user {u})"));
     }
     check_trajectory_budget(&support, inner, first_order)?;
     let shared = matches!(start, Start::Shared(_));
@@ -673,5 +673,5 @@ fn input_error<T: Real>(support: &Csr<'_, T>, query: Option<&Csr<'_, T>>, pool: 
     if let Some(q) = query {
         q.check_values("query", Some(pool))?;
     }
-    invalid("support or query contains a non-finite value")
+    non_finite("support", "support or query contains a non-finite value")
 }

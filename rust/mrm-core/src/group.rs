@@ -15,7 +15,7 @@
 //! depend on which users share its group. A user without support pairs takes no steps: its
 //! gradient is zero, so its weights stay at the start, and no adjoint flows back through steps.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::inner::{mean, positive_share, AdamStep, InnerLoop, Optimizer};
 use crate::lanes::{dot, softmax, softmax_jvp, Lanes, LANES};
 use crate::real::Real;
@@ -40,7 +40,7 @@ fn check_interval(n_rows: usize, k: usize) -> usize {
 fn grow<X: Clone>(buf: &mut Vec<X>, len: usize, fill: X, steps: usize) -> Result<()> {
     if len > buf.len() {
         buf.try_reserve_exact(len - buf.len()).map_err(|_| {
-            Error::Invalid(format!(
+            Error::new(Kind::Resource, "steps", format!(
                 "steps = {steps}: cannot allocate {} bytes for the inner trajectory",
                 len.saturating_mul(std::mem::size_of::<X>())
             ))

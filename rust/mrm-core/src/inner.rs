@@ -3,7 +3,7 @@
 //! eight users at a time in [`crate::group`]; the one-user loop it is checked against is the
 //! test-only `crate::reference`.
 
-use crate::error::{invalid, Result};
+use crate::error::{value, Result};
 use crate::real::Real;
 
 /// The inner optimiser.
@@ -34,19 +34,19 @@ pub struct InnerLoop {
 impl InnerLoop {
     pub fn validate(&self) -> Result<()> {
         if self.steps > MAX_STEPS {
-            return invalid(format!("steps must be <= {MAX_STEPS}, got {}", self.steps));
+            return value("steps", format!("steps must be <= {MAX_STEPS}, got {}", self.steps));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return invalid(format!("lr must be finite and > 0, got {}", self.lr));
+            return value("lr", format!("lr must be finite and > 0, got {}", self.lr));
         }
         if let Optimizer::Adam { beta1, beta2, eps } = self.optimizer {
             for (name, b) in [("betas[0]", beta1), ("betas[1]", beta2)] {
                 if !(b.is_finite() && (0.0..1.0).contains(&b)) {
-                    return invalid(format!("{name} must be in [0, 1), got {b}"));
+                    return value(name, format!("{name} must be in [0, 1), got {b}"));
                 }
             }
             if !(eps.is_finite() && eps > 0.0) {
-                return invalid(format!("eps must be finite and > 0, got {eps}"));
+                return value("eps", format!("eps must be finite and > 0, got {eps}"));
             }
         }
         Ok(())

@@ -1,7 +1,8 @@
 //! mrm-core: native kernels for Meta Reward Modeling (see SPEC.md in the project).
 //!
 //! Pure Rust, no Python: ragged per-user CSR batches in, slices out. Every entry point
-//! validates its input and returns [`Error::Invalid`] instead of panicking.
+//! validates its input and returns an [`Error`] (its [`Kind`], the argument and a message naming
+//! it) instead of panicking.
 //!
 //! - [`batch::forward`]: each user's inner loop (SGD or Adam) from a shared or per-user start,
 //!   with support/query loss and accuracy at the adapted weights;
@@ -35,7 +36,7 @@ pub mod score;
 
 pub use batch::{backward, forward, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
 pub use csr::Csr;
-pub use error::{Error, Result};
+pub use error::{Error, Kind, Result};
 pub use gather::{pair_differences, pair_differences_backward};
 pub use inner::{InnerLoop, Optimizer, MAX_STEPS, TRAJECTORY_BUDGET_BYTES};
 pub use map::{map_backward, map_forward, predictive, MapGradients, MapOutputs, MapSettings, WeightMap};

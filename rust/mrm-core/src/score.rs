@@ -5,13 +5,13 @@ use rayon::prelude::*;
 
 use crate::batch::{block_bounds, check_len, split_lengths, Control};
 use crate::csr::{check_rows_finite, Csr};
-use crate::error::{invalid, Result};
+use crate::error::{non_finite, shape, Result};
 use crate::real::{dot, softmax_into, Real};
 
 /// Per-user weights (U × K) must be finite; the error names the first bad user.
 fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
     match weights.iter().position(|x| !x.is_finite()) {
-        Some(pos) => invalid(format!("weights contains a non-finite value (user {})", pos / k)),
+        Some(pos) => non_finite("weights", format!("weights contains a non-finite value (user {})", pos / k)),
         None => Ok(()),
     }
 }
@@ -20,7 +20,7 @@ fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
 pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
     let (k, n_users) = (features.k, features.n_users());
     if weights.len() != n_users * k {
-        return invalid(format!(
+        return shape("weights", format!(
             "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
             weights.len()
         ));
