@@ -37,19 +37,35 @@ pub struct Error {
 
 impl Error {
     /// An error about `argument`.
-    pub fn new(kind: Kind, argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
-        Error { kind, argument: Some(argument.into()), message: message.into() }
+    pub fn new(
+        kind: Kind,
+        argument: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Error {
+            kind,
+            argument: Some(argument.into()),
+            message: message.into(),
+        }
     }
 
     /// An error that no single argument is to blame for (e.g. an output that overflows).
     pub fn without_argument(kind: Kind, message: impl Into<Cow<'static, str>>) -> Self {
-        Error { kind, argument: None, message: message.into() }
+        Error {
+            kind,
+            argument: None,
+            message: message.into(),
+        }
     }
 
     /// The caller's `keep_going` callback asked to stop. (Named as the variant of the enum this
     /// type replaced, so that `Err(Error::Interrupted)` still reads and compares as before.)
     #[allow(non_upper_case_globals)]
-    pub const Interrupted: Error = Error { kind: Kind::Interrupted, argument: None, message: Cow::Borrowed("interrupted") };
+    pub const Interrupted: Error = Error {
+        kind: Kind::Interrupted,
+        argument: None,
+        message: Cow::Borrowed("interrupted"),
+    };
 
     /// An invalid argument, of kind [`Kind::Value`], with `message` naming it: the constructor
     /// of the variant `Error::Invalid(String)` of the enum this type replaced. New code names the
@@ -93,17 +109,26 @@ impl std::error::Error for Error {}
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// `Err` of a [`Kind::Shape`] error about `argument`.
-pub(crate) fn shape<T>(argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Result<T> {
+pub(crate) fn shape<T>(
+    argument: impl Into<Cow<'static, str>>,
+    message: impl Into<Cow<'static, str>>,
+) -> Result<T> {
     Err(Error::new(Kind::Shape, argument, message))
 }
 
 /// `Err` of a [`Kind::Value`] error about `argument`.
-pub(crate) fn value<T>(argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Result<T> {
+pub(crate) fn value<T>(
+    argument: impl Into<Cow<'static, str>>,
+    message: impl Into<Cow<'static, str>>,
+) -> Result<T> {
     Err(Error::new(Kind::Value, argument, message))
 }
 
 /// `Err` of a [`Kind::NonFinite`] error about the input `argument`.
-pub(crate) fn non_finite<T>(argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Result<T> {
+pub(crate) fn non_finite<T>(
+    argument: impl Into<Cow<'static, str>>,
+    message: impl Into<Cow<'static, str>>,
+) -> Result<T> {
     Err(Error::new(Kind::NonFinite, argument, message))
 }
 
@@ -119,12 +144,25 @@ mod tests {
     #[test]
     fn kinds_arguments_and_messages() {
         let e = Error::new(Kind::Shape, "w0", "w0 must have shape (3,)");
-        assert_eq!((e.kind(), e.argument(), e.to_string()), (Kind::Shape, Some("w0"), "w0 must have shape (3,)".to_string()));
+        assert_eq!(
+            (e.kind(), e.argument(), e.to_string()),
+            (
+                Kind::Shape,
+                Some("w0"),
+                "w0 must have shape (3,)".to_string()
+            )
+        );
         assert_eq!(Error::Interrupted.kind(), Kind::Interrupted);
         assert_eq!(Error::Interrupted.to_string(), "interrupted");
         assert_eq!(Error::Interrupted.argument(), None);
         // Equal when kind and message are; the compatibility constructor is a value error.
-        assert_eq!(Error::new(Kind::Value, "steps", "steps must be <= 3"), Error::Invalid("steps must be <= 3".into()));
-        assert_ne!(Error::new(Kind::Shape, "steps", "steps must be <= 3"), Error::Invalid("steps must be <= 3".into()));
+        assert_eq!(
+            Error::new(Kind::Value, "steps", "steps must be <= 3"),
+            Error::Invalid("steps must be <= 3".into())
+        );
+        assert_ne!(
+            Error::new(Kind::Shape, "steps", "steps must be <= 3"),
+            Error::Invalid("steps must be <= 3".into())
+        );
     }
 }

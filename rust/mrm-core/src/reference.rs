@@ -33,7 +33,13 @@ fn pairs_pass<T: Real, R: RowOps<T>>(
 /// Mean loss and accuracy (strict `d · p > 0`) of `rows` at `p`; `(0, 0)` without rows.
 /// `z` is scratch.
 #[inline(always)]
-pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], z: &mut Vec<T>) -> (T, T) {
+pub(crate) fn loss_and_accuracy<T: Real, R: RowOps<T>>(
+    ops: R,
+    rows: &[T],
+    k: usize,
+    p: &[T],
+    z: &mut Vec<T>,
+) -> (T, T) {
     ops.margins(rows, k, p, z);
     let correct = positive_share(z);
     ops.neg_softplus(z);

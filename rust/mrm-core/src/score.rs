@@ -11,13 +11,21 @@ use crate::real::{dot, softmax_into, Real};
 /// Per-user weights (U × K) must be finite; the error names the first bad user.
 fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
     match weights.iter().position(|x| !x.is_finite()) {
-        Some(pos) => non_finite("weights", format!("weights contains a non-finite value (user {})", pos / k)),
+        Some(pos) => non_finite(
+            "weights",
+            format!("weights contains a non-finite value (user {})", pos / k),
+        ),
         None => Ok(()),
     }
 }
 
 /// Personalised rewards `r = f · softmax(w_u)` for every row `f` of user `u`.
-pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
+pub fn score<T: Real>(
+    features: Csr<'_, T>,
+    weights: &[T],
+    rewards: &mut [T],
+    ctl: &Control<'_>,
+) -> Result<()> {
     let (k, n_users) = (features.k, features.n_users());
     if weights.len() != n_users * k {
         return shape("weights", format!(
