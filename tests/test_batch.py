@@ -567,3 +567,44 @@ def test_read_ahead_keeps_order_errors_and_stops_with_the_caller():
             break
     assert len(produced) <= 6  # at most two ahead of the caller (and the one being made)
     assert not any(t.name == "mrm-read-ahead" for t in threading.enumerate())
+
+
+# ---- MAP checkpoints: posterior covariance in the weights table, uncertainty in the scores -------
+
+
+def test_map_checkpoint_adapts_with_its_prior_and_scores_with_uncertainty(tmp_path):
+    torch.manual_seed(3)
+    model = MetaRewardModel(ModelConfig(input_dim=D, num_bases=K, scale=0.5, weight_map="linear", prior="per-base"))
+    with torch.no_grad():
+        model.shared_weight.copy_(torch.randn(K))
+        model.log_precision.copy_(torch.linspace(-0.5, 0.5, K))
+    directory = tmp_path / "map-model"
+    model.double().save_pretrained(directory, extra_config={"train": {"inner": {"optimizer": "map"}}})
+    checkpoint = Checkpoint.load(directory)
+    assert checkpoint.weight_map == "linear" and checkpoint.eta.shape == (K,)
+    assert checkpoint.inner_loop().is_map
+    ids, offsets, chosen, rejected = _features_logs(n_users=30, dtype=np.float64)
+    logs = _write(batch.user_major_table(ids, offsets, chosen, rejected), tmp_path / "logs.parquet")
+    weights_path = tmp_path / "weights.parquet"
+    batch.adapt_users(directory, logs, weights_path, steps=1, lr=1.0, optimizer="map", batch_users=7, progress=False)
+    table = batch.read_weights(weights_path, K, np.float64)
+    expected = ops.map_adapt(checkpoint.w0, checkpoint.eta, chosen - rejected, offsets, return_covariance=True,
+                             inner=ops.InnerLoop("map", weight_map="linear"))
+    order = table.lookup(pa.array(ids))
+    np.testing.assert_allclose(table.weights[order], expected.weights, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table.covariance[order], expected.covariance, rtol=0, atol=1e-12)
+    # a user without pairs: the prior's covariance
+    np.testing.assert_allclose(table.covariance[order[0]], np.diag(np.exp(-checkpoint.eta)), atol=1e-12)
+    scores_path = tmp_path / "scores.parquet"
+    batch.score(directory, weights_path, logs, scores_path, progress=False)
+    rows = {r["user_id"]: r for r in pq.read_table(scores_path).to_pylist()}
+    for u, uid in enumerate(ids):
+        lo, hi = offsets[u], offsets[u + 1]
+        d = chosen[lo:hi] - rejected[lo:hi]
+        margin = d @ expected.weights[u]
+        var = np.einsum("ik,kl,il->i", d, expected.covariance[u], d)  # J = I for the linear map
+        np.testing.assert_allclose(rows[uid]["margin_std"], np.sqrt(var), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(rows[uid]["p_chosen"], 1 / (1 + np.exp(-margin / np.sqrt(1 + np.pi * var / 8))),
+                                   rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="adapt it with optimizer 'map'"):
+        batch.adapt_users(directory, logs, tmp_path / "w2.parquet", steps=1, lr=1.0, optimizer="sgd", progress=False)

@@ -33,7 +33,8 @@ def test_demo_train_eval_end_to_end(tmp_path):
                 "--official-epochs", "2", "--best-epochs", "2", "--shots", "5", "10", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert set(report["shots"]) == {5, 10} and len(report["rows"]) == 5
+    assert set(report["shots"]) == {5, 10} and len(report["rows"]) == 6  # + the MAP rows of issue 14
+    assert report["paired_differences"] and report["calibration"]
     for row in report["rows"].values():
         assert 0.0 <= row["seen"] <= 1.0 and all(0.0 <= v <= 1.0 for v in row["unseen"].values())
     assert (tmp_path / "demo" / "accuracy_vs_shots.png").stat().st_size > 1000

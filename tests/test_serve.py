@@ -26,11 +26,11 @@ torch = pytest.importorskip("torch")
 
 import reference  # noqa: E402
 from mrm.checkpoint import Checkpoint  # noqa: E402
+from mrm.ops import InnerLoop  # noqa: E402
 from mrm.store import AdaptSettings, UserStore  # noqa: E402
 
 D, K = 16, 3
-SETTINGS = AdaptSettings(steps=2, lr=0.5, optimizer="sgd")
-PYTHON_PATH = str(Path(__file__).resolve().parents[1] / "python")
+SETTINGS = AdaptSettings(InnerLoop("sgd", steps=2, lr=0.5))
 
 
 def free_port() -> int:
@@ -45,8 +45,8 @@ class Server:
     def __init__(self, tmp: Path, checkpoint: Path, store: Path, *extra: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=PYTHON_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MRM_CACHE_DIR=str(tmp / "cache"))
+        # the installed mrm-fast, as a user's would run it (a clean checkout has no compiled extension)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MRM_CACHE_DIR=str(tmp / "cache"))
         self.log = open(tmp / f"server-{self.port}.log", "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mrm.cli", "serve", "--checkpoint", str(checkpoint), "--store", str(store),

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import reference
-from mrm import batch, store as store_module
+from mrm import batch, ops as mrm_ops, store as store_module
 from mrm.checkpoint import Checkpoint
+from mrm.ops import InnerLoop
 from mrm.store import AdaptSettings, UserStore, adapt_online, laplace_covariance
 
 K = 3
@@ -80,7 +81,7 @@ def test_put_get_versions_and_errors(tmp_path):
 @pytest.mark.parametrize("optimizer,steps,lr", [("sgd", 3, 0.7), ("adam", 2, 0.05)])
 def test_feedback_matches_reference_replay(tmp_path, optimizer, steps, lr):
     rng = np.random.default_rng(1)
-    settings = AdaptSettings(steps=steps, lr=lr, optimizer=optimizer, prior_precision=0.5).validate()
+    settings = AdaptSettings(InnerLoop(optimizer, steps=steps, lr=lr), prior_precision=0.5).validate()
     w0 = rng.normal(size=K)
     blocks = {u: [rng.normal(size=(rng.integers(1, 5), K)) for _ in range(3)] for u in ("a", "b")}
     with UserStore(tmp_path / "u.db", K) as s:
@@ -119,7 +120,7 @@ def test_unknown_user_without_pairs_keeps_w0():
 
 
 def test_failed_update_writes_nothing(tmp_path, monkeypatch):
-    settings = AdaptSettings(steps=1, lr=0.1, optimizer="sgd")
+    settings = AdaptSettings(InnerLoop("sgd", steps=1, lr=0.1))
     w0 = np.zeros(K)
     calls = {"n": 0}
     real = store_module.adapt_online
@@ -143,7 +144,7 @@ def test_failed_update_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_readers_see_whole_updates_while_a_writer_runs(tmp_path):
-    settings = AdaptSettings(steps=1, lr=0.1, optimizer="sgd")
+    settings = AdaptSettings(InnerLoop("sgd", steps=1, lr=0.1))
     path = tmp_path / "u.db"
     stop = threading.Event()
     problems = []
@@ -174,7 +175,7 @@ def test_readers_see_whole_updates_while_a_writer_runs(tmp_path):
 
 
 def _write_many(path, worker, n):
-    settings = AdaptSettings(steps=1, lr=0.1, optimizer="sgd")
+    settings = AdaptSettings(InnerLoop("sgd", steps=1, lr=0.1))
     with UserStore(path, timeout=60) as s:
         for i in range(n):
             s.apply_feedback([("shared", np.full((1, K), worker + i / 100))], settings, np.zeros(K))
@@ -196,7 +197,7 @@ def test_two_writer_processes_never_lose_an_update(tmp_path):
         assert state.version == 50 and state.n_pairs == 50
         np.testing.assert_array_equal(versions, np.arange(1, 51))
         # replaying the history in version order gives the stored weights: no update was built on a stale state
-        settings = AdaptSettings(steps=1, lr=0.1, optimizer="sgd")
+        settings = AdaptSettings(InnerLoop("sgd", steps=1, lr=0.1))
         np.testing.assert_allclose(state.weights, _reference_replay(np.zeros(K), [h[None] for h in history], settings),
                                    atol=1e-12)
 
@@ -250,3 +251,24 @@ def test_import_adapt_users_output_and_score_with_export(tmp_path):
                     tmp_path / f"s-{name}.parquet", progress=False)
     a, b = pq.read_table(tmp_path / "s-w.parquet"), pq.read_table(tmp_path / "s-again.parquet")
     assert a.column("chosen_rewards").to_pylist() == b.column("chosen_rewards").to_pylist()
+
+
+def test_map_settings_refit_every_pair_under_the_learned_prior():
+    rng = np.random.default_rng(5)
+    k = 3
+    w0 = np.array([0.2, -0.1, 0.4])
+    eta = (0.3, -0.2, 0.1)
+    settings = AdaptSettings(InnerLoop("map", weight_map="linear"), eta=eta).validate()
+    history = [rng.normal(size=(4, k)), np.zeros((0, k))]
+    new = [rng.normal(size=(3, k)), rng.normal(size=(2, k))]
+    start = [None, None]
+    weights, _, covariances = adapt_online(settings, w0, start, new, histories=history)
+    for u in range(2):
+        rows = np.concatenate([history[u], new[u]])
+        ref = mrm_ops.map_adapt(w0, np.array(eta), rows, np.array([0, len(rows)]), return_covariance=True,
+                                inner=InnerLoop("map", weight_map="linear"))
+        np.testing.assert_allclose(weights[u], ref.weights[0], atol=1e-10)
+        np.testing.assert_allclose(covariances[u], ref.covariance[0], atol=1e-10)
+    np.testing.assert_allclose(settings.prior_covariance(k), np.diag(np.exp(-np.array(eta))))
+    with pytest.raises(ValueError, match="needs the checkpoint's prior"):
+        AdaptSettings(InnerLoop("map")).validate()

@@ -39,6 +39,7 @@ succeeds: a job killed part-way leaves the old output (or none), and can simply 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -152,9 +153,34 @@ def _schema(files: Sequence[Path]) -> pa.Schema:
     return _open_parquet(files[0]).schema_arrow
 
 
+_SOURCE, _FIRST_ROW = b"mrm.source", b"mrm.first_row"
+
+
+def _source(batch: pa.RecordBatch) -> Tuple[Optional[str], int]:
+    """The file a batch of :func:`_iter_batches` came from (None for other batches) and the
+    file row of its first row."""
+    meta = batch.schema.metadata or {}
+    path = meta.get(_SOURCE)
+    return (path.decode() if path is not None else None), int(meta.get(_FIRST_ROW, b"0"))
+
+
+@contextmanager
+def _in_file(batch: pa.RecordBatch) -> Iterator[None]:
+    """A ValueError about a batch's content names the file it came from."""
+    try:
+        yield
+    except ValueError as exc:
+        path, _ = _source(batch)
+        if path is None or str(exc).startswith(path):
+            raise
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def _iter_batches(files: Sequence[Path], columns: Sequence[str], batch_users: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of at most ``batch_users`` rows (users), with Parquet errors made readable."""
+    """Record batches of at most ``batch_users`` rows (users), with Parquet errors made readable.
+    Each batch carries its file and first row in its schema metadata (see :func:`_source`)."""
     for path in files:
+        first_row = 0
         parquet = _open_parquet(path)
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
         if missing:
@@ -169,7 +195,9 @@ def _iter_batches(files: Sequence[Path], columns: Sequence[str], batch_users: in
                     break
                 except (pa.ArrowException, OSError) as exc:
                     raise ValueError(f"{path} could not be read (corrupt or truncated Parquet?): {exc}") from None
-                yield batch
+                meta = {**(batch.schema.metadata or {}), _SOURCE: str(path).encode(), _FIRST_ROW: str(first_row).encode()}
+                first_row += batch.num_rows
+                yield batch.replace_schema_metadata(meta)
 
 
 def _read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -224,11 +252,16 @@ def _total_rows(files: Sequence[Path]) -> int:
 
 def _user_ids(batch: pa.RecordBatch) -> pa.Array:
     column = batch.column(batch.schema.get_field_index(USER))
+    if pa.types.is_dictionary(column.type):  # dictionary-encoded strings (pandas categoricals, Spark)
+        column = column.dictionary_decode()
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ValueError(f"column {USER!r} must be a string column, got {column.type}")
     if column.null_count:
         row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"column {USER!r} has a null value (row {row} of a batch)")
+        path, first_row = _source(batch)
+        where = f"row {first_row + row} of the file" if path is not None else f"row {row} of the batch"
+        after = f", after user {column[row - 1].as_py()!r}" if row > 0 else ""
+        raise ValueError(f"column {USER!r} has a null value ({where}{after})")
     return column.cast(pa.string())
 
 
@@ -360,16 +393,37 @@ class _Features:
 
 
 @contextmanager
-def _explained(readers, batch: pa.RecordBatch, user_ids: pa.Array):
+def _explained(readers, batch: pa.RecordBatch, user_ids: pa.Array, pairs=None):
     """Re-raises a kernel error caused by a non-finite input value as one that names the column,
-    the user id and the pair; any other error passes unchanged."""
+    the user id and the pair; with ``pairs`` (the reader, chosen − rejected, offsets), a
+    difference that overflows is named so too. Any other error has its batch user indices
+    replaced by user ids."""
     try:
         yield
-    except ValueError:
+    except ValueError as exc:
         for reader in readers:
             if reader is not None:
                 reader.check_finite(batch, user_ids)
-        raise
+        if pairs is not None:
+            reader, differences, offsets = pairs
+            finite = np.isfinite(differences).all(axis=1)
+            if not finite.all():
+                row = int(np.flatnonzero(~finite)[0])
+                u = int(np.searchsorted(offsets, row, side="right") - 1)
+                chosen, rejected = reader.columns
+                raise ValueError(
+                    f"columns {chosen!r} - {rejected!r}: user {user_ids[u].as_py()!r}, pair {row - int(offsets[u])}: "
+                    f"the difference overflows {differences.dtype} (finite values too far apart)"
+                ) from None
+
+        def named(match: "re.Match") -> str:
+            u = int(match.group(1))
+            return f"user {user_ids[u].as_py()!r}" if u < len(user_ids) else match.group(0)
+
+        message = re.sub(r"\buser (\d+)\b", named, str(exc))
+        if message == str(exc):
+            raise
+        raise ValueError(message) from None
 
 
 # ---- user-weights tables -------------------------------------------------------------------------
@@ -384,6 +438,8 @@ class WeightsTable:
     n_pairs: np.ndarray
     support_loss: np.ndarray
     version: np.ndarray
+    covariance: Optional[np.ndarray] = None
+    """Laplace posterior covariance per user (U, K, K), in tables written by MAP adaptation."""
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -415,7 +471,8 @@ def read_weights(path: PathLike, num_bases: int, dtype=np.float32) -> WeightsTab
         if missing:
             raise ValueError(f"{f} is not a user-weights table: missing column(s) {missing}")
         try:
-            tables.append(parquet.read(columns=columns))
+            optional = [c for c in ("covariance",) if c in parquet.schema_arrow.names]
+            tables.append(parquet.read(columns=columns + optional))
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"{f} could not be read (corrupt or truncated Parquet?): {exc}") from None
     table = pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0].combine_chunks()
@@ -447,19 +504,32 @@ def read_weights(path: PathLike, num_bases: int, dtype=np.float32) -> WeightsTab
         col = batch.column(batch.schema.get_field_index(name))
         return col.to_numpy(zero_copy_only=False).astype(kind)
 
+    covariance = None
+    if "covariance" in table.schema.names:
+        column = table.column("covariance").combine_chunks()
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if column.null_count or np.any(lengths != num_bases * num_bases):
+            raise ValueError(f"{path}: column 'covariance' must hold K x K = {num_bases * num_bases} values per user")
+        covariance = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, num_bases, num_bases)
+        if not np.isfinite(covariance).all():
+            bad = int(np.flatnonzero(~np.isfinite(covariance).all(axis=(1, 2)))[0])
+            raise ValueError(f"{path}: user {user_ids[bad].as_py()!r} has a non-finite covariance")
     return WeightsTable(user_ids, weights, numbers("n_pairs", np.int64), numbers("support_loss", np.float64),
-                        numbers("version", np.int64))
+                        numbers("version", np.int64), covariance)
 
 
-def _weights_schema(dtype: np.dtype) -> pa.Schema:
+def _weights_schema(dtype: np.dtype, covariance: bool = False) -> pa.Schema:
     value = pa.float64() if dtype == np.float64 else pa.float32()
-    return pa.schema([
+    fields = [
         (USER, pa.string()),
         ("weights", pa.list_(value)),
         ("n_pairs", pa.int64()),
         ("support_loss", pa.float64()),
         ("version", pa.int64()),
-    ])
+    ]
+    if covariance:  # MAP adaptation: each user's Laplace covariance, K x K row-major
+        fields.append(("covariance", pa.list_(value)))
+    return pa.schema(fields)
 
 
 def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
@@ -476,21 +546,25 @@ def _nested_list_array(rows: np.ndarray, offsets: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32 if offsets[-1] < 2**31 else np.int64)), inner)
 
 
-def _weights_batch(schema: pa.Schema, user_ids, weights, n_pairs, support_loss, version) -> pa.RecordBatch:
+def _weights_batch(schema: pa.Schema, user_ids, weights, n_pairs, support_loss, version,
+                   covariance: Optional[np.ndarray] = None) -> pa.RecordBatch:
     k = weights.shape[1]
     u = weights.shape[0]
     value = schema.field("weights").type.value_type
     flat = pa.array(np.ascontiguousarray(weights).reshape(-1), type=value)
-    return pa.record_batch(
-        [
-            user_ids,
-            pa.ListArray.from_arrays(pa.array(np.arange(u + 1, dtype=np.int32) * k), flat),
-            pa.array(n_pairs, pa.int64()),
-            pa.array(support_loss, pa.float64()),
-            pa.array(version, pa.int64()),
-        ],
-        schema=schema,
-    )
+    columns = [
+        user_ids,
+        pa.ListArray.from_arrays(pa.array(np.arange(u + 1, dtype=np.int32) * k), flat),
+        pa.array(n_pairs, pa.int64()),
+        pa.array(support_loss, pa.float64()),
+        pa.array(version, pa.int64()),
+    ]
+    if "covariance" in schema.names:
+        if covariance is None:
+            raise ValueError("this user-weights table keeps covariances: the rows to write need one per user")
+        cov = pa.array(np.ascontiguousarray(covariance, dtype=weights.dtype).reshape(-1), type=value)
+        columns.append(pa.ListArray.from_arrays(pa.array(np.arange(u + 1, dtype=np.int64) * k * k), cov))
+    return pa.record_batch(columns, schema=schema)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -548,7 +622,7 @@ class _Adapter:
             self.inner = ops.InnerLoop(optimizer, steps=steps, lr=lr)
             self.eta = None
         self.warm = warm
-        self.schema = _weights_schema(self.dtype)
+        self.schema = _weights_schema(self.dtype, covariance=self.inner.is_map)
 
     @property
     def columns(self) -> List[str]:
@@ -558,7 +632,8 @@ class _Adapter:
         """(user-weights batch, rows of the warm-start table this batch updated)."""
         user_ids = _user_ids(batch)
         chosen, rejected, offsets = self.reader.pairs(batch, user_ids)
-        differences = chosen - rejected
+        with np.errstate(over="ignore"):  # an overflow is named below, if the kernel finds one
+            differences = chosen - rejected
         del chosen, rejected
         count = len(user_ids)
         start = np.broadcast_to(self.w0, (count, self.num_bases)).copy()
@@ -570,23 +645,28 @@ class _Adapter:
             warm_rows = rows[known]
             start[known] = self.warm.weights[warm_rows]
             version[known] = self.warm.version[warm_rows] + 1
-        with _explained([self.reader], batch, user_ids):
+        with _explained([self.reader], batch, user_ids, (self.reader, differences, offsets)):
+            covariance = None
             if self.inner.is_map:  # the prior stays centred on w0; stored weights only warm-start the solve
-                prior_mean = np.broadcast_to(self.w0, start.shape).copy()
-                weights, losses = ops.adapt(prior_mean, differences, offsets, inner=self.inner, eta=self.eta,
-                                            init=start, num_threads=self.threads, return_support_losses=True)
+                result = ops.map_adapt(self.w0, self.eta, differences, offsets, inner=self.inner, init=start,
+                                       return_covariance=True, num_threads=self.threads)
+                result.raise_unconverged()
+                weights, losses, covariance = result.weights, result.support_losses, result.covariance
             else:
                 weights, losses = ops.adapt(start, differences, offsets, inner=self.inner, num_threads=self.threads,
                                             return_support_losses=True)
-        return _weights_batch(self.schema, user_ids, weights, np.diff(offsets), losses, version), warm_rows
+        return _weights_batch(self.schema, user_ids, weights, np.diff(offsets), losses, version, covariance), warm_rows
 
 
 def _warm_rows_batches(schema: pa.Schema, warm: WeightsTable, rows: np.ndarray, batch_users: int):
     """The given rows of a warm-start table, unchanged, as user-weights batches."""
     for lo in range(0, len(rows), batch_users):
         part = rows[lo:lo + batch_users]
+        covariance = None if warm.covariance is None else warm.covariance[part]
+        if covariance is None and "covariance" in schema.names:
+            raise ValueError("the warm-start table has no covariance column: adapt it again with optimizer 'map'")
         yield _weights_batch(schema, warm.user_ids.take(pa.array(part)), warm.weights[part], warm.n_pairs[part],
-                             warm.support_loss[part], warm.version[part])
+                             warm.support_loss[part], warm.version[part], covariance)
 
 
 def adapt_users(
@@ -627,7 +707,8 @@ def adapt_users(
     with atomic_file(output) as handle, pq.ParquetWriter(handle, adapter.schema, **WRITE_OPTIONS) as writer, \
             _progress(_total_rows(files), "adapt", progress) as bar:
         for batch in _read_ahead(_iter_batches(files, adapter.columns, batch_users)):
-            result, warm_rows = adapter(batch)
+            with _in_file(batch):
+                result, warm_rows = adapter(batch)
             writer.write_batch(result)
             touched[warm_rows] = True
             seen_ids.append(result.column(0))
@@ -678,9 +759,15 @@ class _Scorer:
         fields = [(USER, pa.string())]
         if self.candidates:
             fields.append(("candidate_rewards", pa.list_(value)))
+        self.uncertain = checkpoint.eta is not None and checkpoint.weight_map is not None and checkpoint.prior is not None
+        if self.candidates:
+            if self.uncertain:
+                fields.append(("candidate_reward_std", pa.list_(value)))
         if self.pairs:
             fields += [("chosen_rewards", pa.list_(value)), ("rejected_rewards", pa.list_(value)),
                        ("p_chosen", pa.list_(value)), ("accuracy", pa.float64())]
+            if self.uncertain:
+                fields.append(("margin_std", pa.list_(value)))
         fields.append(("fallback", pa.bool_()))
         self.schema = pa.schema(fields)
 
@@ -701,22 +788,44 @@ class _Scorer:
             fallback = ~known
         columns = [user_ids]
         n_pairs = n_candidates = 0
+        covariance = None
+        if self.uncertain:
+            # Laplace covariance from the table; a user without one has only the prior, diag(e^-η)
+            k = self.checkpoint.num_bases
+            eta = np.broadcast_to(self.checkpoint.eta.astype(np.float64), (k,))
+            covariance = np.broadcast_to(np.diag(np.exp(-eta)).astype(self.dtype), (count, k, k)).copy()
+            if self.weights is not None and self.weights.covariance is not None:
+                covariance[known] = self.weights.covariance[rows[known]]
 
-        def rewards(rows_k: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        def rewards(rows_k: np.ndarray, offsets: np.ndarray, with_std: bool = False):
             with _explained([self.pairs, self.candidates], batch, user_ids):
+                if with_std:
+                    mean, var = ops.predict(rows_k.astype(self.dtype, copy=False), offsets, weights,
+                                            covariance=covariance, weight_map=self.weight_map, num_threads=self.threads)
+                    return mean, np.sqrt(var)
                 return ops.score(rows_k.astype(self.dtype, copy=False), offsets, weights, weight_map=self.weight_map,
                                  num_threads=self.threads)
 
         if self.candidates:
             (column,) = self.candidates.columns
             rows_k, offsets = self.candidates.rows(batch, column, user_ids)
-            columns.append(_list_array(rewards(rows_k, offsets), offsets))
+            if self.uncertain:
+                mean, std = rewards(rows_k, offsets, with_std=True)
+                columns += [_list_array(mean, offsets), _list_array(std, offsets)]
+            else:
+                columns.append(_list_array(rewards(rows_k, offsets), offsets))
             n_candidates = int(offsets[-1])
         if self.pairs:
             chosen, rejected, offsets = self.pairs.pairs(batch, user_ids)
             chosen_rewards, rejected_rewards = rewards(chosen, offsets), rewards(rejected, offsets)
-            # P(chosen beats rejected) = σ(r_c − r_r) (Bradley–Terry)
-            p_chosen = _sigmoid(chosen_rewards - rejected_rewards)
+            margin_std = None
+            if self.uncertain:
+                # P(chosen ≻ rejected) under the Laplace posterior: σ(m / sqrt(1 + π var_m / 8)) (SPEC §7)
+                _, margin_std = rewards(chosen - rejected, offsets, with_std=True)
+                p_chosen = ops.pair_probabilities(chosen_rewards - rejected_rewards, margin_std ** 2).astype(self.dtype)
+            else:
+                # P(chosen beats rejected) = σ(r_c − r_r) (Bradley–Terry)
+                p_chosen = _sigmoid(chosen_rewards - rejected_rewards)
             counts = np.diff(offsets)
             user_of_row = np.repeat(np.arange(count), counts)
             wins = np.bincount(user_of_row, weights=(chosen_rewards > rejected_rewards), minlength=count)
@@ -724,6 +833,8 @@ class _Scorer:
             np.divide(wins, counts, out=accuracy, where=counts > 0)
             columns += [_list_array(chosen_rewards, offsets), _list_array(rejected_rewards, offsets),
                         _list_array(p_chosen, offsets), pa.array(accuracy, pa.float64())]
+            if margin_std is not None:
+                columns.append(_list_array(margin_std.astype(self.dtype), offsets))
             n_pairs = int(offsets[-1])
         columns.append(pa.array(fallback, pa.bool_()))
         return pa.record_batch(columns, schema=self.schema), n_pairs, n_candidates
@@ -742,9 +853,12 @@ def score(
 ) -> ScoreSummary:
     """Personalised rewards for every user of the user-major ``logs``, written to ``output``.
 
-    For candidate columns: ``candidate_rewards`` r_u(e) = φ(e) · softmax(w_u). For pair columns:
+    For candidate columns: ``candidate_rewards`` r_u(e) = φ(e) · p(w_u). For pair columns:
     ``chosen_rewards``, ``rejected_rewards``, ``p_chosen`` = σ(r_c − r_r) and the user's
-    ``accuracy`` (fraction with r_c > r_r, SPEC §5; NaN without pairs). Users absent from the
+    ``accuracy`` (fraction with r_c > r_r, SPEC §5; NaN without pairs). A checkpoint with a MAP
+    prior also gets ``candidate_reward_std`` and ``margin_std`` (Laplace posterior, from the
+    weights table's ``covariance``; the prior's for users without one), and ``p_chosen`` is then
+    the probit-corrected σ(m / sqrt(1 + π var_m / 8)) (SPEC §7). Users absent from the
     ``weights`` table (None: every user) are scored with w0, flagged ``fallback`` and counted.
     """
     started = time.perf_counter()
@@ -762,7 +876,8 @@ def score(
     with atomic_file(output) as handle, pq.ParquetWriter(handle, scorer.schema, **WRITE_OPTIONS) as writer, \
             _progress(_total_rows(files), "score", progress) as bar:
         for batch in _read_ahead(_iter_batches(files, scorer.columns, batch_users)):
-            result, pairs, candidates = scorer(batch)
+            with _in_file(batch):
+                result, pairs, candidates = scorer(batch)
             writer.write_batch(result)
             n_users += len(result)
             n_pairs += pairs

@@ -116,22 +116,47 @@ class Checkpoint:
     prior: Optional[str] = None
 
     def inner_loop(self, **settings):
-        """The adaptation settings as an :class:`mrm.ops.InnerLoop`: built from ``settings``
-        (``optimizer=, steps=, lr=, max_iter=, tol=``; None entries ignored) when any is given,
-        else the ones the model was trained with (``extra_config["train"]["inner"]``), else the
-        released defaults. The ``map`` solver takes this model's weight map."""
+        """The adaptation settings as an :class:`mrm.ops.InnerLoop`: the ones the model was
+        meta-trained with (``config.json``'s ``train``: its ``inner`` entry, or the older
+        ``inner_optimizer`` / ``inner_steps`` / ``inner_lr`` keys), else the released defaults,
+        with ``settings`` (``optimizer=, steps=, lr=, max_iter=, tol=``; None: keep) on top. A bad
+        stored value is a ValueError naming the file and key. The map solver takes this model's
+        weight map."""
         from mrm import ops
 
-        raw = {k: v for k, v in settings.items() if v is not None}
-        if not raw:
-            raw = dict((self.extra_config.get("train") or {}).get("inner") or {})
+        where = self.path / CONFIG_NAME if self.path else "the checkpoint's config.json"
+        train = self.extra_config.get("train") or {}
+        if not isinstance(train, dict):
+            raise ValueError(f"{where}: 'train' must be an object of training settings, got {type(train).__name__}")
+        given = {k: v for k, v in settings.items() if v is not None}
+        stored = train.get("inner")
+        if isinstance(stored, dict):
+            base, source = dict(stored), "train.inner"
+        else:
+            optimizer = train.get("inner_optimizer", "adam")
+            if optimizer not in ops.SOLVERS:
+                raise ValueError(f"{where}: train.inner_optimizer must be one of {list(ops.SOLVERS)}, got {optimizer!r}")
+            base, source = {"optimizer": optimizer}, "train"
+            if optimizer != "map":
+                base.update(steps=train.get("inner_steps", 1), lr=train.get("inner_lr", 1e-3))
+                for key, value, ok, expected in (
+                        ("inner_steps", base["steps"], lambda v: isinstance(v, int) and not isinstance(v, bool),
+                         f"an integer from 0 to {ops.MAX_STEPS}"),
+                        ("inner_lr", base["lr"], lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and math.isfinite(v) and v > 0, "a finite number > 0")):
+                    if not ok(value) or (key == "inner_steps" and not 0 <= value <= ops.MAX_STEPS):
+                        raise ValueError(f"{where}: train.{key} must be {expected}, got {value!r}")
+        if given.get("optimizer", base.get("optimizer")) != base.get("optimizer"):
+            # another solver than the trained one: keep only the trained step loop's steps and lr
+            base = {k: v for k, v in base.items() if k in ("steps", "lr")} if given["optimizer"] != "map" else {}
+        raw = {**base, **given}
         if raw.get("optimizer") == "map":
+            raw.pop("steps", None), raw.pop("lr", None)
             raw.setdefault("weight_map", self.weight_map)
         try:
             return ops.InnerLoop.from_dict(raw)
         except (TypeError, ValueError) as exc:
-            where = self.path / CONFIG_NAME if self.path else "the checkpoint"
-            raise ValueError(f"{where}: bad adaptation settings {raw}: {exc}") from None
+            raise ValueError(f"{where}: bad adaptation settings in {source} or the flags ({raw}): {exc}") from None
 
     @property
     def bias(self) -> bool:

@@ -7,6 +7,7 @@ Add a subcommand by writing ``_add_NAME(subparsers)`` (its arguments) and ``_run
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -49,6 +50,52 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _steps(text: str) -> int:
+    """Inner steps: an integer in 0..MAX_STEPS (mrm.ops)."""
+    from mrm.ops import MAX_STEPS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
+    if not 0 <= value <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_STEPS} steps, got {text}")
+    return value
+
+
+def _threads(text: str) -> int:
+    """Kernel threads: 1..mrm.ops.max_threads()."""
+    from mrm.ops import max_threads
+
+    value = _positive_int(text)
+    if value > max_threads():
+        raise argparse.ArgumentTypeError(f"expected at most {max_threads()} threads (4 x the CPUs, at least 64), "
+                                         f"got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _refuse_existing_dir(path: str, overwrite: bool, flag: str, hint: str = "") -> None:
+    """A run / report directory that already holds files is replaced only with ``flag``."""
+    from pathlib import Path
+
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} already exists and is not empty (pass {flag} to write into it and "
+                              f"replace what it holds{hint})")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     """Options every batch job takes."""
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
@@ -57,7 +104,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="user-major Parquet logs (a file or a directory of .parquet files)")
     parser.add_argument("--output", required=True, metavar="PARQUET",
                         help="where to write the result (a Parquet file, written atomically)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--batch-users", type=_positive_int, default=None, metavar="N",
@@ -75,8 +122,8 @@ def _add_adapt(subparsers) -> argparse.ArgumentParser:
         epilog="With --warm-start, users absent from the logs are copied through unchanged.",
     )
     _add_common(parser)
-    parser.add_argument("--steps", type=int, default=1, metavar="T", help="inner steps per user (default 1)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="inner learning rate (default 1e-3)")
+    parser.add_argument("--steps", type=_steps, default=1, metavar="T", help="inner steps per user (default 1)")
+    parser.add_argument("--lr", type=_finite_float, default=1e-3, help="inner learning rate (default 1e-3)")
     parser.add_argument("--optimizer", choices=("adam", "sgd", "map"), default="adam",
                         help="inner optimiser, or map for checkpoints trained with a prior (default adam)")
     parser.add_argument("--warm-start", default=None, metavar="PARQUET",
@@ -220,12 +267,15 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     _add_data_and_backbone(parser)
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="run directory (created)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/last if present")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing, non-empty --output-dir (its best/, last/, history.json are "
+                             "replaced)")
     parser.add_argument("--num-bases", type=_positive_int, default=None, metavar="K",
                         help="number of base reward functions K (default 2, released)")
     parser.add_argument("--hidden-sizes", type=_positive_int, nargs="*", default=[], metavar="H",
                         help="widths of hidden layers between the embedding and the K outputs (default none: one "
                              "linear map, released)")
-    parser.add_argument("--scale", type=float, default=1.0,
+    parser.add_argument("--scale", type=_finite_float, default=1.0,
                         help="input scale of the base functions (default 1.0 for unit-norm sentence embeddings; the "
                              "released 0.01 suits raw LLM hidden states)")
     parser.add_argument("--preset", choices=("released", "recommended"), default="released",
@@ -241,22 +291,22 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--support-sizes", type=_positive_int, nargs=2, default=None, metavar=("LO", "HI"),
                         help="meta-train on item-disjoint supports of LO..HI pairs per user instead of the "
                              "official 10 %% split (default: the official split; recommended: 5 50)")
-    parser.add_argument("--inner-steps", type=int, default=None, metavar="T",
+    parser.add_argument("--inner-steps", type=_steps, default=None, metavar="T",
                         help="inner steps per user (default 1, released)")
-    parser.add_argument("--inner-lr", type=float, default=None, help="inner learning rate (default 1e-3, released)")
+    parser.add_argument("--inner-lr", type=_finite_float, default=None, help="inner learning rate (default 1e-3, released)")
     parser.add_argument("--first-order", action="store_true", help="first-order MAML (no Hessian terms)")
-    parser.add_argument("--meta-lr", type=float, default=None, help="outer Adam learning rate (default 1e-3, released)")
+    parser.add_argument("--meta-lr", type=_finite_float, default=None, help="outer Adam learning rate (default 1e-3, released)")
     parser.add_argument("--epochs", type=_positive_int, default=None, help="meta-training epochs (default 200, released)")
     parser.add_argument("--tasks-per-batch", type=_positive_int, default=None, metavar="N",
                         help="users per outer step, all in one native call (default 2, released; 1024 is the fast path)")
     parser.add_argument("--objective", choices=("rpo", "mean"), default=None,
                         help="meta-objective: RPO or the plain mean of the users' query losses (default rpo)")
-    parser.add_argument("--tail", type=float, default=None, help="RPO tail ratio rho (default 0.5)")
-    parser.add_argument("--gamma", type=float, default=None, help="RPO smoothing, <= 0: hard mask (default 0.5)")
-    parser.add_argument("--eval-every", type=_positive_int, default=None, metavar="EPOCHS",
+    parser.add_argument("--tail", type=_finite_float, default=None, help="RPO tail ratio rho (default 0.5)")
+    parser.add_argument("--gamma", type=_finite_float, default=None, help="RPO smoothing, <= 0: hard mask (default 0.5)")
+    parser.add_argument("--eval-every", type=_positive_int, default=10, metavar="EPOCHS",
                         help="evaluate (and checkpoint the best epoch) every this many epochs, and at the last "
-                             "(default 10; recommended preset: 1)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                             "(default 10)")
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel and torch threads (default: $MRM_NUM_THREADS, else every CPU)")
     return parser
 
@@ -270,11 +320,12 @@ def _run_train(args: argparse.Namespace) -> str:
         weight_map=args.weight_map, support_sizes=list(args.support_sizes) if args.support_sizes else None,
         first_order=args.first_order or None, meta_lr=args.meta_lr, epochs=args.epochs,
         tasks_per_batch=args.tasks_per_batch, objective=args.objective, tail=args.tail, gamma=args.gamma,
-        eval_every=args.eval_every if args.eval_every is not None else (None if args.preset == "recommended" else 10),
+        eval_every=args.eval_every,
         seed=args.seed, num_threads=args.threads,
     )
     # options left out keep the preset's values (released: the paper's hyper-parameters)
     config = preset(args.preset, **{k: v for k, v in chosen.items() if v is not None})
+    _refuse_existing_dir(args.output_dir, args.overwrite or args.resume, "--overwrite", " or --resume to continue it")
     data, embeddings = _embeddings(args)
     trainer = MetaTrainer(config, embeddings, data, output_dir=args.output_dir, resume=args.resume)
     best = trainer.fit(progress=not args.no_progress)
@@ -292,14 +343,16 @@ def _add_eval(subparsers) -> argparse.ArgumentParser:
     _add_data_and_backbone(parser)
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (e.g. RUN/best)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where report.json and the plots go")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing, non-empty --output-dir (its reports are replaced)")
     parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50], metavar="N",
                         help="unseen users adapted on their first N training pairs, for each N (default 5 10 20 50)")
-    parser.add_argument("--steps", type=int, default=None, metavar="T",
+    parser.add_argument("--steps", type=_steps, default=None, metavar="T",
                         help="inner steps (default: those the checkpoint was trained with)")
-    parser.add_argument("--lr", type=float, default=None, help="inner lr (default: from the checkpoint)")
+    parser.add_argument("--lr", type=_finite_float, default=None, help="inner lr (default: from the checkpoint)")
     parser.add_argument("--optimizer", choices=("adam", "sgd", "map"), default=None,
                         help="inner optimiser (default: from the checkpoint)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
     return parser
 
@@ -311,6 +364,7 @@ def _run_eval(args: argparse.Namespace) -> str:
     from mrm.data import with_shots
     from mrm.evaluate import evaluate_features, plot_shots, write_json
 
+    _refuse_existing_dir(args.output_dir, args.overwrite, "--overwrite")
     checkpoint = Checkpoint.load(args.checkpoint)
     # the settings it was meta-trained with, unless the flags say otherwise
     inner = checkpoint.inner_loop(optimizer=args.optimizer, steps=args.steps, lr=args.lr)
@@ -394,6 +448,16 @@ def _run_baseline(args: argparse.Namespace) -> str:
     return "global Bradley-Terry: " + _accuracy_line(summary) + f" -> {out}/report.json"
 
 
+def _os_error_message(exc: OSError) -> str:
+    """``PATH: reason`` for an operating-system error (permission, disk full, ...)."""
+    if exc.filename is None:
+        return str(exc)
+    reason = exc.strerror or type(exc).__name__
+    if exc.filename2 is not None:
+        return f"{exc.filename} -> {exc.filename2}: {reason}"
+    return f"{exc.filename}: {reason}"
+
+
 def _add_demo(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo", help="the main job: MovieLens-100K end to end, with baselines",
@@ -414,7 +478,7 @@ def _add_demo(subparsers) -> argparse.ArgumentParser:
                         help="epochs of the recommended (MAP) preset (default 10)")
     parser.add_argument("--max-users", type=_positive_int, default=None, metavar="N",
                         help="use only N users (quick look; the table is then not comparable)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel and torch threads (default: every CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")
     return parser
@@ -510,16 +574,23 @@ SUBCOMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], str]]] = {
 """name -> (add its parser, run it and return a one-line report)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, ``mrm: error: …`` (exit code 2), like every other."""
+
+    def error(self, message: str):
+        self.exit(2, f"mrm: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mrm`` parser with every subcommand of :data:`SUBCOMMANDS`."""
-    parser = argparse.ArgumentParser(prog="mrm", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="mrm", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
         from mrm import __version__
     except ImportError:  # the native module is missing: --version still parses
         __version__ = "unknown"
     parser.add_argument("--version", action="version", version=f"mrm-fast {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
     for name, (add, run) in SUBCOMMANDS.items():
         sub = add(subparsers)
         sub.set_defaults(run=run)
@@ -550,8 +621,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _silence_progress_bars()
     try:
         report = args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        message = " ".join(str(exc).split())  # one line
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
+        # Bad input, bad files, permissions, a full disk: one line naming the path or flag.
+        # MRM_TRACEBACK=1 shows the traceback instead (for bug reports).
+        if os.environ.get("MRM_TRACEBACK", "").strip() == "1":
+            raise
+        text = _os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+        message = " ".join(text.split())  # one line
         print(f"mrm: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

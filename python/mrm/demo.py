@@ -31,7 +31,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from mrm.data.pairs import PreferenceData, with_shots
-from mrm.evaluate import EvalResult, evaluate_features, paired_difference, plot_shots, worst_users_difference, write_json
+from mrm import ops
+from mrm.evaluate import (EvalResult, calibration, evaluate_features, paired_difference, plot_reliability, plot_shots,
+                          worst_users_difference, write_json)
 
 SCALE = 1.0
 """φ's input scale used for MiniLM's unit-norm embeddings (the released 0.01 suits LLM states)."""
@@ -202,6 +204,8 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
                     per_seed["shots"][s].append(trainer.evaluate(by_shots[s], features=feats))
                     per_seed["none"][s].append(trainer.evaluate(by_shots[s], features=feats, adapt=False))
                 per_seed["seen"].append(trainer.evaluate(data, features=feats))
+                if objective == "mean" and i == 0:
+                    calibrations = {s: unseen_calibration(trainer, feats, by_shots[s]) for s in shots}
             configs[f"recommended-{objective}"] = config.to_dict()
         results_by_row[label] = {"shots": {s: _mean_result(per_seed["shots"][s]) for s in shots},
                                  "seen": _mean_result(per_seed["seen"])}
@@ -224,7 +228,10 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
         rows[key] = _row(r["shots"], r["seen"])
     comparisons = compare_rows(results_by_row, order[3:], shots, data.seen,
                                baselines={"global BT": order[0], "no adaptation": order[1]})
-    table = format_table({k: rows[k] for k in order}, shots) + "\n\n" + format_comparisons(comparisons, shots)
+    table = (format_table({k: rows[k] for k in order}, shots) + "\n\n" + format_comparisons(comparisons, shots)
+             + "\n\n" + format_calibration(calibrations))
+    plot_reliability({f"{kind} @{s}": calibrations[s][kind] for s in (shots[0], shots[-1]) for kind in ("laplace", "plug-in")},
+                     out / "reliability.png", title="MovieLens-100K unseen users: P(chosen ≻ rejected)")
     log("\n" + table)
     log("\nwall-clock per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     report = {
@@ -234,6 +241,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
         "protocol": PROTOCOL,
         "rows": {k: rows[k] for k in order},
         "paired_differences": comparisons,
+        "calibration": calibrations,
         "configs": configs,
         "seconds": timings,
         "selection": "best epoch by seen users' test accuracy; unseen users never used for training or selection",
@@ -242,7 +250,8 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Dict:
     plot_shots({k: v["unseen"] for k, v in report["rows"].items()}, out / "accuracy_vs_shots.png",
                title="MovieLens-100K, unseen users")
     (out / "table.md").write_text(table + "\n")
-    log(f"\nwrote {out / 'report.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'per_user_recommended.csv'}, {out / 'table.md'}")
+    log(f"\nwrote {out / 'report.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'reliability.png'}, "
+        f"{out / 'per_user_recommended.csv'}, {out / 'table.md'}")
     return report
 
 
@@ -290,4 +299,32 @@ def format_comparisons(comparisons: Dict, shots: Sequence[int]) -> str:
         for base, entry in by_base.items():
             cells = [f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi in (entry[k] for k in keys)]
             lines.append(f"| {label} − {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def unseen_calibration(trainer, features: np.ndarray, data: PreferenceData) -> Dict:
+    """Calibration of P(chosen ≻ rejected) on the unseen users' test pairs after MAP adaptation
+    on their training pairs: the Laplace predictive σ(m / sqrt(1 + π var_m / 8)) and the plug-in
+    σ(m) (see :func:`mrm.evaluate.calibration`)."""
+    from mrm.evaluate import pair_differences
+
+    users = np.flatnonzero(~data.seen & (data.test.counts() > 0))
+    train, test = data.train.select_users(users), data.test.select_users(users)
+    w0 = trainer.model.shared_weight.detach().cpu().numpy().astype(features.dtype)
+    eta = trainer.model.log_precision.detach().cpu().numpy().astype(features.dtype)
+    result = ops.map_adapt(w0, eta, pair_differences(features, train), train.offsets, inner=trainer.inner,
+                           return_covariance=True)
+    margin, var = ops.predict(pair_differences(features, test), test.offsets, result.weights,
+                              covariance=result.covariance, weight_map=trainer.inner.weight_map)
+    return {"laplace": calibration(ops.pair_probabilities(margin, var)), "plug-in": calibration(ops.pair_probabilities(margin))}
+
+
+def format_calibration(calibrations: Dict[int, Dict]) -> str:
+    """Markdown table: ECE, accuracy (all / 50 % most confident) per shot count and predictive."""
+    lines = ["| unseen users, recommended preset (seed 1) | ECE | mean confidence | accuracy | accuracy, 50 % most confident |",
+             "|---|---|---|---|---|"]
+    for shots, by_kind in calibrations.items():
+        for kind, c in by_kind.items():
+            lines.append(f"| @{shots}, {kind} | {c['ece']:.4f} | {c['mean_confidence']:.3f} | {c['accuracy']:.3f} | "
+                         f"{c['accuracy_top_half']:.3f} |")
     return "\n".join(lines)

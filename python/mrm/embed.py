@@ -28,6 +28,8 @@ Cache layout (one backbone per directory)::
       shards/<time>-<random>.safetensors
           keys        uint8 (n, 32)   sha256 of (fingerprint, pooling, max_length, dtype, text)
           embeddings  float32 (n, D)
+          metadata    sha256 of keys and embeddings: a shard that fails it is removed and its
+                      texts embedded again (a warning says so)
 
 Every shard and the manifest is written atomically (temporary file + rename), and shards are
 never rewritten, so an interrupted run leaves only complete shards: rerunning embeds only the
@@ -43,6 +45,7 @@ complete cache works without them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -57,7 +60,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mrm._io import atomic_file
+from mrm._io import atomic_file, remove_stale_in
 
 PathLike = Union[str, os.PathLike]
 Message = Mapping[str, str]
@@ -182,6 +185,15 @@ def _load_gguf_causal_lm(torch, transformers, gguf_path: Path):
     return model
 
 
+def _shard_digest(keys: np.ndarray, embeddings: np.ndarray) -> str:
+    """sha256 of a shard's keys and embeddings (dtypes and shapes included), stored in it."""
+    digest = hashlib.sha256()
+    for array in (keys, embeddings):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def _normalise_text(item: Any, index: int) -> Tuple[Prompt, str]:
     """Check one (prompt, response) item; ``prompt`` is a string or a list of messages."""
     if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -279,6 +291,7 @@ class EmbeddingCache:
         self._model_dim: Optional[int] = None
         self._index: Dict[bytes, Tuple[str, int]] = {}
         self._indexed_shards: set = set()
+        self._cleaned = False
         self._manifest = self._check_manifest()
 
     # -- model location and kind --------------------------------------------------------------
@@ -445,8 +458,19 @@ class EmbeddingCache:
                     metadata = shard.metadata() or {}
                     keys = shard.get_tensor("keys")
                     width = shard.get_slice("embeddings").get_shape()[1]
+                    # Shards since the checksum was added carry one: flipped bytes inside are
+                    # found here, not returned as vectors.
+                    corrupt = "sha256" in metadata and metadata["sha256"] != _shard_digest(
+                        keys, shard.get_tensor("embeddings"))
             except Exception as err:  # an unreadable shard only costs re-embedding its texts
                 warnings.warn(f"skipping unreadable embedding shard {path}: {err}", stacklevel=3)
+                self._indexed_shards.add(path.name)
+                continue
+            if corrupt:
+                warnings.warn(f"embedding shard {path} fails its checksum (corrupt): removed, its texts are "
+                              "embedded again", stacklevel=3)
+                with contextlib.suppress(OSError):
+                    path.unlink()
                 self._indexed_shards.add(path.name)
                 continue
             if metadata.get("fingerprint") != self.fingerprint:
@@ -469,12 +493,15 @@ class EmbeddingCache:
         if self._manifest is None:
             self._write_manifest(int(vectors.shape[1]))
         name = f"{time.time_ns():020d}-{secrets.token_hex(4)}.safetensors"
+        key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self._cleaned:  # temporary shards of killed writers
+            remove_stale_in(self._shards_dir)
+            self._cleaned = True
         payload = save(
-            {
-                "keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES),
-                "embeddings": np.ascontiguousarray(vectors, dtype=np.float32),
-            },
-            metadata={"format": FORMAT, "backbone_id": self.backbone_id, "fingerprint": self.fingerprint},
+            {"keys": key_array, "embeddings": vectors},
+            metadata={"format": FORMAT, "backbone_id": self.backbone_id, "fingerprint": self.fingerprint,
+                      "sha256": _shard_digest(key_array, vectors)},
         )
         with atomic_file(self._shards_dir / name) as handle:
             handle.write(payload)

@@ -238,9 +238,58 @@ def plot_shots(curves: Dict[str, Dict[int, float]], path, *, title: str = "Unsee
     ax.set_xlabel("training pairs per unseen user (shots)")
     ax.set_ylabel("user-level accuracy")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, ax, path)
+
+
+def _save(fig, ax, path) -> None:
+    """Grid, tight layout and an atomic PNG write, then the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format="png")
     plt.close(fig)
+
+
+def calibration(probabilities: np.ndarray, *, bins: int = 10) -> Dict:
+    """Calibration of predicted P(chosen ≻ rejected) on held-out pairs (chosen is what the user
+    preferred). Each pair counts in its more likely orientation: confidence ``max(p, 1 − p)``,
+    right when ``p > 0.5``. Returns the expected calibration error (``bins`` equal-width bins of
+    confidence on [0.5, 1]), accuracy of all pairs and of the 50 % most confident, and the
+    reliability curve (per bin: mean confidence, accuracy, pair count)."""
+    p = np.asarray(probabilities, np.float64).ravel()
+    confidence = np.maximum(p, 1.0 - p)
+    correct = p > 0.5
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, bins - 1)
+    curve, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
+            ece += mask.mean() * abs(conf - acc)
+            curve.append([conf, acc, int(mask.sum())])
+    top = np.argsort(-confidence, kind="stable")[: max(1, p.size // 2)]
+    return {"ece": float(ece), "accuracy": float(correct.mean()), "accuracy_top_half": float(correct[top].mean()),
+            "mean_confidence": float(confidence.mean()), "pairs": int(p.size), "curve": curve}
+
+
+def plot_reliability(curves: Dict[str, Dict], path, *, title: str = "Reliability of P(chosen ≻ rejected)") -> None:
+    """Reliability diagram (accuracy against confidence per bin) of :func:`calibration` results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    ax.plot([0.5, 1.0], [0.5, 1.0], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for name, result in curves.items():
+        conf, acc = [c[0] for c in result["curve"]], [c[1] for c in result["curve"]]
+        ax.plot(conf, acc, marker="o", label=f"{name} (ECE {result['ece']:.3f})")
+    ax.set_xlabel("confidence max(p, 1 − p)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    _save(fig, ax, path)

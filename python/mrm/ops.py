@@ -236,8 +236,18 @@ def resolve_threads(num_threads: Optional[int]) -> int:
     return _check_threads(int(num_threads), "num_threads")
 
 
+def _asarray(name: str, value) -> np.ndarray:
+    """``np.asarray(value)``, with numpy's errors for ragged or odd input naming ``name``."""
+    if value is None:
+        raise TypeError(f"{name} must be an array, got None")
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{name} must be a rectangular array of numbers: {exc}") from None
+
+
 def _float_array(name: str, value, ndims: Sequence[int]) -> np.ndarray:
-    array = np.asarray(value)
+    array = _asarray(name, value)
     if array.dtype not in _FLOATS:
         kind = "integer" if array.dtype.kind in "iub" else str(array.dtype)
         raise TypeError(f"{name} must be a float32 or float64 array, got {kind} dtype ({array.dtype})")
@@ -249,7 +259,7 @@ def _float_array(name: str, value, ndims: Sequence[int]) -> np.ndarray:
 
 def _int_array(name: str, value, shape: str = "(U + 1,)") -> np.ndarray:
     """A 1-D integer argument as contiguous int64 (``shape`` describes it in errors)."""
-    array = np.asarray(value)
+    array = _asarray(name, value)
     if array.size == 0 and array.ndim == 1:
         array = array.astype(np.int64)  # an empty list comes in as float64
     if array.dtype.kind not in "iu" or array.dtype == np.bool_:
@@ -296,12 +306,12 @@ def _kernel(name: str, dtype: np.dtype):
     return getattr(_native, f"{name}_{'f32' if dtype == np.float32 else 'f64'}")
 
 
-def _prepare(w0, support, support_offsets, query=None, query_offsets=None):
+def _prepare(w0, support, support_offsets, query=None, query_offsets=None, *, need_query: bool = False):
     w0 = _float_array("w0", w0, (1, 2))
     support = _float_array("support", support, (2,))
     support_offsets = _int_array("support_offsets", support_offsets)
     arrays = {"w0": w0, "support": support}
-    if query is not None:
+    if query is not None or need_query:  # None where query pairs are needed: a TypeError naming it
         query = _float_array("query", query, (2,))
         query_offsets = _int_array("query_offsets", query_offsets)
         arrays["query"] = query
@@ -483,7 +493,7 @@ def meta_forward(
                            accuracy=result.accuracy)
     _no_map_arguments(eta=eta)
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(
-        w0, support, support_offsets, query, query_offsets
+        w0, support, support_offsets, query, query_offsets, need_query=True
     )
     weights, support_losses, losses, accuracy = _kernel("forward", dtype)(
         w0, support, support_offsets, query, query_offsets, *_hyper(inner), True, resolve_threads(num_threads)
@@ -609,7 +619,7 @@ def _map_backward(w0, eta, support, support_offsets, query, query_offsets, grad_
 def _backward(w0, support, support_offsets, query, query_offsets, grad_losses, hyper, first_order, num_threads, out,
               *, with_values: bool):
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(
-        w0, support, support_offsets, query, query_offsets
+        w0, support, support_offsets, query, query_offsets, need_query=True
     )
     grad_losses = _grad_losses(grad_losses, dtype, len(support_offsets) - 1)
     if out is not None:
@@ -648,9 +658,11 @@ def set_output_cache_limit(limit_bytes: int) -> int:
     The default limit is ``$MRM_OUTPUT_CACHE_MB`` MiB, else 1024 MiB; 0 turns the cache off.
     Free arrays over the new limit are released at once. Returns the bytes the cache still holds.
     """
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, numbers.Integral):
+        raise TypeError(f"limit_bytes must be an int, got {type(limit_bytes).__name__}")
     limit_bytes = operator.index(limit_bytes)
-    if limit_bytes < 0:
-        raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
+    if not 0 <= limit_bytes < 2**63:
+        raise ValueError(f"limit_bytes must be >= 0 and < 2**63, got {limit_bytes}")
     return _native.set_output_cache_limit(limit_bytes)
 
 

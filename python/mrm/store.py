@@ -46,7 +46,7 @@ import math
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -97,36 +97,61 @@ CREATE TABLE IF NOT EXISTS pairs (
 
 @dataclass(frozen=True)
 class AdaptSettings:
-    """How a user's weights are adapted online: :func:`mrm.ops.adapt`'s ``steps``, ``lr`` and
-    ``optimizer``, and the prior precision used for the Laplace covariance (uncertainty)."""
+    """How a user's weights are adapted online: an :class:`mrm.ops.InnerLoop` (``inner``), the
+    MAP prior's log precisions ``eta`` (for ``optimizer="map"``), and, for the step loops only,
+    the prior precision behind their Gauss–Newton Laplace covariance (uncertainty)."""
 
-    steps: int = 1
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    inner: ops.InnerLoop = field(default_factory=ops.InnerLoop)
+    eta: Optional[Tuple[float, ...]] = None
+    """The checkpoint's log prior precisions (1 or K values); required by the map solver."""
     prior_precision: float = 1.0
-    """λ of the Gaussian prior N(w0, λ⁻¹ I) behind :func:`laplace_covariance`."""
+    """λ of the isotropic prior N(w0, λ⁻¹ I) of :func:`laplace_covariance` (sgd/adam only; the
+    map solver's covariance is its exact Laplace posterior under ``eta``)."""
+
+    @property
+    def is_map(self) -> bool:
+        return self.inner.is_map
+
+    @property
+    def optimizer(self) -> str:
+        return self.inner.optimizer
+
+    @property
+    def steps(self) -> Optional[int]:
+        return self.inner.steps
+
+    @property
+    def lr(self) -> Optional[float]:
+        return self.inner.lr
 
     def validate(self) -> "AdaptSettings":
-        # ops.adapt checks steps/lr/optimizer; a zero-user call does it without work
-        ops.adapt(np.zeros(1), np.zeros((0, 1)), np.zeros(1, np.int64), steps=self.steps, lr=self.lr,
-                  optimizer=self.optimizer, num_threads=1)
+        if not isinstance(self.inner, ops.InnerLoop):
+            raise TypeError(f"inner must be an mrm.ops.InnerLoop, got {type(self.inner).__name__}")
+        if self.is_map and self.eta is None:
+            raise ValueError("the map solver needs the checkpoint's prior (eta): use a checkpoint trained with "
+                             "inner_optimizer='map'")
         if not (isinstance(self.prior_precision, (int, float)) and math.isfinite(self.prior_precision)
                 and self.prior_precision > 0):
             raise ValueError(f"prior_precision must be finite and > 0, got {self.prior_precision!r}")
         return self
 
+    def prior_covariance(self, k: int) -> np.ndarray:
+        """The covariance of a user without pairs (the prior's)."""
+        if self.is_map:
+            return np.diag(np.exp(-np.broadcast_to(np.asarray(self.eta, np.float64), (k,))))
+        return np.eye(k) / float(self.prior_precision)
+
     @classmethod
-    def from_checkpoint(cls, checkpoint, **overrides) -> "AdaptSettings":
-        """The inner-loop settings a checkpoint was meta-trained with (its ``config.json``'s
-        ``train`` entry; the released values when absent), with ``overrides`` (None: keep)."""
-        trained = (getattr(checkpoint, "extra_config", None) or {}).get("train", {}) or {}
-        values = {
-            "steps": trained.get("inner_steps", 1),
-            "lr": trained.get("inner_lr", 1e-3),
-            "optimizer": trained.get("inner_optimizer", "adam"),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values).validate()
+    def from_checkpoint(cls, checkpoint, *, steps=None, lr=None, optimizer=None, prior_precision=None) -> "AdaptSettings":
+        """The adaptation settings a checkpoint was meta-trained with (its ``config.json``), with
+        overrides (None: keep); a checkpoint with a MAP prior adapts with the map solver."""
+        inner = checkpoint.inner_loop(optimizer=optimizer, steps=steps, lr=lr)
+        eta = getattr(checkpoint, "eta", None)
+        if getattr(checkpoint, "weight_map", "simplex") == "linear" and not inner.is_map:
+            raise ValueError("the checkpoint has linear user weights: adapt it with optimizer 'map'")
+        settings = cls(inner=inner, eta=None if eta is None else tuple(float(x) for x in np.ravel(eta)),
+                       **({} if prior_precision is None else {"prior_precision": prior_precision}))
+        return settings.validate()
 
 
 def _softmax(w: np.ndarray) -> np.ndarray:
@@ -166,7 +191,7 @@ def adapt_online(
     The single place where online weights are computed (feedback, unknown users, TRL rewards).
     A user with a state starts from its stored weights (a warm start, as ``mrm adapt
     --warm-start``); a user without one (``None``: unknown) starts from ``w0``. Each user takes
-    ``settings.steps`` steps of ``settings.optimizer`` on its ``new_pairs`` (N_u, K) pair
+    ``settings.inner`` on its ``new_pairs`` (N_u, K) pair
     differences (:func:`mrm.ops.adapt`); a user without new pairs keeps its start, so an unknown
     user with no pairs is scored with ``w0``.
 
@@ -186,8 +211,22 @@ def adapt_online(
     offsets = np.zeros(len(blocks) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in blocks], out=offsets[1:])
     support = np.concatenate(blocks) if blocks else np.zeros((0, k))
-    weights, losses = ops.adapt(start, np.ascontiguousarray(support), offsets, steps=settings.steps, lr=settings.lr,
-                                optimizer=settings.optimizer, num_threads=num_threads, return_support_losses=True)
+    if settings.is_map:
+        # the posterior mode given ALL of the user's pairs under the meta-learned prior, warm-started
+        # from the stored weights; its covariance is the exact Laplace posterior
+        everything = [np.concatenate([np.asarray(histories[u], np.float64).reshape(-1, k), blocks[u]])
+                      if histories is not None else blocks[u] for u in range(len(blocks))]
+        all_offsets = np.zeros(len(everything) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in everything], out=all_offsets[1:])
+        rows = np.concatenate(everything) if everything else np.zeros((0, k))
+        result = ops.map_adapt(w0, np.asarray(settings.eta, np.float64), np.ascontiguousarray(rows), all_offsets,
+                               inner=settings.inner, init=start, return_covariance=histories is not None,
+                               num_threads=num_threads)
+        result.raise_unconverged()
+        covariances = None if histories is None else list(result.covariance)
+        return result.weights, result.support_losses, covariances
+    weights, losses = ops.adapt(start, np.ascontiguousarray(support), offsets, inner=settings.inner,
+                                num_threads=num_threads, return_support_losses=True)
     covariances = None
     if histories is not None:
         covariances = [

@@ -10,7 +10,7 @@ base rewards by index, with a native scatter as its backward. CPU tensors only: 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -280,6 +280,19 @@ def _threads_arg(num_threads: Optional[int]) -> int:
     return num_threads
 
 
+class _Settings(NamedTuple):
+    """Keyword settings of :func:`user_losses`, unvalidated (the op validates them)."""
+
+    optimizer: str
+    steps: Optional[int]
+    lr: Optional[float]
+    betas: Tuple[float, float]
+    eps: float
+    max_iter: int = 100
+    tol: float = 1e-6
+    weight_map: str = "simplex"
+
+
 def user_losses(
     w0: torch.Tensor,
     support: torch.Tensor,
@@ -302,11 +315,16 @@ def user_losses(
 
     Same arguments as :func:`mrm.ops.meta_forward`, as CPU tensors (float32 or float64).
     """
-    inner = ops.inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
+    # The settings are read here but validated inside the op (mrm.ops builds the InnerLoop there):
+    # constructing one calls the core, which torch.compile cannot trace (fullgraph=True).
+    if inner is None:
+        inner = _Settings(optimizer or "adam", steps, lr, betas or (0.9, 0.999), 1e-8 if eps is None else eps)
+    elif any(v is not None for v in (steps, lr, optimizer, betas, eps)):
+        raise TypeError("pass either inner= or the keyword settings (steps=, lr=, ...), not both")
     support_offsets = _offsets("support_offsets", support_offsets)
     query_offsets = _offsets("query_offsets", query_offsets)
     _check_cpu(w0=w0, support=support, query=query, support_offsets=support_offsets, query_offsets=query_offsets)
-    if inner.is_map:
+    if inner.optimizer == "map":
         if eta is None:
             raise TypeError("the 'map' solver needs eta, the prior's log precisions (a tensor of 1 or K values)")
         if first_order:
@@ -318,7 +336,9 @@ def user_losses(
         )
     if eta is not None:
         raise ValueError("eta applies to the 'map' solver only")
-    beta1, beta2 = inner.betas
+    if inner.steps is None or inner.lr is None:
+        raise TypeError("user_losses needs steps= and lr= (or inner=mrm.ops.InnerLoop(...))")
+    beta1, beta2 = (float(b) for b in inner.betas)
     return _user_losses(
         w0, support, support_offsets, query, query_offsets, int(inner.steps), float(inner.lr), inner.optimizer,
         beta1, beta2, float(inner.eps), bool(first_order), _threads_arg(num_threads),

@@ -27,13 +27,15 @@ import torch
 from mrm import evaluate as evaluation
 from mrm import ops
 from mrm._io import atomic_dir
+from mrm._state import load_state, save_state
 from mrm.data.pairs import PreferenceData, UserPairs, with_shots
 from mrm.model import MetaRewardModel, ModelConfig
 from mrm.torch_ops import rpo_objective, user_losses
 
 __all__ = ["PRESETS", "preset", "TrainConfig", "MetaTrainer", "EpochPlan", "split_support_query", "split_support_sizes", "bt_pca_start", "fit_global_bradley_terry", "check_embeddings"]
 
-STATE_NAME = "trainer_state.pt"
+STATE_NAME = "trainer_state"  # .safetensors (tensors) + .json (the rest): never a pickle
+_OLD_STATE_NAME = "trainer_state.pt"  # written by earlier versions; never loaded
 SELECTION_SHOTS = (5, 10, 20, 50)
 """Shot counts of ``select_on='seen-shots'``."""
 HISTORY_NAME = "history.json"
@@ -108,10 +110,13 @@ class TrainConfig:
         value = self.meta_lr
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"meta_lr must be a finite number > 0, got {value!r}")
+        if self.inner_optimizer not in ops.SOLVERS:
+            raise ValueError(f"inner_optimizer must be one of {', '.join(map(repr, ops.SOLVERS))}, got {self.inner_optimizer!r}")
         try:
             inner = self.inner()
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"inner-loop settings: {exc}") from None
+            # the InnerLoop names its own fields: say which TrainConfig fields they come from
+            raise ValueError(f"inner-loop settings (inner_steps, inner_lr, weight_map, map_max_iter, map_tol): {exc}") from None
         if inner.is_map:
             if self.prior not in ("per-base", "shared"):
                 raise ValueError(f"prior must be 'per-base' or 'shared', got {self.prior!r}")
@@ -594,16 +599,19 @@ class MetaTrainer:
         }
         with atomic_dir(self.output_dir / "last") as tmp:
             self.model.write_files(tmp, extra_config={"train": self.config.to_dict()})
-            torch.save(state, tmp / STATE_NAME)
+            save_state(tmp, STATE_NAME, state)
 
     def _load_last(self) -> None:
         last = self.output_dir / "last"
         model = MetaRewardModel.from_pretrained(last, expected=self.model.config)
+        if (last / _OLD_STATE_NAME).exists() and not (last / f"{STATE_NAME}.json").exists():
+            raise ValueError(f"cannot resume from {last}: its {_OLD_STATE_NAME} is a pickle from an earlier version, "
+                             "which mrm does not load (it could run code); start a new run")
+        state = load_state(last, STATE_NAME)
         try:
-            state = torch.load(last / STATE_NAME, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ValueError(f"{last / STATE_NAME} could not be read (corrupt or truncated?): {exc}") from None
-        saved = TrainConfig(**state["config"])
+            saved = TrainConfig(**state["config"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{last / STATE_NAME}.json: not a trainer state of this version ({exc})") from None
         for name in ("num_bases", "hidden_sizes", "tasks_per_batch", "seed", "epochs"):
             if getattr(saved, name) != getattr(self.config, name):
                 raise ValueError(
@@ -611,13 +619,17 @@ class MetaTrainer:
                     f"this run asks for {getattr(self.config, name)!r}"
                 )
         self.model.load_state_dict({k: v.to(self.dtype) for k, v in model.state_dict().items()})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch = int(state["epoch"])
-        self.history = list(state["history"])
-        self.best = state["best"]
-        self.best_state = state["best_state"]
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.epoch = int(state["epoch"])
+            self.history = list(state["history"])
+            self.best = state["best"]
+            self.best_state = state["best_state"]
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise ValueError(f"{last / STATE_NAME}.json / .safetensors do not hold a usable trainer state: "
+                             f"{type(exc).__name__}: {exc}") from None
 
 
 def fit_global_bradley_terry(

@@ -2,7 +2,7 @@
 
 Columns (all strings):
 
-- ``user_id``   — who gave the preference (integers are accepted and read as their text);
+- ``user_id``   — who gave the preference (integers are accepted and read as their text, but not mixed with strings in one log);
 - ``prompt``    — the prompt; a multi-turn history is the JSON list of its chat messages
   (see :func:`mrm.data.pairs.conversation_prompt`);
 - ``chosen``    — the preferred response;
@@ -121,6 +121,14 @@ def _validate_rows(source: str, columns: Dict[str, list], same_text_is_error: bo
                 raise ValueError(f"{source}: column {name!r}, row {row}: expected a string, got {type(value).__name__}")
             if isinstance(value, str) and not value.strip():
                 raise ValueError(f"{source}: column {name!r}, row {row}: empty id")
+        # Ids are read as text, so 0 and "0" would become one id: one type per column.
+        first_int = next((r for r, v in enumerate(columns[name]) if isinstance(v, (int, np.integer))), None)
+        first_str = next((r for r, v in enumerate(columns[name]) if isinstance(v, str)), None)
+        if first_int is not None and first_str is not None:
+            raise ValueError(
+                f"{source}: column {name!r} mixes integer ids (row {first_int}: {columns[name][first_int]!r}) and "
+                f"string ids (row {first_str}: {columns[name][first_str]!r}); use one type for every row"
+            )
     for row in range(n if same_text_is_error else 0):
         if columns["chosen"][row] == columns["rejected"][row]:
             raise ValueError(f"{source}: row {row} (user {columns['user_id'][row]}): 'chosen' equals 'rejected'")

@@ -416,8 +416,7 @@ def create_app(service: RewardService, limits: ServeLimits = ServeLimits()):
     async def health():
         return {"status": "ok", "num_bases": service.checkpoint.num_bases, "input_dim": service.input_dim,
                 "backbone": None if service.embedder is None else str(getattr(service.embedder, "backbone_id", "")),
-                "adaptation": {"steps": service.settings.steps, "lr": service.settings.lr,
-                               "optimizer": service.settings.optimizer},
+                "adaptation": service.settings.inner.to_dict(),
                 "store": service.store.info(), "uptime_s": time.time() - started_at}
 
     @app.get("/metrics")

@@ -155,7 +155,8 @@ class RewardService:
                     covariances[row] = state.posterior
                 else:
                     if prior_cov is None:
-                        prior_cov = laplace_covariance(weights[row], np.zeros((0, k)), self.settings.prior_precision)
+                        prior_cov = (self.settings.prior_covariance(k) if self.settings.is_map else
+                                     laplace_covariance(weights[row], np.zeros((0, k)), self.settings.prior_precision))
                     covariances[row] = prior_cov
         return weights, fallback, versions, covariances
 
@@ -175,13 +176,14 @@ class RewardService:
         weights, fallback, versions, covariances = self.user_weights(distinct)
         features = self.checkpoint.features(embeddings)  # (N, K) in the checkpoint's dtype
         features = features.astype(np.float64)
-        p = _softmax(weights)[rows]
+        linear = self.checkpoint.weight_map == "linear"
+        p = (weights if linear else _softmax(weights))[rows]
         raw = (features * p).sum(-1)
         stddev = None
         rewards = raw
         if covariances is not None:
-            # J f with J = diag(p) − p pᵀ (symmetric): p ⊙ f − p (p · f)
-            jf = p * features - p * (p * features).sum(-1, keepdims=True)
+            # J f: f for linear weights; with J = diag(p) − p pᵀ (symmetric): p ⊙ f − p (p · f)
+            jf = features if linear else p * features - p * (p * features).sum(-1, keepdims=True)
             var = np.einsum("ni,nij,nj->n", jf, covariances[rows], jf)
             stddev = np.sqrt(np.maximum(var, 0.0))
             rewards = raw - self.uncertainty_penalty * stddev

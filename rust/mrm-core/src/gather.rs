@@ -23,7 +23,9 @@ fn check_finite<T: Real>(values: &[T], k: usize, what: impl Fn(usize, usize) -> 
     }
 }
 
-fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
+/// Checks that `chosen` and `rejected` have one entry per pair, each in `0..n_rows` (callers
+/// check before allocating `n_rows` rows of output).
+pub fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
     if chosen.len() != rejected.len() {
         return shape("rejected", format!(
             "chosen has {} entries but rejected has {}: one of each per pair",

@@ -37,7 +37,7 @@ pub mod score;
 pub use batch::{backward, forward, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
 pub use csr::Csr;
 pub use error::{Error, Kind, Result};
-pub use gather::{pair_differences, pair_differences_backward};
+pub use gather::{check_pairs, pair_differences, pair_differences_backward};
 pub use inner::{InnerLoop, Optimizer, MAX_STEPS, TRAJECTORY_BUDGET_BYTES};
 pub use map::{map_backward, map_forward, predictive, MapGradients, MapOutputs, MapSettings, WeightMap};
 pub use dispatch::Dtype;

@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use crate::batch::{Control, Start};
+use crate::batch::{check_len, Control, Start};
 use crate::csr::Csr;
 use crate::error::{non_finite, non_finite_result, shape, value, Error, Kind, Result};
 use crate::real::Real;
@@ -208,13 +208,16 @@ impl Work {
     }
 
     /// `Σ softplus(−z_i)` and every `s_i = σ(−z_i)` (into `s`), sharing one exponential.
+    /// Branch-free polynomial `exp` and `ln_1p` (within a few ulp, see [`Real::exp_fast`]), so
+    /// the loop vectorises: the library calls cost most of a solve otherwise.
     fn softplus_and_sigmoid(z: &[f64], s: &mut Vec<f64>) -> f64 {
-        s.clear();
+        s.resize(z.len(), 0.0);
         let mut total = 0.0;
-        for &zi in z {
-            let e = (-zi.abs()).exp();
-            total += (-zi).max(0.0) + e.ln_1p();
-            s.push(if zi >= 0.0 { e / (1.0 + e) } else { 1.0 / (1.0 + e) });
+        for (si, &zi) in s.iter_mut().zip(z) {
+            let e = (-zi.abs()).exp_fast();
+            total += (-zi).max(0.0) + e.ln_1p_fast();
+            let inv = 1.0 / (1.0 + e);
+            *si = if zi >= 0.0 { e * inv } else { inv };
         }
         total
     }
@@ -461,13 +464,6 @@ fn to_f64<T: Real>(values: &[T], out: &mut [f64]) {
     }
 }
 
-fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
-    if buf.len() != expected {
-        return shape(name.to_owned(), format!("{name} must have {expected} values, got {}", buf.len()));
-    }
-    Ok(())
-}
-
 fn check_common<T: Real>(start: &Start<'_, T>, support: &Csr<'_, T>, init: Option<&[T]>, settings: &MapSettings) -> Result<()> {
     settings.validate()?;
     let (k, n_users) = (support.k, support.n_users());
@@ -525,13 +521,13 @@ fn optional_pieces<'b, T>(buf: Option<&'b mut [T]>, blocks: &[(usize, usize)], u
     }
 }
 
-/// Row-range pieces of a per-row output for the given blocks of users of `batch`.
-fn row_pieces<'b, T: Real>(buf: &'b mut [T], batch: &Csr<'_, T>, blocks: &[(usize, usize)]) -> Vec<&'b mut [T]> {
+/// Pieces of an output with `per_row` values per row of `batch`, for the given blocks of users.
+fn row_pieces<'b, T: Real, O>(buf: &'b mut [O], batch: &Csr<'_, T>, blocks: &[(usize, usize)], per_row: usize) -> Vec<&'b mut [O]> {
     let mut rest = buf;
     blocks
         .iter()
         .map(|&(lo, hi)| {
-            let len = batch.users(lo, hi).values.len();
+            let len = batch.users(lo, hi).n_rows() * per_row;
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
             head
@@ -713,8 +709,8 @@ pub fn map_backward<T: Real>(
         let q_len = query.users(lo, hi).values.len();
         let chunk_support = support.users(lo, hi);
         let chunk_query = query.users(lo, hi);
-        let gs = row_pieces(&mut grad_support[s_lo..s_lo + s_len], &chunk_support, &rel);
-        let gq = row_pieces(&mut grad_query[q_lo..q_lo + q_len], &chunk_query, &rel);
+        let gs = row_pieces(&mut grad_support[s_lo..s_lo + s_len], &chunk_support, &rel, k);
+        let gq = row_pieces(&mut grad_query[q_lo..q_lo + q_len], &chunk_query, &rel, k);
         let gw = optional_pieces(per_user_w0.as_deref_mut().map(|b| &mut b[lo * k..hi * k]), &rel, k);
         let (vw, vi, vg, vc, vs, vl, va) = match values.as_mut() {
             Some(v) => (
@@ -921,33 +917,10 @@ pub fn predictive<T: Real>(
         let r_lo = rows.users(0, lo).n_rows();
         let r_hi = rows.users(0, hi).n_rows();
         let chunk = rows.users(lo, hi);
-        let unit_rows: Vec<(usize, usize)> = rel.clone();
-        let means = {
-            let mut rest = &mut mean[r_lo..r_hi];
-            unit_rows
-                .iter()
-                .map(|&(a, b)| {
-                    let n = chunk.users(a, b).n_rows();
-                    let (h, t) = std::mem::take(&mut rest).split_at_mut(n);
-                    rest = t;
-                    h
-                })
-                .collect::<Vec<_>>()
-        };
+        let means = row_pieces(&mut mean[r_lo..r_hi], &chunk, &rel, 1);
         let vars: Vec<Option<&mut [T]>> = match variance.as_deref_mut() {
-            Some(v) => {
-                let mut rest = &mut v[r_lo..r_hi];
-                unit_rows
-                    .iter()
-                    .map(|&(a, b)| {
-                        let n = chunk.users(a, b).n_rows();
-                        let (h, t) = std::mem::take(&mut rest).split_at_mut(n);
-                        rest = t;
-                        Some(h)
-                    })
-                    .collect()
-            }
-            None => unit_rows.iter().map(|_| None).collect(),
+            Some(v) => row_pieces(&mut v[r_lo..r_hi], &chunk, &rel, 1).into_iter().map(Some).collect(),
+            None => rel.iter().map(|_| None).collect(),
         };
         let work: Vec<_> = blocks.iter().copied().zip(means).zip(vars).collect();
         ctl.pool.install(|| {

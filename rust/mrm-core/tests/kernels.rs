@@ -277,12 +277,18 @@ fn huge_adam_step_count_without_support_pairs_returns_the_start() {
     let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
     let offsets = vec![0i64; n + 1];
     let s = Csr::new("support", &[] as &[f32], &offsets, k).unwrap();
-    let inner = InnerLoop { steps: 1 << 60, lr: 0.1, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } };
+    // Issue #15: more than MAX_STEPS is an error naming `steps` (it used to be accepted here),
+    // so the huge count is checked at the maximum, and beyond it the error.
+    let adam = Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    let inner = InnerLoop { steps: mrm_core::MAX_STEPS, lr: 0.1, optimizer: adam };
     let w0: Vec<f32> = (0..k).map(|j| j as f32 * 0.25).collect();
     let mut w = vec![0.0f32; n * k];
     let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
     forward(Start::Shared(&w0), s, None, &inner, out, &ctl).unwrap();
     assert!(w.chunks_exact(k).all(|row| row == w0.as_slice()));
+    let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
+    let err = forward(Start::Shared(&w0), s, None, &InnerLoop { steps: 1 << 60, ..inner }, out, &ctl).unwrap_err();
+    assert!(err.to_string().starts_with("steps must be <="), "{err}");
 }
 
 proptest! {

@@ -361,7 +361,9 @@ fn gather_backward<'py, T: Real + Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let k = grad.shape()[1];
     let (g, c, r) = (slice("grad", &grad)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
-    // n_rows comes from the caller: an impossible size is an error, never an abort
+    // Indices first (an error must not wait for a large allocation), then the size: an
+    // impossible one is an error, never an abort.
+    mrm_core::check_pairs(c, r, n_rows).py()?;
     let too_large = || PyValueError::new_err(format!("n_rows = {n_rows} is too large: cannot allocate the ({n_rows}, {k}) gradient"));
     let len = n_rows.checked_mul(k).ok_or_else(too_large)?;
     let mut out = Vec::new();

@@ -1,0 +1,58 @@
+//! Timing of MAP adaptation without Python: best of several runs.
+//! `cargo run --release -p mrm-core --example map_timing -- [users] [threads] [K] [linear 0|1]`
+//! (defaults 100000, 1, 8, 1): 32 support pairs per user, uniform values in [-1, 1].
+
+use std::time::Instant;
+
+use mrm_core::{map_forward, Control, Csr, MapOutputs, MapSettings, Start, WeightMap};
+
+fn best(runs: usize, mut f: impl FnMut()) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("integer argument")).collect();
+    let users = args.first().copied().unwrap_or(100_000);
+    let threads = args.get(1).copied().unwrap_or(1);
+    let (k, per_user) = (args.get(2).copied().unwrap_or(8), 32usize);
+    let weight_map = if args.get(3).copied().unwrap_or(1) == 1 { WeightMap::Linear } else { WeightMap::Simplex };
+    let mut seed = 1u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let support: Vec<f32> = (0..users * per_user * k).map(|_| next()).collect();
+    let offsets: Vec<i64> = (0..=users as i64).map(|u| u * per_user as i64).collect();
+    let w0 = vec![0.1f32; k];
+    let eta = vec![0.0f32; k];
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let ctl = Control { pool: &pool, chunk_users: 1 << 16, keep_going: &|| true };
+    let s = Csr::new("support", &support, &offsets, k).unwrap();
+    let settings = MapSettings { max_iter: 100, tol: 1e-6, weight_map };
+    let (mut w, mut it, mut gn, mut conv) = (vec![0.0f32; users * k], vec![0i64; users], vec![0.0f32; users], vec![false; users]);
+    let seconds = best(5, || {
+        let out = MapOutputs {
+            weights: &mut w,
+            iterations: &mut it,
+            grad_norm: &mut gn,
+            converged: &mut conv,
+            support_losses: None,
+            losses: None,
+            accuracy: None,
+            covariance: None,
+        };
+        map_forward(Start::Shared(&w0), &eta, s, None, None, &settings, out, &ctl).unwrap();
+    });
+    let mean_iterations = it.iter().sum::<i64>() as f64 / users as f64;
+    let checksum: f64 = w.iter().map(|&x| x as f64).sum();
+    println!(
+        "map {weight_map:?}: {users} users, K {k}, {threads} threads: {seconds:.4} s ({:.2} us/user), {mean_iterations:.2} iterations, checksum {checksum:.6}",
+        seconds * 1e6 / users as f64 * threads as f64
+    );
+}
