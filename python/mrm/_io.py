@@ -11,13 +11,14 @@ directory is created through a ``..`` (``a/../x`` never creates ``a``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -165,3 +166,11 @@ def atomic_dir(path: PathLike, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON content of ``path``, None when there is no such file."""
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

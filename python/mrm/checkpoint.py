@@ -13,20 +13,27 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Mapping, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
+# The checkpoint format lives in mrm._format (shared with mrm.model); its names stay importable from here.
+from mrm._format import (
+    ACTIVATIONS as ACTIVATIONS,
+    CONFIG_NAME,
+    FORMAT,
+    MODEL_KEYS,
+    PRIORS as PRIORS,
+    WEIGHTS_NAME,
+    check_tensors,
+    expected_tensors,
+    read_config,
+    read_safetensors,
+    validate_config,
+)
 from mrm._io import atomic_dir
 
 __all__ = ["Checkpoint", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "mrm-fast/meta-reward-model"
-ACTIVATIONS = ("relu", "gelu", "tanh")
-_MODEL_KEYS = ("input_dim", "num_bases", "hidden_sizes", "scale", "bias", "activation", "weight_map", "prior")
-PRIORS = (None, "per-base", "shared")
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -45,51 +52,6 @@ def _activate(name: str, x: np.ndarray) -> np.ndarray:
         return np.tanh(x)
     # gelu, exact form (torch's default): x · Φ(x) = x/2 · (1 + erf(x / √2))
     return (0.5 * x * (1.0 + _erf(x / np.sqrt(2.0).astype(x.dtype)))).astype(x.dtype, copy=False)
-
-
-def _positive_int(path: Path, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{path}: {name} must be a positive integer, got {value!r}")
-    return value
-
-
-
-def check_tensors(tensors: Mapping, expected: Mapping[str, tuple], source: str, *, expected_by: str, hint: str) -> None:
-    """The tensors of a checkpoint (numpy arrays or torch tensors) have exactly the expected keys
-    and shapes and hold finite floats; otherwise a ValueError naming the key."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match the model ({hint} differ?): "
-                         f"missing tensors {missing}, unexpected tensors {unexpected}")
-    for key, want in expected.items():
-        tensor = tensors[key]
-        if tuple(tensor.shape) != tuple(want):
-            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)} but {expected_by} {tuple(want)} ({hint})")
-        is_torch = hasattr(tensor, "is_floating_point")
-        if not (tensor.is_floating_point() if is_torch else tensor.dtype.kind == "f"):
-            raise ValueError(f"{source}: {key} has dtype {tensor.dtype}, expected a float type")
-        if not bool(tensor.isfinite().all() if is_torch else np.isfinite(tensor).all()):
-            raise ValueError(f"{source}: {key} contains non-finite values")
-
-
-def read_config(directory: Union[str, Path]) -> Tuple[dict, Path, Path]:
-    """The validated ``config.json`` of a checkpoint directory, its path and the weights' path."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} not found")
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint file {p} not found")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path} is not valid JSON (corrupt or truncated checkpoint): {exc}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(f"{config_path} is not an mrm-fast model config (format {found!r}, expected {FORMAT!r})")
-    return raw, config_path, weights_path
 
 
 @dataclass
@@ -173,40 +135,14 @@ class Checkpoint:
         """Read and validate ``config.json`` + ``model.safetensors`` in ``directory``."""
         directory = Path(directory)
         raw, config_path, weights_path = read_config(directory)
-        if "input_dim" not in raw:
-            raise ValueError(f"{config_path}: missing 'input_dim'")
-        input_dim = _positive_int(config_path, "input_dim", raw["input_dim"])
-        num_bases = _positive_int(config_path, "num_bases", raw.get("num_bases", 2))
-        hidden = raw.get("hidden_sizes", [])
-        if not isinstance(hidden, list):
-            raise ValueError(f"{config_path}: hidden_sizes must be a list, got {hidden!r}")
-        hidden = [_positive_int(config_path, "hidden_sizes[]", h) for h in hidden]
-        scale = raw.get("scale", 0.01)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-            raise ValueError(f"{config_path}: scale must be a finite non-zero number, got {scale!r}")
-        bias = raw.get("bias", False)
-        if not isinstance(bias, bool):
-            raise ValueError(f"{config_path}: bias must be true or false, got {bias!r}")
-        activation = raw.get("activation")
-        if activation is not None and activation not in ACTIVATIONS:
-            raise ValueError(f"{config_path}: activation must be null or one of {list(ACTIVATIONS)}, got {activation!r}")
+        fields = validate_config(raw, config_path)
+        input_dim, num_bases, hidden = fields["input_dim"], fields["num_bases"], fields["hidden_sizes"]
+        scale, bias, activation = fields["scale"], fields["bias"], fields["activation"]
+        weight_map, prior = fields["weight_map"], fields["prior"]
 
-        weight_map = raw.get("weight_map", "simplex")
-        if weight_map not in ("simplex", "linear"):
-            raise ValueError(f"{config_path}: weight_map must be 'simplex' or 'linear', got {weight_map!r}")
-        prior = raw.get("prior")
-        if prior not in PRIORS:
-            raise ValueError(f"{config_path}: prior must be null, 'per-base' or 'shared', got {prior!r}")
-
-        tensors = _read_safetensors(weights_path)
+        tensors = read_safetensors(weights_path)
         widths = [input_dim, *hidden, num_bases]
-        expected = {"shared_weight": (num_bases,)}
-        if prior is not None:
-            expected["log_precision"] = (num_bases if prior == "per-base" else 1,)
-        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-            expected[f"layers.{i}.weight"] = (n_out, n_in)
-            if bias:
-                expected[f"layers.{i}.bias"] = (n_out,)
+        expected = expected_tensors(input_dim, hidden, num_bases, bias, prior)
         check_tensors(
             tensors, expected, str(weights_path), expected_by="config.json implies",
             hint=f"input_dim={input_dim}, hidden_sizes={hidden}, num_bases={num_bases}",
@@ -227,7 +163,7 @@ class Checkpoint:
             layers=layers,
             w0=tensors["shared_weight"],
             path=directory,
-            extra_config={k: v for k, v in raw.items() if k not in _MODEL_KEYS and k != "format"},
+            extra_config={k: v for k, v in raw.items() if k not in MODEL_KEYS and k != "format"},
             weight_map=weight_map,
             eta=tensors.get("log_precision"),
             prior=prior,
@@ -318,13 +254,3 @@ class Checkpoint:
         p = np.exp(w)
         p /= p.sum(axis=-1, keepdims=True)
         return (phi * p).sum(-1)
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path} could not be read (corrupt or truncated checkpoint?): {exc}") from None

@@ -247,7 +247,8 @@ def _add_to_user_major(subparsers) -> argparse.ArgumentParser:
 def _run_to_user_major(args: argparse.Namespace) -> str:
     from pathlib import Path
 
-    from mrm.batch import _check_output, preference_data_to_user_major
+    from mrm.batch import preference_data_to_user_major
+    from mrm.batch.parquet import check_output as _check_output
 
     _check_output(Path(args.output), args.overwrite)  # before the (long) embedding, not after
     data, embeddings = _embeddings(args)

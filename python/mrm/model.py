@@ -19,11 +19,9 @@ import torch
 from torch import nn
 
 from mrm import ops, torch_ops
+from mrm._format import CONFIG_NAME, FORMAT, PRIORS, WEIGHTS_NAME, check_tensors, read_config, read_safetensors
 from mrm._io import atomic_dir
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "mrm-fast/meta-reward-model"
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -59,7 +57,7 @@ class ModelConfig:
             raise ValueError(f"activation must be None or one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         if self.weight_map not in ops.WEIGHT_MAPS:
             raise ValueError(f"weight_map must be 'simplex' or 'linear', got {self.weight_map!r}")
-        if self.prior not in (None, "per-base", "shared"):
+        if self.prior not in PRIORS:
             raise ValueError(f"prior must be None, 'per-base' or 'shared', got {self.prior!r}")
 
     @staticmethod
@@ -207,7 +205,6 @@ class MetaRewardModel(nn.Module):
         ``expected``: fail with a clear error if the checkpoint's shape (D, K, hidden sizes)
         differs from this config.
         """
-        from mrm.checkpoint import read_config
         from mrm.hub import resolve_pretrained
 
         directory = resolve_pretrained(directory, revision=revision, cache_dir=cache_dir,
@@ -220,7 +217,7 @@ class MetaRewardModel(nn.Module):
                 have, want = getattr(config, name), getattr(expected, name)
                 if list(np.atleast_1d(have)) != list(np.atleast_1d(want)):
                     raise ValueError(f"checkpoint {directory} has {name} = {have}, but the config asks for {want}")
-        state = _load_safetensors(weights_path)
+        state = read_safetensors(weights_path, framework="torch")
         model = cls(config)
         stored = state.get("shared_weight")
         if isinstance(stored, torch.Tensor) and stored.is_floating_point():
@@ -237,8 +234,6 @@ class MetaRewardModel(nn.Module):
 
     def load_checked_state(self, state: dict, source: str) -> None:
         """load_state_dict with errors that name the culprit key and shapes."""
-        from mrm.checkpoint import check_tensors
-
         expected = self.state_dict()
         check_tensors(
             state, {k: tuple(v.shape) for k, v in expected.items()}, source, expected_by="the model expects",
@@ -300,13 +295,3 @@ def _used_rows(index: torch.Tensor, n_rows: int):
         position = torch.cumsum(mark, 0) - 1
         return rows, position[index]
     return torch.unique(index, return_inverse=True)
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} could not be read (corrupt or truncated checkpoint): {exc}") from None

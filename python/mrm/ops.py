@@ -134,9 +134,10 @@ class InnerLoop:
         _check_real("eps", self.eps)
         _check_real("tol", self.tol)
         try:
-            beta1, beta2 = (float(b) for b in self.betas)
+            beta1, beta2 = self.betas
         except (TypeError, ValueError):
             raise TypeError(f"betas must be a pair of floats, got {self.betas!r}") from None
+        beta1, beta2 = _real("betas[0]", beta1), _real("betas[1]", beta2)
         object.__setattr__(self, "betas", (beta1, beta2))
         _native.check_inner_loop(self.optimizer, int(self.steps or 0), float(self.lr or 1.0), beta1, beta2,
                                  float(self.eps), int(self.max_iter), float(self.tol), self.weight_map)
@@ -480,8 +481,9 @@ def meta_forward(
     a ValueError naming it.
     """
     inner = inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
-    if query is None or query_offsets is None:
-        raise TypeError("meta_forward needs query and query_offsets (use adapt() to adapt without query pairs)")
+    for name, value in (("query", query), ("query_offsets", query_offsets)):
+        if value is None:
+            raise TypeError(f"{name} must be an array, got None (use adapt() to adapt without query pairs)")
     if inner.is_map:
         result = map_adapt(w0, eta, support, support_offsets, inner=inner, query=query, query_offsets=query_offsets,
                            num_threads=num_threads)

@@ -617,11 +617,11 @@ class UserStore:
         from mrm._io import atomic_file
 
         path = Path(path)
-        batch._check_output(path, overwrite)
+        batch.check_output(path, overwrite)
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-        schema = batch._weights_schema(dtype)
+        schema = batch.weights_schema(dtype)
         conn = self._reader()
         count = 0
         conn.execute("BEGIN")
@@ -633,7 +633,7 @@ class UserStore:
                     if not rows:
                         break
                     weights = np.stack([_array(r[1], (self.num_bases,)) for r in rows]).astype(dtype)
-                    writer.write_batch(batch._weights_batch(
+                    writer.write_batch(batch.weights_batch(
                         schema, pa.array([r[0] for r in rows], pa.string()), weights,
                         np.array([r[2] for r in rows], np.int64), np.array([r[3] for r in rows], np.float64),
                         np.array([r[4] for r in rows], np.int64)))

@@ -21,7 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mrm import batch as local
+from mrm.batch.adapt_job import Adapter, AdaptSummary
+from mrm.batch.arrow import USER, check_unique
+from mrm.batch.parquet import (
+    DEFAULT_BATCH_USERS, WRITE_OPTIONS, check_batch_users, parquet_files, parquet_files_or_none, read_schema,
+)
+from mrm.batch.score_job import Scorer, ScoreSummary
+from mrm.batch.weights import read_weights, warm_rows_batches
 from mrm._io import atomic_dir
 from mrm.checkpoint import Checkpoint
 
@@ -61,10 +67,10 @@ class _AdaptWorker:
 
     def __init__(self, checkpoint_dir, schema, steps, lr, optimizer, threads, warm_start):
         checkpoint = Checkpoint.load(checkpoint_dir)
-        self.adapter = local._Adapter(checkpoint, schema, steps=steps, lr=lr, optimizer=optimizer,
-                                      threads=_assigned_threads(threads))
+        self.adapter = Adapter(checkpoint, schema, steps=steps, lr=lr, optimizer=optimizer,
+                               threads=_assigned_threads(threads))
         if warm_start is not None:
-            self.adapter.warm = local.read_weights(warm_start, checkpoint.num_bases, self.adapter.dtype)
+            self.adapter.warm = read_weights(warm_start, checkpoint.num_bases, self.adapter.dtype)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         results = [self.adapter(b)[0] for b in _batches(table)]
@@ -76,9 +82,9 @@ class _ScoreWorker:
 
     def __init__(self, checkpoint_dir, schema, weights, threads):
         checkpoint = Checkpoint.load(checkpoint_dir)
-        self.scorer = local._Scorer(checkpoint, schema, None, _assigned_threads(threads))
+        self.scorer = Scorer(checkpoint, schema, None, _assigned_threads(threads))
         if weights is not None:
-            self.scorer.weights = local.read_weights(weights, checkpoint.num_bases, self.scorer.dtype)
+            self.scorer.weights = read_weights(weights, checkpoint.num_bases, self.scorer.dtype)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         results = [self.scorer(b)[0] for b in _batches(table)]
@@ -105,7 +111,7 @@ def _workers(ray, workers: Optional[int], cpus_per_worker: float) -> int:
 
 
 def _read_column(directory: Path, column: str) -> pa.ChunkedArray:
-    files = local.parquet_files(directory)
+    files = parquet_files(directory)
     return pa.chunked_array([c for f in files for c in pq.read_table(f, columns=[column]).column(0).chunks],
                             type=pq.read_schema(files[0]).field(column).type)
 
@@ -118,10 +124,10 @@ def _start_job(checkpoint, logs, output, overwrite: bool, batch_users: int):
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
-    local._check_batch_users(batch_users)
+    check_batch_users(batch_users)
     checkpoint_dir = _checkpoint_dir(checkpoint)
     loaded = Checkpoint.load(checkpoint_dir)
-    schema = local._schema(local.parquet_files(logs))
+    schema = read_schema(parquet_files(logs))
     return ray, started, output, checkpoint_dir, loaded, schema
 
 
@@ -136,10 +142,10 @@ def adapt_users(
     threads: Optional[int] = None,
     warm_start: Optional[PathLike] = None,
     overwrite: bool = False,
-    batch_users: int = local.DEFAULT_BATCH_USERS,
+    batch_users: int = DEFAULT_BATCH_USERS,
     workers: Optional[int] = None,
     cpus_per_worker: float = 1.0,
-) -> local.AdaptSummary:
+) -> AdaptSummary:
     """:func:`mrm.batch.adapt_users` on Ray Data; ``output`` is a directory of Parquet files.
 
     ``workers`` actors (default: (the cluster's CPUs − 1) / ``cpus_per_worker``, keeping one CPU
@@ -147,8 +153,8 @@ def adapt_users(
     assigned to the actor, ``cpus_per_worker``).
     """
     ray, started, output, checkpoint_dir, loaded, schema = _start_job(checkpoint, logs, output, overwrite, batch_users)
-    adapter = local._Adapter(loaded, schema, steps=steps, lr=lr, optimizer=optimizer, threads=1)  # checks inputs
-    warm = local.read_weights(warm_start, loaded.num_bases, adapter.dtype) if warm_start is not None else None
+    adapter = Adapter(loaded, schema, steps=steps, lr=lr, optimizer=optimizer, threads=1)  # checks inputs
+    warm = read_weights(warm_start, loaded.num_bases, adapter.dtype) if warm_start is not None else None
     n_workers = _workers(ray, workers, cpus_per_worker)
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -162,11 +168,11 @@ def adapt_users(
             concurrency=n_workers,
             num_cpus=cpus_per_worker,
         )
-        dataset.write_parquet(str(tmp), **local.WRITE_OPTIONS)
-        if not local.parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
+        dataset.write_parquet(str(tmp), **WRITE_OPTIONS)
+        if not parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
             pq.write_table(adapter.schema.empty_table(), tmp / "empty.parquet")
-        user_ids = _read_column(tmp, local.USER)
-        local._check_unique(list(user_ids.chunks), str(logs))
+        user_ids = _read_column(tmp, USER)
+        check_unique(list(user_ids.chunks), str(logs))
         versions = _read_column(tmp, "version").to_numpy()
         n_pairs = int(pc.sum(_read_column(tmp, "n_pairs")).as_py() or 0)
         copied = 0
@@ -176,11 +182,11 @@ def adapt_users(
             copied = len(untouched)
             if copied:
                 unchanged = tmp / "warm-start-unchanged.parquet"
-                with pq.ParquetWriter(unchanged, adapter.schema, **local.WRITE_OPTIONS) as writer:
-                    for result in local._warm_rows_batches(adapter.schema, warm, untouched, batch_users):
+                with pq.ParquetWriter(unchanged, adapter.schema, **WRITE_OPTIONS) as writer:
+                    for result in warm_rows_batches(adapter.schema, warm, untouched, batch_users):
                         writer.write_batch(result)
-    return local.AdaptSummary(users=len(user_ids), pairs=n_pairs, seconds=time.perf_counter() - started,
-                              output=output, warm_started=int((versions > 1).sum()), copied=copied)
+    return AdaptSummary(users=len(user_ids), pairs=n_pairs, seconds=time.perf_counter() - started,
+                        output=output, warm_started=int((versions > 1).sum()), copied=copied)
 
 
 def score(
@@ -191,15 +197,15 @@ def score(
     *,
     threads: Optional[int] = None,
     overwrite: bool = False,
-    batch_users: int = local.DEFAULT_BATCH_USERS,
+    batch_users: int = DEFAULT_BATCH_USERS,
     workers: Optional[int] = None,
     cpus_per_worker: float = 1.0,
-) -> local.ScoreSummary:
+) -> ScoreSummary:
     """:func:`mrm.batch.score` on Ray Data; ``output`` is a directory of Parquet files."""
     ray, started, output, checkpoint_dir, loaded, schema = _start_job(checkpoint, logs, output, overwrite, batch_users)
-    scorer = local._Scorer(loaded, schema, None, 1)  # checks the logs' columns before Ray starts
+    scorer = Scorer(loaded, schema, None, 1)  # checks the logs' columns before Ray starts
     if weights is not None:
-        local.read_weights(weights, loaded.num_bases, scorer.dtype)  # checks the table once, in the driver
+        read_weights(weights, loaded.num_bases, scorer.dtype)  # checks the table once, in the driver
     n_workers = _workers(ray, workers, cpus_per_worker)
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -212,8 +218,8 @@ def score(
             concurrency=n_workers,
             num_cpus=cpus_per_worker,
         )
-        dataset.write_parquet(str(tmp), **local.WRITE_OPTIONS)
-        if not local.parquet_files_or_none(tmp):
+        dataset.write_parquet(str(tmp), **WRITE_OPTIONS)
+        if not parquet_files_or_none(tmp):
             pq.write_table(scorer.schema.empty_table(), tmp / "empty.parquet")
         fallback = _read_column(tmp, "fallback")
         n_pairs = n_candidates = 0
@@ -221,9 +227,9 @@ def score(
             n_pairs = int(pc.sum(pc.list_value_length(_read_column(tmp, "chosen_rewards"))).as_py() or 0)
         if scorer.candidates:
             n_candidates = int(pc.sum(pc.list_value_length(_read_column(tmp, "candidate_rewards"))).as_py() or 0)
-    return local.ScoreSummary(users=len(fallback), pairs=n_pairs, candidates=n_candidates,
-                              fallback_users=int(pc.sum(fallback).as_py() or 0),
-                              seconds=time.perf_counter() - started, output=output)
+    return ScoreSummary(users=len(fallback), pairs=n_pairs, candidates=n_candidates,
+                        fallback_users=int(pc.sum(fallback).as_py() or 0),
+                        seconds=time.perf_counter() - started, output=output)
 
 
 # ---- embeddings at scale ---------------------------------------------------------------------------

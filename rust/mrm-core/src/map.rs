@@ -171,6 +171,7 @@ impl Work {
     }
 
     /// `p = map(w)`.
+    #[inline(always)]
     fn map_weights(map: WeightMap, w: &[f64], p: &mut [f64]) {
         match map {
             WeightMap::Linear => p.copy_from_slice(w),
@@ -189,6 +190,7 @@ impl Work {
     }
 
     /// `out = J v` (J is symmetric for both maps).
+    #[inline(always)]
     fn jacobian_times(map: WeightMap, p: &[f64], v: &[f64], out: &mut [f64]) {
         match map {
             WeightMap::Linear => out.copy_from_slice(v),
@@ -202,6 +204,7 @@ impl Work {
     }
 
     /// Margins `z_i = d_i · p` of `rows` into `z`.
+    #[inline(always)]
     fn margins<T: Real>(rows: &[T], k: usize, p: &[f64], z: &mut Vec<f64>) {
         z.clear();
         z.extend(rows.chunks_exact(k).map(|d| d.iter().zip(p).map(|(x, y)| x.to_f64() * y).sum::<f64>()));
@@ -210,6 +213,7 @@ impl Work {
     /// `Σ softplus(−z_i)` and every `s_i = σ(−z_i)` (into `s`), sharing one exponential.
     /// Branch-free polynomial `exp` and `ln_1p` (within a few ulp, see [`Real::exp_fast`]), so
     /// the loop vectorises: the library calls cost most of a solve otherwise.
+    #[inline(always)]
     fn softplus_and_sigmoid(z: &[f64], s: &mut Vec<f64>) -> f64 {
         s.resize(z.len(), 0.0);
         let mut total = 0.0;
@@ -223,11 +227,13 @@ impl Work {
     }
 
     /// `½ Σ λ_k (w − w0)_k²`.
+    #[inline(always)]
     fn prior(lam: &[f64], w: &[f64], w0: &[f64]) -> f64 {
         0.5 * lam.iter().zip(w).zip(w0).map(|((l, a), b)| l * (a - b) * (a - b)).sum::<f64>()
     }
 
     /// `F` at `w` (margins left in `z`, sigmoids in `s`, `p` at `w`).
+    #[inline(always)]
     fn objective<T: Real>(&mut self, rows: &[T], map: WeightMap, w: &[f64], w0: &[f64], lam: &[f64]) -> f64 {
         Self::map_weights(map, w, &mut self.p);
         Self::margins(rows, self.k, &self.p, &mut self.z);
@@ -235,6 +241,7 @@ impl Work {
     }
 
     /// `g_p = −Σ s_i d_i` from the current `s`, then `∇F = J g_p + Λ (w − w0)` into `grad`.
+    #[inline(always)]
     fn gradient<T: Real>(&mut self, rows: &[T], map: WeightMap, w0: &[f64], lam: &[f64]) {
         let k = self.k;
         self.gp.iter_mut().for_each(|g| *g = 0.0);
@@ -251,9 +258,11 @@ impl Work {
 
     /// The step matrix into `h`: with `exact`, `∇²F` (SPEC §2's HVP in sum form plus Λ), else
     /// Gauss–Newton `J A J + Λ`. Needs `p`, `s` and `g_p` at `w`.
+    #[inline(always)]
     fn hessian<T: Real>(&mut self, rows: &[T], map: WeightMap, lam: &[f64], exact: bool) {
         let k = self.k;
         // A = Σ s_i (1 − s_i) d_i d_iᵀ (upper triangle, mirrored below)
+        // (full square rather than a triangle: the row updates vectorise)
         self.a.iter_mut().for_each(|x| *x = 0.0);
         let mut d64 = [0.0f64; MAX_K];
         for (d, &si) in rows.chunks_exact(k).zip(&self.s) {
@@ -261,17 +270,12 @@ impl Work {
             for (x, y) in d64.iter_mut().zip(d) {
                 *x = y.to_f64();
             }
-            for r in 0..k {
-                let cr = c * d64[r];
-                let row = &mut self.a[r * k..(r + 1) * k];
-                for col in r..k {
-                    row[col] += cr * d64[col];
+            let d64 = &d64[..k];
+            for (row, &dr) in self.a.chunks_exact_mut(k).zip(d64) {
+                let cr = c * dr;
+                for (x, &dc) in row.iter_mut().zip(d64) {
+                    *x += cr * dc;
                 }
-            }
-        }
-        for r in 0..k {
-            for col in 0..r {
-                self.a[r * k + col] = self.a[col * k + r];
             }
         }
         match map {
@@ -325,6 +329,7 @@ impl Work {
     }
 
     /// Cholesky factor of `h` into `chol` (lower); false if `h` is not positive definite.
+    #[inline(always)]
     fn factor(&mut self) -> bool {
         let k = self.k;
         let (h, l) = (&self.h, &mut self.chol);
@@ -348,6 +353,7 @@ impl Work {
     }
 
     /// Solves `h x = b` in place with the factor in `chol`.
+    #[inline(always)]
     fn solve_in_place(chol: &[f64], k: usize, x: &mut [f64]) {
         for r in 0..k {
             let mut sum = x[r];
@@ -367,6 +373,7 @@ impl Work {
 
     /// Damped Newton from `init` (SPEC §7). Leaves `w` = w*, and `p`, `z`, `s`, `g_p`, `grad`
     /// at it. `Err` only for an objective that is not finite at the start.
+    #[inline(always)]
     fn solve<T: Real>(
         &mut self,
         rows: &[T],
@@ -446,6 +453,7 @@ impl Work {
 
     /// Mean `softplus(−z)` and the share of `z > 0` of `rows` at the current `p`, leaving the
     /// margins in `z` and the sigmoids in `s`.
+    #[inline(always)]
     fn mean_loss<T: Real>(&mut self, rows: &[T]) -> (f64, f64) {
         Self::margins(rows, self.k, &self.p, &mut self.z);
         let n = self.z.len();
@@ -456,6 +464,46 @@ impl Work {
         let total = Self::softplus_and_sigmoid(&self.z, &mut self.s);
         (total / n as f64, correct as f64 / n as f64)
     }
+}
+
+/// [`Work::solve`] compiled for AVX2 + FMA (every pass over the rows inlined into it).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA (checked by [`solve_dispatched`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn solve_avx2(ws: &mut Work, rows: &[f64], w0: &[f64], init: &[f64], lam: &[f64], settings: &MapSettings) -> std::result::Result<Solved, ()> {
+    ws.solve(rows, w0, init, lam, settings)
+}
+
+/// The solve for one user, with the AVX2 + FMA build where the CPU has it (results then differ
+/// from other CPUs' by rounding; `MRM_PORTABLE_KERNELS=1` keeps the portable build everywhere).
+fn solve_dispatched(ws: &mut Work, rows: &[f64], w0: &[f64], init: &[f64], lam: &[f64], settings: &MapSettings) -> std::result::Result<Solved, ()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if accelerated() {
+            // SAFETY: `accelerated` checked that the CPU has AVX2 and FMA.
+            return unsafe { solve_avx2(ws, rows, w0, init, lam, settings) };
+        }
+    }
+    ws.solve(rows, w0, init, lam, settings)
+}
+
+/// Whether to run the AVX2 + FMA build: the CPU has both and `MRM_PORTABLE_KERNELS` is not 1
+/// (read once).
+#[cfg(target_arch = "x86_64")]
+fn accelerated() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let portable = std::env::var("MRM_PORTABLE_KERNELS").is_ok_and(|v| v.trim() == "1");
+        !portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// `values` as f64 into `out` (resized).
+fn widen<T: Real>(values: &[T], out: &mut Vec<f64>) {
+    out.clear();
+    out.extend(values.iter().map(|x| x.to_f64()));
 }
 
 fn to_f64<T: Real>(values: &[T], out: &mut [f64]) {
@@ -593,8 +641,8 @@ pub fn map_forward<T: Real>(
         let failed: Option<usize> = ctl.pool.install(|| {
             work.into_par_iter()
                 .map_init(
-                    || (Work::new(k), vec![0.0; k], vec![0.0; k]),
-                    |(ws, w0, init_u), ((((((((block, wts), its), gn), conv), sl), ql), qa), cov)| {
+                    || (Work::new(k), vec![0.0; k], vec![0.0; k], Vec::new(), Vec::new()),
+                    |(ws, w0, init_u, rows64, query64), ((((((((block, wts), its), gn), conv), sl), ql), qa), cov)| {
                         let (mut sl, mut ql, mut qa, mut cov) = (sl, ql, qa, cov);
                         for u in block.0..block.1 {
                             let i = u - block.0;
@@ -603,8 +651,10 @@ pub fn map_forward<T: Real>(
                                 Some(x) => to_f64(&x[u * k..(u + 1) * k], init_u),
                                 None => init_u.copy_from_slice(w0),
                             }
-                            let rows = support.rows(u);
-                            let Ok(solved) = ws.solve(rows, w0, init_u, &lam, settings) else {
+                            // the user's rows in f64 once: every pass of the solve reads them
+                            widen(support.rows(u), rows64);
+                            let rows = rows64.as_slice();
+                            let Ok(solved) = solve_dispatched(ws, rows, w0, init_u, &lam, settings) else {
                                 return Some(u);
                             };
                             for j in 0..k {
@@ -634,7 +684,8 @@ pub fn map_forward<T: Real>(
                                 sl[i] = T::of(ws.mean_loss(rows).0);
                             }
                             if let Some(q) = &query {
-                                let (loss, acc) = ws.mean_loss(q.rows(u));
+                                widen(q.rows(u), query64);
+                                let (loss, acc) = ws.mean_loss(query64.as_slice());
                                 if let Some(ql) = ql.as_deref_mut() {
                                     ql[i] = T::of(loss);
                                 }
@@ -741,8 +792,8 @@ pub fn map_backward<T: Real>(
         let results: Vec<BlockSums> = ctl.pool.install(|| {
             work.into_par_iter()
                 .map_init(
-                    || (Work::new(k), vec![0.0; k]),
-                    |(ws, w0), ((((((((((block, gs), gq), gw), vw), vi), vg), vc), vs), vl), va)| {
+                    || (Work::new(k), vec![0.0; k], Vec::new(), Vec::new()),
+                    |(ws, w0, rows64, query64), ((((((((((block, gs), gq), gw), vw), vi), vg), vc), vs), vl), va)| {
                         let (mut gw, mut vw, mut vi, mut vg, mut vc, mut vs, mut vl, mut va) = (gw, vw, vi, vg, vc, vs, vl, va);
                         let mut w0_part = vec![0.0; k];
                         let mut eta_part = vec![0.0; k];
@@ -750,10 +801,11 @@ pub fn map_backward<T: Real>(
                         for u in block.0..block.1 {
                             let i = u - block.0;
                             to_f64(start.of(u, k), w0);
-                            let rows = support.rows(u);
-                            let qrows = query.rows(u);
+                            widen(support.rows(u), rows64);
+                            widen(query.rows(u), query64);
+                            let (rows, qrows) = (rows64.as_slice(), query64.as_slice());
                             let init = w0.clone();
-                            let solved = match ws.solve(rows, w0, &init, &lam, settings) {
+                            let solved = match solve_dispatched(ws, rows, w0, &init, &lam, settings) {
                                 Ok(s) => s,
                                 Err(()) => {
                                     return Err(Error::without_argument(Kind::NonFinite, format!(
