@@ -1,5 +1,5 @@
 //! Per-operation timing of one user's SGD step on its rows held in L1 (32 rows, K = 8, f32; the
-//! row kernels this CPU runs, softmax and its Jacobian from `mrm_core::real`): each operation
+//! row kernels this CPU runs, softmax and its Jacobian, from `mrm_core::bench`): each operation
 //! repeated on its own, then one whole SGD step
 //! (softmax, margins, sigmoids, row sums, softmax Jacobian, update) repeated on the same user,
 //! where each step waits on the one before. The gap between the sum of the parts and the whole
@@ -8,8 +8,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use mrm_core::real::{softmax_into, softmax_jvp};
-use mrm_core::rows::{with_row_ops, RowOps, WithRowOps};
+use mrm_core::bench::{softmax_into, softmax_jvp, with_row_ops, RowOps, WithRowOps};
 
 struct Job;
 impl WithRowOps<f32> for Job {

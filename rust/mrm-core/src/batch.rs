@@ -4,20 +4,21 @@
 
 use rayon::prelude::*;
 
-use crate::csr::{all_finite, check_output_finite, check_rows_finite, Csr};
-use crate::error::{invalid, Error, Result};
+use crate::csr::{check_output_finite, check_rows_finite, Csr};
+use crate::error::{non_finite, shape, value, Error, Result};
 use crate::group::{lane_values, Group, Members};
-use crate::inner::{loss_and_accuracy, InnerLoop, TRAJECTORY_BUDGET_BYTES};
+use crate::inner::{InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
-use crate::real::{softmax_into, Real};
-use crate::rows::{with_row_ops, RowOps, WithRowOps};
-use crate::stream;
+use crate::dispatch::{with_row_ops, Dtype, WithRowOps};
+use crate::real::{all_finite, Real};
+use crate::rows::RowOps;
+use crate::simd::stream;
 
 /// Users per unit of parallel work. Fixed, so reductions do not depend on the thread count.
 const BLOCK_USERS: usize = 256;
 
 /// Gradients of at least this many bytes (support and query rows together) are written with
-/// non-temporal stores (see [`crate::stream`]): larger than the caches, they would only evict
+/// non-temporal stores (see [`crate::simd::stream`]): larger than the caches, they would only evict
 /// other data. Smaller ones are stored plainly and stay in cache for the caller.
 const STREAM_MIN_BYTES: usize = 8 << 20;
 
@@ -35,12 +36,12 @@ impl<'a, T: Real> Start<'a, T> {
             Start::PerUser(w) => (*w, n_users * k, format!("shape ({n_users}, {k})")),
         };
         if values.len() != expected {
-            return invalid(format!("w0 must have {what} to match the data, got {} values", values.len()));
+            return shape("w0", format!("w0 must have {what} to match the data, got {} values", values.len()));
         }
         if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
             return match self {
-                Start::Shared(_) => invalid("w0 contains a non-finite value"),
-                Start::PerUser(_) => invalid(format!("w0 contains a non-finite value (user {})", pos / k)),
+                Start::Shared(_) => non_finite("w0", "w0 contains a non-finite value"),
+                Start::PerUser(_) => non_finite("w0", format!("w0 contains a non-finite value (user {})", pos / k)),
             };
         }
         Ok(())
@@ -105,7 +106,7 @@ fn check_trajectory_budget<T: Real>(support: &Csr<'_, T>, inner: &InnerLoop, fir
     let bytes = inner.steps as u128 * per_step * std::mem::size_of::<T>() as u128;
     if bytes > TRAJECTORY_BUDGET_BYTES as u128 {
         let last = (first + LANES).min(n_users) - 1;
-        return invalid(format!(
+        return value("steps", format!(
             "steps = {} would need {bytes} bytes of inner trajectory for users {first}..={last} \
              ({rows} support rows, K = {k}), more than the budget of {TRAJECTORY_BUDGET_BYTES} bytes \
              per group of {LANES} users; use fewer steps, first_order, or fewer support pairs per user",
@@ -133,12 +134,12 @@ impl Control<'_> {
 }
 
 /// Block boundaries (relative user indices) for `n_users` users.
-fn block_bounds(n_users: usize) -> Vec<(usize, usize)> {
+pub(crate) fn block_bounds(n_users: usize) -> Vec<(usize, usize)> {
     (0..n_users).step_by(BLOCK_USERS).map(|lo| (lo, (lo + BLOCK_USERS).min(n_users))).collect()
 }
 
 /// Splits `buf` into consecutive pieces of the given lengths.
-fn split_lengths<T>(buf: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+pub(crate) fn split_lengths<T>(buf: &mut [T], lengths: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut rest = buf;
     let mut parts = Vec::new();
     for len in lengths {
@@ -164,24 +165,24 @@ fn block_row_lengths<'b, T: Real>(batch: &'b Csr<'_, T>, blocks: &'b [(usize, us
 
 pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
     if buf.len() != expected {
-        return invalid(format!("{name} must have {expected} values, got {}", buf.len()));
+        return shape(name.to_owned(), format!("{name} must have {expected} values, got {}", buf.len()));
     }
     Ok(())
 }
 
 fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
     if support.k != query.k {
-        return invalid(format!("support has K = {} columns but query has K = {}", support.k, query.k));
+        return shape("query", format!("support has K = {} columns but query has K = {}", support.k, query.k));
     }
     if support.n_users() != query.n_users() {
-        return invalid(format!(
+        return shape("query_offsets", format!(
             "support_offsets describes {} users but query_offsets describes {}",
             support.n_users(),
             query.n_users()
         ));
     }
     if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
-        return invalid(format!("query has no pairs for user {u}: every user needs at least one query pair"));
+        return shape("query", format!("query has no pairs for user {u}: every user needs at least one query pair"));
     }
     Ok(())
 }
@@ -236,7 +237,7 @@ impl<'a, T: Real> ForwardOutputs<'a, T> {
 
 /// Adapts every user (SPEC §2); with `query`, also the query loss and accuracy at `w_T`.
 /// The support loss is measured at the adapted weights `w_T`.
-pub fn forward<T: Real>(
+pub fn forward<T: Dtype>(
     start: Start<'_, T>,
     support: Csr<'_, T>,
     query: Option<Csr<'_, T>>,
@@ -252,7 +253,7 @@ pub fn forward<T: Real>(
     }
     out.check_lengths(k, n_users)?;
     if (out.losses.is_some() || out.accuracy.is_some()) && query.is_none() {
-        return invalid("losses and accuracy need query pairs");
+        return value("query", "losses and accuracy need query pairs");
     }
     let ForwardOutputs { weights, support_losses, losses, accuracy } = out;
     let mut values = ForwardOutputs { weights, support_losses, losses, accuracy };
@@ -281,7 +282,7 @@ pub fn forward<T: Real>(
 /// `grad_w0`: K values for a shared start, summed over users in a fixed order; U × K for a
 /// per-user start), every support row and every query row.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: Real>(
+pub fn backward<T: Dtype>(
     start: Start<'_, T>,
     support: Csr<'_, T>,
     query: Csr<'_, T>,
@@ -301,7 +302,7 @@ pub fn backward<T: Real>(
 /// bit-identical to [`forward`]'s. Reads every row once instead of twice, for callers that
 /// know `grad_losses` before the losses (a fixed weighting such as the mean).
 #[allow(clippy::too_many_arguments)]
-pub fn value_and_grad<T: Real>(
+pub fn value_and_grad<T: Dtype>(
     start: Start<'_, T>,
     support: Csr<'_, T>,
     query: Csr<'_, T>,
@@ -323,7 +324,7 @@ pub fn value_and_grad<T: Real>(
     }
     check_len("grad_losses", grad_losses, n_users)?;
     if let Some(u) = grad_losses.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("grad_losses contains a non-finite value (user {u})"));
+        return non_finite("grad_losses", format!("grad_losses contains a non-finite value (user {u})"));
     }
     check_trajectory_budget(&support, inner, first_order)?;
     let shared = matches!(start, Start::Shared(_));
@@ -672,86 +673,5 @@ fn input_error<T: Real>(support: &Csr<'_, T>, query: Option<&Csr<'_, T>>, pool: 
     if let Some(q) = query {
         q.check_values("query", Some(pool))?;
     }
-    invalid("support or query contains a non-finite value")
-}
-
-/// Per-user weights (U × K) must be finite; the error names the first bad user.
-fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
-    match weights.iter().position(|x| !x.is_finite()) {
-        Some(pos) => invalid(format!("weights contains a non-finite value (user {})", pos / k)),
-        None => Ok(()),
-    }
-}
-
-/// Personalised rewards `r = f · softmax(w_u)` for every row `f` of user `u`.
-pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
-    let (k, n_users) = (features.k, features.n_users());
-    if weights.len() != n_users * k {
-        return invalid(format!(
-            "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
-            weights.len()
-        ));
-    }
-    check_weights(weights, k)?;
-    check_len("rewards", rewards, features.n_rows())?;
-    ctl.chunks(n_users, |lo, hi| {
-        let feats = features.users(lo, hi);
-        let blocks = block_bounds(hi - lo);
-        let row_start = features.users(0, lo).n_rows();
-        let r_parts = split_lengths(
-            &mut rewards[row_start..row_start + feats.n_rows()],
-            blocks.iter().map(|&(a, b)| feats.users(a, b).n_rows()),
-        );
-        let work: Vec<_> = blocks.iter().copied().zip(r_parts).collect();
-        ctl.pool.install(|| {
-            work.into_par_iter().for_each_init(
-                || vec![T::ZERO; k],
-                |p, (b, out)| {
-                    let mut row = 0;
-                    for u in b.0..b.1 {
-                        softmax_into(&weights[(lo + u) * k..(lo + u + 1) * k], p);
-                        for f in feats.rows(u).chunks_exact(k) {
-                            out[row] = crate::real::dot(f, p);
-                            row += 1;
-                        }
-                    }
-                },
-            );
-        });
-        Ok(())
-    })?;
-    check_rows_finite("rewards", rewards, &features, ctl.pool)
-}
-
-/// Mean loss and accuracy of each user's pairs at fixed weights (no adaptation).
-pub fn evaluate<T: Real>(pairs: Csr<'_, T>, weights: &[T], losses: &mut [T], accuracy: &mut [T]) -> Result<()> {
-    let (k, n_users) = (pairs.k, pairs.n_users());
-    check_len("weights", weights, n_users * k)?;
-    check_weights(weights, k)?;
-    check_len("losses", losses, n_users)?;
-    check_len("accuracy", accuracy, n_users)?;
-    with_row_ops(k, EvaluateAll { pairs, weights, losses, accuracy });
-    Ok(())
-}
-
-/// [`evaluate`]'s loop over users.
-struct EvaluateAll<'a, T> {
-    pairs: Csr<'a, T>,
-    weights: &'a [T],
-    losses: &'a mut [T],
-    accuracy: &'a mut [T],
-}
-
-impl<T: Real> WithRowOps<T> for EvaluateAll<'_, T> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<R: RowOps<T>>(self, ops: R) {
-        let k = self.pairs.k;
-        let (mut p, mut scratch) = (vec![T::ZERO; k], Vec::new());
-        for u in 0..self.pairs.n_users() {
-            softmax_into(&self.weights[u * k..(u + 1) * k], &mut p);
-            (self.losses[u], self.accuracy[u]) = loss_and_accuracy(ops, self.pairs.rows(u), k, &p, &mut scratch);
-        }
-    }
+    non_finite("support", "support or query contains a non-finite value")
 }

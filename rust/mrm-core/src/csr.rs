@@ -1,7 +1,7 @@
 //! Ragged per-user row sets in CSR layout (SPEC §4) and their validation.
 
-use crate::error::{invalid, Result};
-use crate::real::Real;
+use crate::error::{non_finite, non_finite_result, shape, Result};
+use crate::real::{all_finite, Real};
 
 /// Rows of width `k` grouped by user: user `u` owns rows `offsets[u]..offsets[u+1]`
 /// (relative to `offsets[0]`, so a slice of a larger batch is itself a batch).
@@ -37,10 +37,10 @@ impl<'a, T: Real> Csr<'a, T> {
     /// (while they are in cache) and then give the same error as [`Csr::new`] would.
     pub fn shaped(name: &str, values: &'a [T], offsets: &'a [i64], k: usize) -> Result<Self> {
         if k == 0 {
-            return invalid(format!("{name} must have at least one column (K >= 1)"));
+            return shape(name.to_owned(), format!("{name} must have at least one column (K >= 1)"));
         }
         if !values.len().is_multiple_of(k) {
-            return invalid(format!(
+            return shape(name.to_owned(), format!(
                 "{name} has {} values, not a multiple of K = {k}",
                 values.len()
             ));
@@ -53,7 +53,7 @@ impl<'a, T: Real> Csr<'a, T> {
     pub fn check_values(&self, name: &str, pool: Option<&rayon::ThreadPool>) -> Result<()> {
         if let Some(pos) = first_non_finite(self.values, pool) {
             let row = pos / self.k;
-            return invalid(format!(
+            return non_finite(name.to_owned(), format!(
                 "{name} contains a non-finite value (row {row}, user {})",
                 self.user_of_row(row)
             ));
@@ -105,14 +105,14 @@ impl<'a, T: Real> Csr<'a, T> {
 pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
     let oname = format!("{name}_offsets");
     if offsets.is_empty() {
-        return invalid(format!("{oname} must have at least one entry (U + 1 entries for U users)"));
+        return shape(oname.clone(), format!("{oname} must have at least one entry (U + 1 entries for U users)"));
     }
     if offsets[0] != 0 {
-        return invalid(format!("{oname}[0] must be 0, got {}", offsets[0]));
+        return shape(oname.clone(), format!("{oname}[0] must be 0, got {}", offsets[0]));
     }
     for u in 0..offsets.len() - 1 {
         if offsets[u + 1] < offsets[u] {
-            return invalid(format!(
+            return shape(oname.clone(), format!(
                 "{oname} must be non-decreasing: {oname}[{}] = {} < {oname}[{u}] = {} (user {u})",
                 u + 1,
                 offsets[u + 1],
@@ -122,7 +122,7 @@ pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
     }
     let last = offsets[offsets.len() - 1];
     if last != n_rows as i64 {
-        return invalid(format!(
+        return shape(oname.clone(), format!(
             "{oname}[-1] must equal the number of rows of {name} ({n_rows}), got {last}"
         ));
     }
@@ -132,12 +132,6 @@ pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
 /// Values scanned per piece: each piece is checked without an early exit (so the loop
 /// vectorises), and only a piece that has a non-finite value is searched for its position.
 const SCAN_PIECE: usize = 1 << 14;
-
-/// Whether every value is finite, in a loop without an early exit (so that it vectorises).
-#[inline(always)]
-pub fn all_finite<T: Real>(values: &[T]) -> bool {
-    values.iter().fold(true, |ok, x| ok & x.is_finite())
-}
 
 /// Index of the first non-finite value, scanning on `pool` when one is given.
 pub fn first_non_finite<T: Real>(values: &[T], pool: Option<&rayon::ThreadPool>) -> Option<usize> {
@@ -161,7 +155,7 @@ pub(crate) fn check_output_finite<T: Real>(
     pool: &rayon::ThreadPool,
 ) -> Result<()> {
     if let Some(pos) = first_non_finite(values, Some(pool)) {
-        return invalid(format!(
+        return non_finite_result(format!(
             "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",
             pos / per_user.max(1)
         ));
@@ -177,7 +171,7 @@ pub(crate) fn check_rows_finite<T: Real>(
     pool: &rayon::ThreadPool,
 ) -> Result<()> {
     if let Some(pos) = first_non_finite(values, Some(pool)) {
-        return invalid(format!(
+        return non_finite_result(format!(
             "{what} is not finite for user {} (inputs or learning rate too large for this dtype)",
             batch.user_of_row(pos / batch.k)
         ));

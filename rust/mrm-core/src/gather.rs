@@ -1,13 +1,13 @@
 //! Pair differences `d_i = f[chosen_i] − f[rejected_i]` of feature rows picked by index, and
 //! their adjoint (the scatter of each `∂/∂d_i` back onto the two rows it came from).
 
-use crate::error::{invalid, Result};
+use crate::error::{shape, value, Error, Kind, Result};
 use crate::real::Real;
 
 /// Checks that every index is in `0..n_rows`; the error names the argument and the pair.
 fn check_indices(name: &str, index: &[i64], n_rows: usize) -> Result<()> {
     if let Some(i) = index.iter().position(|&r| r < 0 || r as u64 >= n_rows as u64) {
-        return invalid(format!(
+        return value(name.to_owned(), format!(
             "{name}[{i}] = {} is out of range for {n_rows} feature rows (pair {i})",
             index[i]
         ));
@@ -15,10 +15,10 @@ fn check_indices(name: &str, index: &[i64], n_rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// An error naming the first non-finite value of `values` (rows of width `k`) as `what`.
-fn check_finite<T: Real>(values: &[T], k: usize, what: impl Fn(usize, usize) -> String) -> Result<()> {
+/// The error `what(row, column)` for the first non-finite value of `values` (rows of width `k`).
+fn check_finite<T: Real>(values: &[T], k: usize, what: impl Fn(usize, usize) -> Error) -> Result<()> {
     match values.iter().position(|x| !x.is_finite()) {
-        Some(pos) => invalid(what(pos / k, pos % k)),
+        Some(pos) => Err(what(pos / k, pos % k)),
         None => Ok(()),
     }
 }
@@ -27,7 +27,7 @@ fn check_finite<T: Real>(values: &[T], k: usize, what: impl Fn(usize, usize) -> 
 /// check before allocating `n_rows` rows of output).
 pub fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
     if chosen.len() != rejected.len() {
-        return invalid(format!(
+        return shape("rejected", format!(
             "chosen has {} entries but rejected has {}: one of each per pair",
             chosen.len(),
             rejected.len()
@@ -40,11 +40,11 @@ pub fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()
 /// Writes `out[i] = features[chosen[i]] − features[rejected[i]]` (rows of width `k`).
 pub fn pair_differences<T: Real>(features: &[T], k: usize, chosen: &[i64], rejected: &[i64], out: &mut [T]) -> Result<()> {
     if k == 0 || !features.len().is_multiple_of(k) {
-        return invalid(format!("features must have K >= 1 columns and a whole number of rows (K = {k})"));
+        return shape("features", format!("features must have K >= 1 columns and a whole number of rows (K = {k})"));
     }
     check_pairs(chosen, rejected, features.len() / k)?;
     if out.len() != chosen.len() * k {
-        return invalid(format!("the output must have {} values, got {}", chosen.len() * k, out.len()));
+        return shape("out", format!("the output must have {} values, got {}", chosen.len() * k, out.len()));
     }
     for ((d, &c), &r) in out.chunks_exact_mut(k).zip(chosen).zip(rejected) {
         let (c, r) = (c as usize * k, r as usize * k);
@@ -56,8 +56,8 @@ pub fn pair_differences<T: Real>(features: &[T], k: usize, chosen: &[i64], rejec
     check_finite(out, k, |i, col| {
         let (c, r) = (chosen[i] as usize, rejected[i] as usize);
         match [c, r].into_iter().find(|&row| !features[row * k + col].is_finite()) {
-            Some(row) => format!("features contains a non-finite value (row {row}, column {col}; pair {i})"),
-            None => format!("pair {i}: features[{c}] - features[{r}] overflows in column {col} (a difference beyond the dtype)"),
+            Some(row) => Error::new(Kind::NonFinite, "features", format!("features contains a non-finite value (row {row}, column {col}; pair {i})")),
+            None => Error::without_argument(Kind::NonFinite, format!("pair {i}: features[{c}] - features[{r}] overflows in column {col} (a difference beyond the dtype)")),
         }
     })
 }
@@ -73,13 +73,13 @@ pub fn pair_differences_backward<T: Real>(
     out: &mut [T],
 ) -> Result<()> {
     if k == 0 || !out.len().is_multiple_of(k) {
-        return invalid(format!("the output must have K >= 1 columns and a whole number of rows (K = {k})"));
+        return shape("out", format!("the output must have K >= 1 columns and a whole number of rows (K = {k})"));
     }
     check_pairs(chosen, rejected, out.len() / k)?;
     if grad.len() != chosen.len() * k {
-        return invalid(format!("grad must have {} values (pairs × K), got {}", chosen.len() * k, grad.len()));
+        return shape("grad", format!("grad must have {} values (pairs × K), got {}", chosen.len() * k, grad.len()));
     }
-    check_finite(grad, k, |i, col| format!("grad contains a non-finite value (pair {i}, column {col})"))?;
+    check_finite(grad, k, |i, col| Error::new(Kind::NonFinite, "grad", format!("grad contains a non-finite value (pair {i}, column {col})")))?;
     out.fill(T::ZERO);
     for ((g, &c), &r) in grad.chunks_exact(k).zip(chosen).zip(rejected) {
         let c = c as usize * k;
@@ -92,7 +92,7 @@ pub fn pair_differences_backward<T: Real>(
         }
     }
     check_finite(out, k, |row, col| {
-        format!("the gradient of feature row {row} overflows in column {col} (the sum of its pairs' grad rows)")
+        Error::without_argument(Kind::NonFinite, format!("the gradient of feature row {row} overflows in column {col} (the sum of its pairs' grad rows)"))
     })
 }
 

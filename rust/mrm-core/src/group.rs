@@ -15,11 +15,11 @@
 //! depend on which users share its group. A user without support pairs takes no steps: its
 //! gradient is zero, so its weights stay at the start, and no adjoint flows back through steps.
 
-use crate::error::{Error, Result};
-use crate::inner::{mean, positive_share, InnerLoop, Optimizer};
+use crate::error::{Error, Kind, Result};
+use crate::inner::{mean, positive_share, AdamStep, InnerLoop, Optimizer};
 use crate::lanes::{dot, softmax, softmax_jvp, Lanes, LANES};
 use crate::real::Real;
-use crate::rows::{AdamStep, RowOps};
+use crate::rows::RowOps;
 
 /// Steps whose Adam constants a group keeps (later ones are computed when needed).
 const ADAM_TABLE: usize = 64;
@@ -40,7 +40,7 @@ fn check_interval(n_rows: usize, k: usize) -> usize {
 fn grow<X: Clone>(buf: &mut Vec<X>, len: usize, fill: X, steps: usize) -> Result<()> {
     if len > buf.len() {
         buf.try_reserve_exact(len - buf.len()).map_err(|_| {
-            Error::Invalid(format!(
+            Error::new(Kind::Resource, "steps", format!(
                 "steps = {steps}: cannot allocate {} bytes for the inner trajectory",
                 len.saturating_mul(std::mem::size_of::<X>())
             ))
@@ -495,8 +495,9 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inner::Workspace;
-    use crate::rows::{with_row_ops, Portable, WithRowOps};
+    use crate::reference::Workspace;
+    use crate::dispatch::{with_row_ops, WithRowOps};
+    use crate::rows::Portable;
 
     fn lcg(seed: &mut u64) -> f64 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

@@ -6,7 +6,7 @@
 //! where they are and go through the row kernels user by user (eight independent chains the CPU
 //! overlaps), while their weights, gradients and adjoints live here, K vectors of eight lanes,
 //! so those short operations run once for all eight, lane by lane, with no horizontal sums.
-//! [`to_rows`] and [`from_rows`] move K values per user between the two layouts.
+//! [`Lanes::to_rows`] and [`Lanes::from_rows`] move K values per user between the two layouts.
 //!
 //! Two vector types: [`Portable`] (eight plain values, any float type) and, on x86-64 CPUs with
 //! AVX2 and FMA, eight f32 lanes of one 256-bit register ([`avx2::F32x8`]).
@@ -201,7 +201,7 @@ pub mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Lanes, LANES};
-    use crate::rows::avx2::exp;
+    use crate::simd::avx2::exp;
 
     /// Eight f32 lanes. Every method uses AVX2 and FMA instructions. This module is private
     /// to the crate and only the hand-vectorised row kernels ([`crate::rows::avx2::F32Rows`],

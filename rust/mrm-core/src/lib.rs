@@ -1,7 +1,8 @@
 //! mrm-core: native kernels for Meta Reward Modeling (see SPEC.md in the project).
 //!
 //! Pure Rust, no Python: ragged per-user CSR batches in, slices out. Every entry point
-//! validates its input and returns [`Error::Invalid`] instead of panicking.
+//! validates its input and returns an [`Error`] (its [`Kind`], the argument and a message naming
+//! it) instead of panicking.
 //!
 //! - [`batch::forward`]: each user's inner loop (SGD or Adam) from a shared or per-user start,
 //!   with support/query loss and accuracy at the adapted weights;
@@ -9,7 +10,7 @@
 //!   with respect to the start and every support and query row;
 //! - [`batch::value_and_grad`]: both of the above in one pass over the rows;
 //! - [`rpo::rpo`]: the Robust Personalization Objective and its gradient;
-//! - [`batch::score`]: personalised rewards of feature rows;
+//! - [`score::score`]: personalised rewards of feature rows;
 //! - [`map::map_forward`] / [`map::map_backward`]: MAP adaptation under a Gaussian prior, its
 //!   exact implicit meta-gradient and the Laplace posterior (SPEC §7); [`map::predictive`]
 //!   the posterior mean and variance of rewards or margins;
@@ -18,22 +19,38 @@
 
 pub mod batch;
 pub mod csr;
+mod dispatch;
 pub mod error;
 pub mod gather;
 mod group;
-pub mod inner;
+mod inner;
 mod lanes;
 pub mod map;
-mod stream;
-pub mod real;
-pub mod rows;
+mod simd;
+mod real;
+#[cfg(test)]
+mod reference;
+mod rows;
 pub mod rpo;
+pub mod score;
 
-pub use batch::{backward, evaluate, forward, score, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
+pub use batch::{backward, forward, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
 pub use csr::Csr;
-pub use error::{Error, Result};
+pub use error::{Error, Kind, Result};
 pub use gather::{check_pairs, pair_differences, pair_differences_backward};
 pub use inner::{InnerLoop, Optimizer, MAX_STEPS, TRAJECTORY_BUDGET_BYTES};
 pub use map::{map_backward, map_forward, predictive, MapGradients, MapOutputs, MapSettings, WeightMap};
+pub use dispatch::Dtype;
 pub use real::Real;
 pub use rpo::rpo;
+pub use score::score;
+
+/// The row kernels, as `dispatch` picks them, and the scalar softmax: for the timing
+/// programs in `examples/` only, not part of the supported API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::dispatch::{with_row_ops, WithRowOps};
+    pub use crate::lanes::Lanes;
+    pub use crate::real::{softmax_into, softmax_jvp};
+    pub use crate::rows::RowOps;
+}

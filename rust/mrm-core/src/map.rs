@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::batch::{check_len, Control, Start};
 use crate::csr::Csr;
-use crate::error::{invalid, Result};
+use crate::error::{non_finite, non_finite_result, shape, value, Error, Kind, Result};
 use crate::real::Real;
 
 /// Largest K the solver takes (K × K matrices per user live on the stack of a workspace).
@@ -66,10 +66,10 @@ pub struct MapSettings {
 impl MapSettings {
     pub fn validate(&self) -> Result<()> {
         if self.max_iter < 1 || self.max_iter > MAX_ITER {
-            return invalid(format!("max_iter must be in [1, {MAX_ITER}], got {}", self.max_iter));
+            return value("max_iter", format!("max_iter must be in [1, {MAX_ITER}], got {}", self.max_iter));
         }
         if !(self.tol.is_finite() && self.tol > 0.0) {
-            return invalid(format!("tol must be finite and > 0, got {}", self.tol));
+            return value("tol", format!("tol must be finite and > 0, got {}", self.tol));
         }
         Ok(())
     }
@@ -78,10 +78,10 @@ impl MapSettings {
 /// The prior's log precisions: one value shared by the K components, or K values.
 fn precisions<T: Real>(eta: &[T], k: usize) -> Result<Vec<f64>> {
     if eta.len() != 1 && eta.len() != k {
-        return invalid(format!("eta must have 1 or K = {k} values, got {}", eta.len()));
+        return shape("eta", format!("eta must have 1 or K = {k} values, got {}", eta.len()));
     }
     if let Some(x) = eta.iter().find(|x| !(x.is_finite() && x.to_f64().abs() <= ETA_LIMIT)) {
-        return invalid(format!("eta must be finite and within [-{ETA_LIMIT}, {ETA_LIMIT}], got {x:?}"));
+        return value("eta", format!("eta must be finite and within [-{ETA_LIMIT}, {ETA_LIMIT}], got {x:?}"));
     }
     Ok((0..k).map(|j| eta[if eta.len() == 1 { 0 } else { j }].to_f64().exp()).collect())
 }
@@ -108,7 +108,7 @@ pub struct MapOutputs<'a, T> {
 }
 
 /// One block's partial sums of the shared gradients (w0, eta), or the error of its first bad user.
-type BlockSums = std::result::Result<(Vec<f64>, Vec<f64>), String>;
+type BlockSums = Result<(Vec<f64>, Vec<f64>)>;
 
 /// Gradients written by [`map_backward`].
 pub struct MapGradients<'a, T> {
@@ -540,14 +540,14 @@ fn check_common<T: Real>(start: &Start<'_, T>, support: &Csr<'_, T>, init: Optio
     settings.validate()?;
     let (k, n_users) = (support.k, support.n_users());
     if k > MAX_K {
-        return invalid(format!("the MAP solver takes K <= {MAX_K}, got K = {k}"));
+        return shape("support", format!("the MAP solver takes K <= {MAX_K}, got K = {k}"));
     }
     start.check(k, n_users)?;
     support.check_values("support", None)?;
     if let Some(init) = init {
         check_len("init", init, n_users * k)?;
         if let Some(pos) = init.iter().position(|x| !x.is_finite()) {
-            return invalid(format!("init contains a non-finite value (user {})", pos / k));
+            return non_finite("init", format!("init contains a non-finite value (user {})", pos / k));
         }
     }
     Ok(())
@@ -555,10 +555,10 @@ fn check_common<T: Real>(start: &Start<'_, T>, support: &Csr<'_, T>, init: Optio
 
 fn check_query<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>, require_rows: bool) -> Result<()> {
     if support.k != query.k {
-        return invalid(format!("support has K = {} columns but query has K = {}", support.k, query.k));
+        return shape("query", format!("support has K = {} columns but query has K = {}", support.k, query.k));
     }
     if support.n_users() != query.n_users() {
-        return invalid(format!(
+        return shape("query_offsets", format!(
             "support_offsets describes {} users but query_offsets describes {}",
             support.n_users(),
             query.n_users()
@@ -567,7 +567,7 @@ fn check_query<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>, require_rows: 
     query.check_values("query", None)?;
     if require_rows {
         if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
-            return invalid(format!("query has no pairs for user {u}: every user needs at least one query pair"));
+            return shape("query", format!("query has no pairs for user {u}: every user needs at least one query pair"));
         }
     }
     Ok(())
@@ -631,7 +631,7 @@ pub fn map_forward<T: Real>(
     if let Some(q) = &query {
         check_query(&support, q, false)?;
     } else if out.losses.is_some() || out.accuracy.is_some() {
-        return invalid("query losses and accuracy need query rows");
+        return value("query", "query losses and accuracy need query rows");
     }
     check_len("weights", out.weights, n_users * k)?;
     check_len("iterations", out.iterations, n_users)?;
@@ -725,14 +725,14 @@ pub fn map_forward<T: Real>(
                 .flatten()
         });
         if let Some(u) = failed {
-            return invalid(format!(
+            return non_finite_result(format!(
                 "the MAP objective is not finite for user {u} (support rows too large for this dtype)"
             ));
         }
         Ok(())
     })?;
     if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("adapted weights are not finite for user {} (inputs too large for this dtype)", pos / k));
+        return non_finite_result(format!("adapted weights are not finite for user {} (inputs too large for this dtype)", pos / k));
     }
     Ok(())
 }
@@ -761,7 +761,7 @@ pub fn map_backward<T: Real>(
     check_query(&support, &query, true)?;
     check_len("grad_losses", grad_losses, n_users)?;
     if let Some(pos) = grad_losses.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("grad_losses contains a non-finite value (user {pos})"));
+        return non_finite("grad_losses", format!("grad_losses contains a non-finite value (user {pos})"));
     }
     let shared = matches!(start, Start::Shared(_));
     check_len("grad_w0", grads.w0, if shared { k } else { n_users * k })?;
@@ -832,17 +832,17 @@ pub fn map_backward<T: Real>(
                             let solved = match solve_dispatched(ws, rows, w0, &init, &lam, settings) {
                                 Ok(s) => s,
                                 Err(()) => {
-                                    return Err(format!(
+                                    return Err(Error::without_argument(Kind::NonFinite, format!(
                                         "the MAP objective is not finite for user {u} (support rows too large for this dtype)"
-                                    ))
+                                    )))
                                 }
                             };
                             if !solved.converged {
-                                return Err(format!(
+                                return Err(Error::new(Kind::Value, "max_iter", format!(
                                     "the MAP solve did not converge for user {u} (‖∇F‖∞ = {:.3e} after {} iterations, tol {:.1e}): \
                                      its implicit gradient would be wrong; raise max_iter or tol",
                                     solved.grad_norm, solved.iterations, settings.tol
-                                ));
+                                )));
                             }
                             let support_loss = ws.mean_loss(rows).0;
                             // back at w*: s and g_p of the support rows, then H (exact)
@@ -852,10 +852,10 @@ pub fn map_backward<T: Real>(
                             ws.gradient(rows, settings.weight_map, w0, &lam);
                             ws.hessian(rows, settings.weight_map, &lam, true);
                             if !ws.factor() {
-                                return Err(format!(
+                                return Err(Error::new(Kind::Value, "eta", format!(
                                     "the Hessian of the MAP objective is not positive definite at the solution for user {u}: \
                                      no implicit gradient (a stronger prior, larger eta, makes it so)"
-                                ));
+                                )));
                             }
                             let support_s = ws.s.clone();
                             // query: L = mean softplus(−q·p), ∇_p L = −(1/m) Σ σ(−z_j) q_j
@@ -928,7 +928,7 @@ pub fn map_backward<T: Real>(
         });
         // block partial sums in block order: the same bits for any thread count
         for r in results {
-            let (w0_part, eta_part) = r.map_err(crate::error::Error::Invalid)?;
+            let (w0_part, eta_part) = r?;
             for j in 0..k {
                 w0_sum[j] += w0_part[j];
                 eta_sum[j] += eta_part[j];
@@ -950,7 +950,7 @@ pub fn map_backward<T: Real>(
     }
     for (name, buf) in [("grad_w0", &*grad_w0), ("grad_eta", &*grad_eta), ("grad_support", &*grad_support), ("grad_query", &*grad_query)] {
         if buf.iter().any(|x| !x.is_finite()) {
-            return invalid(format!("{name} is not finite (inputs too large for this dtype)"));
+            return non_finite_result(format!("{name} is not finite (inputs too large for this dtype)"));
         }
     }
     Ok(())
@@ -971,21 +971,21 @@ pub fn predictive<T: Real>(
     let (k, n_users) = (rows.k, rows.n_users());
     check_len("weights", weights, n_users * k)?;
     if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("weights contains a non-finite value (user {})", pos / k));
+        return non_finite("weights", format!("weights contains a non-finite value (user {})", pos / k));
     }
     rows.check_values("features", Some(ctl.pool))?;
     check_len("rewards", mean, rows.n_rows())?;
     if let Some(c) = covariance {
         check_len("covariance", c, n_users * k * k)?;
         if let Some(pos) = c.iter().position(|x| !x.is_finite()) {
-            return invalid(format!("covariance contains a non-finite value (user {})", pos / (k * k)));
+            return non_finite("covariance", format!("covariance contains a non-finite value (user {})", pos / (k * k)));
         }
         match &variance {
             Some(v) => check_len("variance", v, rows.n_rows())?,
-            None => return invalid("a covariance needs a variance output"),
+            None => return value("variance", "a covariance needs a variance output"),
         }
     } else if variance.is_some() {
-        return invalid("variances need a covariance");
+        return value("covariance", "variances need a covariance");
     }
     ctl.chunks(n_users, |lo, hi| {
         let blocks = blocks_of(lo, hi);

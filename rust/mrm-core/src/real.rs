@@ -1,7 +1,7 @@
-//! The floating-point types the kernels run on (f32 and f64).
+//! The floating-point types the kernels run on (f32 and f64): scalar maths (fast `exp` and
+//! `ln_1p`, dot, softmax and its Jacobian) and finiteness.
 
 use std::fmt::Debug;
-use crate::rows::WithRowOps;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
 /// A float the kernels are generic over. Implemented for `f32` and `f64`.
@@ -38,19 +38,11 @@ pub trait Real:
     fn sqrt(self) -> Self;
     fn abs(self) -> Self;
     fn is_finite(self) -> bool;
-    /// Runs `job` with row kernels specialised for this type, width `k` and this CPU, when
-    /// there are any; otherwise hands `job` back (see [`crate::rows::with_row_ops`]).
-    #[inline]
-    fn run_accelerated<J: WithRowOps<Self>>(k: usize, job: J) -> Result<J::Output, J> {
-        let _ = k;
-        Err(job)
-    }
 }
 
 macro_rules! impl_real {
-    ($t:ty, $exp_fast:ident, $ln_1p_fast:ident $(, $accelerated:item)?) => {
+    ($t:ty, $exp_fast:ident, $ln_1p_fast:ident) => {
         impl Real for $t {
-            $($accelerated)?
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             #[inline(always)]
@@ -89,24 +81,7 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32, exp_poly_f32, ln_1p_poly_f32,
-    #[inline]
-    fn run_accelerated<J: WithRowOps<f32>>(k: usize, job: J) -> Result<J::Output, J> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(cpu) = crate::rows::avx2::Cpu::detect() {
-            use crate::rows::avx2::F32Rows;
-            match k {
-                8 => return Ok(F32Rows::<1>::new(cpu).run(job)),
-                16 => return Ok(F32Rows::<2>::new(cpu).run(job)),
-                32 => return Ok(F32Rows::<4>::new(cpu).run(job)),
-                64 => return Ok(F32Rows::<8>::new(cpu).run(job)),
-                _ => {}
-            }
-        }
-        let _ = k;
-        Err(job)
-    }
-);
+impl_real!(f32, exp_poly_f32, ln_1p_poly_f32);
 impl_real!(f64, exp_poly_f64, ln_1p_poly_f64);
 
 /// `x` limited to `[lo, hi]`; NaN stays NaN (unlike `max`/`min`, which would turn it into a
@@ -191,10 +166,10 @@ ln_1p_poly!(ln_1p_poly_f64, f64, std::f64::consts::SQRT_2, std::f64::consts::LN_
     1.0 / 5.0, 1.0 / 3.0, 1.0
 ]);
 
-/// `σ(x) = 1 / (1 + e^{-x})`, finite for every finite or infinite `x`.
+/// Whether every value is finite, in a loop without an early exit (so that it vectorises).
 #[inline(always)]
-pub fn sigmoid<T: Real>(x: T) -> T {
-    T::ONE / (T::ONE + (-x).exp())
+pub fn all_finite<T: Real>(values: &[T]) -> bool {
+    values.iter().fold(true, |ok, x| ok & x.is_finite())
 }
 
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! The Robust Personalization Objective over a batch of per-user losses (SPEC §3).
 
-use crate::error::{invalid, Result};
+use crate::error::{non_finite, shape, value, Result};
 use crate::real::Real;
 
 /// `torch.lerp` as computed on the CPU: `a + w (b − a)` for `w < 0.5`, else `b − (b − a)(1 − w)`.
@@ -46,16 +46,16 @@ fn sigmoid_and_slope(x: f64) -> (f64, f64) {
 /// of a loss within `gamma` of τ is beyond it) is an error naming `losses` or `gamma`.
 pub fn rpo<T: Real>(losses: &[T], tail: f64, gamma: f64) -> Result<(T, Vec<T>)> {
     if losses.is_empty() {
-        return invalid("losses must contain at least one user");
+        return shape("losses", "losses must contain at least one user");
     }
     if let Some(u) = losses.iter().position(|x| !x.is_finite()) {
-        return invalid(format!("losses contains a non-finite value (user {u})"));
+        return non_finite("losses", format!("losses contains a non-finite value (user {u})"));
     }
     if !(tail.is_finite() && tail > 0.0 && tail <= 1.0) {
-        return invalid(format!("tail must be in (0, 1], got {tail}"));
+        return value("tail", format!("tail must be in (0, 1], got {tail}"));
     }
     if !gamma.is_finite() {
-        return invalid(format!("gamma must be finite, got {gamma}"));
+        return value("gamma", format!("gamma must be finite, got {gamma}"));
     }
     let n = losses.len();
     let mut order: Vec<usize> = (0..n).collect();
@@ -107,7 +107,7 @@ pub fn rpo<T: Real>(losses: &[T], tail: f64, gamma: f64) -> Result<(T, Vec<T>)> 
         grad[i_above] = T::of(sig[i_above] + ((1.0 - frac) * cb - frac * ca) - frac * rest);
     }
     if let Some(u) = grad.iter().position(|g| !g.is_finite()) {
-        return invalid(format!(
+        return value("gamma", format!(
             "gamma = {gamma:e} is too small for these losses: the gradient of user {u}'s loss overflows \
              (a loss within gamma of the quantile weighs about loss / gamma); use a larger gamma, or \
              gamma <= 0 for the hard mask"
@@ -120,7 +120,7 @@ pub fn rpo<T: Real>(losses: &[T], tail: f64, gamma: f64) -> Result<(T, Vec<T>)> 
 fn finite_objective<T: Real>(objective: f64) -> Result<T> {
     let value = T::of(objective);
     if !value.is_finite() {
-        return invalid(format!(
+        return non_finite("losses", format!(
             "losses are too large: the RPO objective (about {objective:e}) overflows their dtype"
         ));
     }

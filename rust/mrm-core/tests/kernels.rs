@@ -1,7 +1,7 @@
 //! Whole-kernel checks: meta-gradients against finite differences of the forward pass,
 //! float32 against float64, bit-identical results for any thread count, no panics.
 
-use mrm_core::{backward, forward, rpo, score, value_and_grad, Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
+use mrm_core::{backward, forward, rpo, score, value_and_grad, Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
 use proptest::prelude::*;
 
 fn pool(threads: usize) -> rayon::ThreadPool {
@@ -44,7 +44,7 @@ fn bits<T: Real>(v: &[T]) -> Vec<u64> {
     v.iter().map(|x| x.to_f64().to_bits()).collect()
 }
 
-fn losses<T: Real>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &InnerLoop, threads: usize) -> Vec<T> {
+fn losses<T: Dtype>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &InnerLoop, threads: usize) -> Vec<T> {
     let n = d.s_off.len() - 1;
     let (mut w, mut l) = (vec![T::ZERO; n * d.k], vec![T::ZERO; n]);
     let p = pool(threads);
@@ -58,7 +58,7 @@ fn losses<T: Real>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &Inner
 
 type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
-fn grads<T: Real>(d: &Data, w0: &[T], support: &[T], query: &[T], gl: &[T], inner: &InnerLoop, threads: usize) -> Grads<T> {
+fn grads<T: Dtype>(d: &Data, w0: &[T], support: &[T], query: &[T], gl: &[T], inner: &InnerLoop, threads: usize) -> Grads<T> {
     let (mut gw, mut gs, mut gq) = (vec![T::ZERO; d.k], vec![T::ZERO; support.len()], vec![T::ZERO; query.len()]);
     let p = pool(threads);
     let ctl = Control { pool: &p, chunk_users: 3, keep_going: &|| true };
@@ -150,7 +150,7 @@ fn bit_identical_for_any_thread_count() {
 /// (some without support pairs), 1 and 2 threads, chunks that split blocks.
 #[test]
 fn value_and_grad_equals_forward_then_backward() {
-    fn check<T: Real>(d: &Data, inner: &InnerLoop, per_user: bool, first_order: bool, threads: usize) {
+    fn check<T: Dtype>(d: &Data, inner: &InnerLoop, per_user: bool, first_order: bool, threads: usize) {
         let (k, n) = (d.k, d.s_off.len() - 1);
         let (support, query): (Vec<T>, Vec<T>) = (cast(&d.support), cast(&d.query));
         let w0: Vec<T> = if per_user { (0..n * k).map(|i| T::of(0.01 * (i % 13) as f64)).collect() } else { cast(&d.w0) };

@@ -10,7 +10,7 @@ use std::time::Duration;
 mod cache;
 
 use mrm_core::{
-    Control, Csr, Error, ForwardOutputs, InnerLoop, MapGradients, MapOutputs, MapSettings, Optimizer, Real, Start, WeightMap,
+    Control, Csr, Dtype, Error, ForwardOutputs, Kind, InnerLoop, MapGradients, MapOutputs, MapSettings, Optimizer, Real, Start, WeightMap,
     MAX_THREADS,
 };
 use numpy::ndarray::{Array1, Array2, Array3};
@@ -110,10 +110,35 @@ fn run<R: Send>(
     if let Some(err) = pending.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(err);
     }
-    result.map_err(|e| match e {
-        Error::Invalid(msg) => PyValueError::new_err(msg),
-        Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
-    })
+    result.py()
+}
+
+/// A core error on its way to Python: the one conversion of [`mrm_core::Error`] to a Python
+/// exception, chosen by its kind alone (shape, value and non-finite problems are `ValueError`,
+/// an interruption `KeyboardInterrupt`, a failed allocation `MemoryError`), with the core's
+/// message. (`TypeError`s are raised before the core is called: it never sees a Python type.)
+struct CoreError(Error);
+
+impl From<CoreError> for PyErr {
+    fn from(CoreError(error): CoreError) -> PyErr {
+        let message = error.to_string();
+        match error.kind() {
+            Kind::Interrupted => PyKeyboardInterrupt::new_err(message),
+            Kind::Resource => PyMemoryError::new_err(message),
+            _ => PyValueError::new_err(message),
+        }
+    }
+}
+
+/// `?` for core results in functions that return Python results, through [`CoreError`].
+trait IntoPyResult<T> {
+    fn py(self) -> PyResult<T>;
+}
+
+impl<T> IntoPyResult<T> for Result<T, Error> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(|error| CoreError(error).into())
+    }
 }
 
 fn slice<'a, T: Element, D: numpy::ndarray::Dimension>(
@@ -138,7 +163,7 @@ fn csr<'a, T: Real + Element>(
 ) -> PyResult<Csr<'a, T>> {
     let (v, o, k) = (slice(name, values)?, slice(&format!("{name}_offsets"), offsets)?, values.shape()[1]);
     let checked = if scan { py.detach(|| Csr::new_in(name, v, o, k, Some(threads))) } else { Csr::shaped(name, v, o, k) };
-    checked.map_err(|e| PyValueError::new_err(e.to_string()))
+    checked.py()
 }
 
 fn inner_loop(steps: usize, lr: f64, optimizer: &str, beta1: f64, beta2: f64, eps: f64) -> PyResult<InnerLoop> {
@@ -169,7 +194,7 @@ type Backward<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
 type BackwardOut<'py, T> = (Bound<'py, PyArrayDyn<T>>, Bound<'py, PyArray2<T>>, Bound<'py, PyArray2<T>>);
 
 #[allow(clippy::too_many_arguments)]
-fn forward<'py, T: Real + Element>(
+fn forward<'py, T: Dtype + Element>(
     py: Python<'py>,
     w0: PyReadonlyArrayDyn<'py, T>,
     support: PyReadonlyArray2<'py, T>,
@@ -235,7 +260,7 @@ impl<T: Real + Element> ForwardBuffers<T> {
 /// `backward`, and with `with_values` also `forward`'s four outputs from the same pass
 /// (`mrm_core::value_and_grad`); returns the gradients and those outputs.
 #[allow(clippy::too_many_arguments)]
-fn backward<'py, T: Real + Element>(
+fn backward<'py, T: Dtype + Element>(
     py: Python<'py>,
     w0: PyReadonlyArrayDyn<'py, T>,
     support: PyReadonlyArray2<'py, T>,
@@ -295,8 +320,7 @@ fn rpo<'py, T: Real + Element>(
     tail: f64,
     gamma: f64,
 ) -> PyResult<(f64, Bound<'py, PyAny>)> {
-    let (objective, grad) = mrm_core::rpo(slice("losses", &losses)?, tail, gamma)
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let (objective, grad) = mrm_core::rpo(slice("losses", &losses)?, tail, gamma).py()?;
     Ok((objective.to_f64(), Array1::from_vec(grad).into_pyarray(py).into_any()))
 }
 
@@ -324,7 +348,7 @@ fn gather<'py, T: Real + Element>(
     let k = features.shape()[1];
     let (f, c, r) = (slice("features", &features)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
     let mut out = vec![T::ZERO; c.len() * k];
-    py.detach(|| mrm_core::pair_differences(f, k, c, r, &mut out)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    py.detach(|| mrm_core::pair_differences(f, k, c, r, &mut out)).py()?;
     Ok(matrix(out, c.len(), k)?.into_pyarray(py).into_any())
 }
 
@@ -339,14 +363,13 @@ fn gather_backward<'py, T: Real + Element>(
     let (g, c, r) = (slice("grad", &grad)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
     // Indices first (an error must not wait for a large allocation), then the size: an
     // impossible one is an error, never an abort.
-    mrm_core::check_pairs(c, r, n_rows).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    mrm_core::check_pairs(c, r, n_rows).py()?;
     let too_large = || PyValueError::new_err(format!("n_rows = {n_rows} is too large: cannot allocate the ({n_rows}, {k}) gradient"));
     let len = n_rows.checked_mul(k).ok_or_else(too_large)?;
     let mut out = Vec::new();
     out.try_reserve_exact(len).map_err(|_| too_large())?;
     out.resize(len, T::ZERO);
-    py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out))
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out)).py()?;
     Ok(matrix(out, n_rows, k)?.into_pyarray(py).into_any())
 }
 
@@ -358,7 +381,7 @@ fn map_settings(max_iter: usize, tol: f64, weight_map: &str) -> PyResult<MapSett
         other => return Err(PyValueError::new_err(format!("weight_map must be 'simplex' or 'linear', got {other:?}"))),
     };
     let settings = MapSettings { max_iter, tol, weight_map };
-    settings.validate().map_err(|e| PyValueError::new_err(e.to_string()))?;
+    settings.validate().py()?;
     Ok(settings)
 }
 
@@ -557,9 +580,7 @@ fn check_inner_loop(
         map_settings(max_iter, tol, weight_map)?;
         return Ok(());
     }
-    inner_loop(steps, lr, optimizer, beta1, beta2, eps)?
-        .validate()
-        .map_err(|e| PyValueError::new_err(e.to_string()))
+    inner_loop(steps, lr, optimizer, beta1, beta2, eps)?.validate().py()
 }
 
 /// The Python entry points for one dtype; `mrm.ops` picks the dtype.
