@@ -17,7 +17,10 @@ fn best(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("integer argument")).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("integer argument"))
+        .collect();
     let users = args.first().copied().unwrap_or(100_000);
     let threads = args.get(1).copied().unwrap_or(1);
     let (k, per_user) = (args.get(2).copied().unwrap_or(8), 32usize);
@@ -32,7 +35,11 @@ fn main() {
     let offsets: Vec<i64> = (0..=users as i64).map(|u| u * per_user as i64).collect();
     let w0 = vec![0.0f32; k];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    let ctl = Control { pool: &pool, chunk_users: 1 << 16, keep_going: &|| true };
+    let ctl = Control {
+        pool: &pool,
+        chunk_users: 1 << 16,
+        keep_going: &|| true,
+    };
     let check = best(5, || {
         Csr::new_in("support", &support, &offsets, k, Some(&pool)).unwrap();
     });
@@ -41,27 +48,80 @@ fn main() {
     let q = Csr::new("query", &query, &offsets, k).unwrap();
     for (name, optimizer, lr) in [
         ("sgd", Optimizer::Sgd, 0.1),
-        ("adam", Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 0.01),
+        (
+            "adam",
+            Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            0.01,
+        ),
     ] {
         let inner = InnerLoop { steps, lr, optimizer };
-        let (mut w, mut l, mut sl, mut a) = (vec![0.0; users * k], vec![0.0; users], vec![0.0; users], vec![0.0; users]);
+        let (mut w, mut l, mut sl, mut a) = (
+            vec![0.0; users * k],
+            vec![0.0; users],
+            vec![0.0; users],
+            vec![0.0; users],
+        );
         let adapt = best(5, || {
-            let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
+            let out = ForwardOutputs {
+                weights: &mut w,
+                support_losses: None,
+                losses: None,
+                accuracy: None,
+            };
             forward(Start::Shared(&w0), s, None, &inner, out, &ctl).unwrap();
         });
         let fwd = best(5, || {
-            let out = ForwardOutputs { weights: &mut w, support_losses: Some(&mut sl), losses: Some(&mut l), accuracy: Some(&mut a) };
+            let out = ForwardOutputs {
+                weights: &mut w,
+                support_losses: Some(&mut sl),
+                losses: Some(&mut l),
+                accuracy: Some(&mut a),
+            };
             forward(Start::Shared(&w0), s, Some(q), &inner, out, &ctl).unwrap();
         });
         let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; support.len()], vec![0.0; query.len()]);
         let ones = vec![1.0f32; users];
         let bwd = best(5, || {
-            backward(Start::Shared(&w0), s, q, &ones, &inner, false, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+            backward(
+                Start::Shared(&w0),
+                s,
+                q,
+                &ones,
+                &inner,
+                false,
+                &mut gw,
+                &mut gs,
+                &mut gq,
+                &ctl,
+            )
+            .unwrap();
         });
         let check: f64 = l.iter().map(|&x| x as f64).sum::<f64>() + gw.iter().map(|&x| x as f64).sum::<f64>();
         let fused = best(5, || {
-            let out = ForwardOutputs { weights: &mut w, support_losses: Some(&mut sl), losses: Some(&mut l), accuracy: Some(&mut a) };
-            value_and_grad(Start::Shared(&w0), s, q, &ones, &inner, false, Some(out), &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+            let out = ForwardOutputs {
+                weights: &mut w,
+                support_losses: Some(&mut sl),
+                losses: Some(&mut l),
+                accuracy: Some(&mut a),
+            };
+            value_and_grad(
+                Start::Shared(&w0),
+                s,
+                q,
+                &ones,
+                &inner,
+                false,
+                Some(out),
+                &mut gw,
+                &mut gs,
+                &mut gq,
+                &ctl,
+            )
+            .unwrap();
         });
         println!(
             "{name}: users {users} threads {threads} K {k} steps {steps}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  \

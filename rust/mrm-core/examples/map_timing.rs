@@ -17,11 +17,18 @@ fn best(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("integer argument")).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("integer argument"))
+        .collect();
     let users = args.first().copied().unwrap_or(100_000);
     let threads = args.get(1).copied().unwrap_or(1);
     let (k, per_user) = (args.get(2).copied().unwrap_or(8), 32usize);
-    let weight_map = if args.get(3).copied().unwrap_or(1) == 1 { WeightMap::Linear } else { WeightMap::Simplex };
+    let weight_map = if args.get(3).copied().unwrap_or(1) == 1 {
+        WeightMap::Linear
+    } else {
+        WeightMap::Simplex
+    };
     let mut seed = 1u64;
     let mut next = || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -32,10 +39,23 @@ fn main() {
     let w0 = vec![0.1f32; k];
     let eta = vec![0.0f32; k];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    let ctl = Control { pool: &pool, chunk_users: 1 << 16, keep_going: &|| true };
+    let ctl = Control {
+        pool: &pool,
+        chunk_users: 1 << 16,
+        keep_going: &|| true,
+    };
     let s = Csr::new("support", &support, &offsets, k).unwrap();
-    let settings = MapSettings { max_iter: 100, tol: 1e-6, weight_map };
-    let (mut w, mut it, mut gn, mut conv) = (vec![0.0f32; users * k], vec![0i64; users], vec![0.0f32; users], vec![false; users]);
+    let settings = MapSettings {
+        max_iter: 100,
+        tol: 1e-6,
+        weight_map,
+    };
+    let (mut w, mut it, mut gn, mut conv) = (
+        vec![0.0f32; users * k],
+        vec![0i64; users],
+        vec![0.0f32; users],
+        vec![false; users],
+    );
     let seconds = best(5, || {
         let out = MapOutputs {
             weights: &mut w,

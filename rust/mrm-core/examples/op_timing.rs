@@ -38,19 +38,61 @@ impl WithRowOps<f32> for Job {
         ops.margins(&rows, k, &p, &mut z);
         let mut zz = z.clone();
         let mut parts = 0.0;
-        parts += time("softmax", &mut || { softmax_into(black_box(&w), &mut p); black_box(&p); });
-        parts += time("margins", &mut || { ops.margins(black_box(&rows), k, black_box(&p), &mut z); black_box(&z); });
+        parts += time("softmax", &mut || {
+            softmax_into(black_box(&w), &mut p);
+            black_box(&p);
+        });
+        parts += time("margins", &mut || {
+            ops.margins(black_box(&rows), k, black_box(&p), &mut z);
+            black_box(&z);
+        });
         let z0 = z.clone();
-        parts += time("neg_sigmoids", &mut || { z.copy_from_slice(black_box(&z0)); ops.neg_sigmoids(&mut z); black_box(&z); });
-        time("neg_softplus", &mut || { z.copy_from_slice(black_box(&z0)); ops.neg_softplus(&mut z); black_box(&z); });
-        parts += time("row_sums", &mut || { ops.weighted_row_sums(black_box(&rows), k, black_box(&z0), &mut gp); black_box(&gp); });
-        parts += time("softmax_jvp", &mut || { softmax_jvp(black_box(&p), black_box(&gp), &mut g); black_box(&g); });
-        time("rank2_sums", &mut || { ops.rank2_sums(&mut grad, k, 1, black_box(&z0), black_box(&z0), n, black_box(&p), black_box(&g), k, false); black_box(&grad); });
-        time("outer", &mut || { ops.outer(&mut grad, k, 0.1, black_box(&z0), black_box(&p), false); black_box(&grad); });
-        println!("{:>16}: {parts:6.2} ns (softmax, margins, sigmoids, row sums, Jacobian)", "parts of a step");
+        parts += time("neg_sigmoids", &mut || {
+            z.copy_from_slice(black_box(&z0));
+            ops.neg_sigmoids(&mut z);
+            black_box(&z);
+        });
+        time("neg_softplus", &mut || {
+            z.copy_from_slice(black_box(&z0));
+            ops.neg_softplus(&mut z);
+            black_box(&z);
+        });
+        parts += time("row_sums", &mut || {
+            ops.weighted_row_sums(black_box(&rows), k, black_box(&z0), &mut gp);
+            black_box(&gp);
+        });
+        parts += time("softmax_jvp", &mut || {
+            softmax_jvp(black_box(&p), black_box(&gp), &mut g);
+            black_box(&g);
+        });
+        time("rank2_sums", &mut || {
+            ops.rank2_sums(
+                &mut grad,
+                k,
+                1,
+                black_box(&z0),
+                black_box(&z0),
+                n,
+                black_box(&p),
+                black_box(&g),
+                k,
+                false,
+            );
+            black_box(&grad);
+        });
+        time("outer", &mut || {
+            ops.outer(&mut grad, k, 0.1, black_box(&z0), black_box(&p), false);
+            black_box(&grad);
+        });
+        println!(
+            "{:>16}: {parts:6.2} ns (softmax, margins, sigmoids, row sums, Jacobian)",
+            "parts of a step"
+        );
         time("chain: softmax", &mut || {
             softmax_into(black_box(&w), &mut p);
-            for (a, b) in w.iter_mut().zip(&p) { *a -= 0.001 * b; }
+            for (a, b) in w.iter_mut().zip(&p) {
+                *a -= 0.001 * b;
+            }
         });
         time("+ margins", &mut || {
             softmax_into(&w, &mut p);
@@ -68,7 +110,9 @@ impl WithRowOps<f32> for Job {
             ops.margins(&rows, k, &p, &mut zz);
             ops.neg_sigmoids(&mut zz);
             ops.weighted_row_sums(&rows, k, &zz, &mut gp);
-            for (a, b) in w.iter_mut().zip(&gp) { *a -= 0.001 * b; }
+            for (a, b) in w.iter_mut().zip(&gp) {
+                *a -= 0.001 * b;
+            }
         });
         time("one sgd step", &mut || {
             softmax_into(black_box(&w), &mut p);
@@ -76,7 +120,9 @@ impl WithRowOps<f32> for Job {
             ops.neg_sigmoids(&mut zz);
             ops.weighted_row_sums(&rows, k, &zz, &mut gp);
             softmax_jvp(&p, &gp, &mut g);
-            for (a, b) in w.iter_mut().zip(&g) { *a -= 0.001 * b; }
+            for (a, b) in w.iter_mut().zip(&g) {
+                *a -= 0.001 * b;
+            }
             black_box(&w);
         });
     }

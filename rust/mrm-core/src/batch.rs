@@ -5,11 +5,11 @@
 use rayon::prelude::*;
 
 use crate::csr::{check_output_finite, check_rows_finite, Csr};
+use crate::dispatch::{with_row_ops, Dtype, WithRowOps};
 use crate::error::{non_finite, shape, value, Error, Result};
 use crate::group::{lane_values, Group, Members};
 use crate::inner::{InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
-use crate::dispatch::{with_row_ops, Dtype, WithRowOps};
 use crate::real::{all_finite, Real};
 use crate::rows::RowOps;
 use crate::simd::stream;
@@ -36,7 +36,10 @@ impl<'a, T: Real> Start<'a, T> {
             Start::PerUser(w) => (*w, n_users * k, format!("shape ({n_users}, {k})")),
         };
         if values.len() != expected {
-            return shape("w0", format!("w0 must have {what} to match the data, got {} values", values.len()));
+            return shape(
+                "w0",
+                format!("w0 must have {what} to match the data, got {} values", values.len()),
+            );
         }
         if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
             return match self {
@@ -102,16 +105,23 @@ fn check_trajectory_budget<T: Real>(support: &Csr<'_, T>, inner: &InnerLoop, fir
     }
     // Per step: p, g_p, g, m, v (and with the exact backward μ/n and p/n) as K values per
     // lane, and each support row's s_i (and c_i).
-    let per_step = if first_order { 5 * LANES * k + rows } else { 7 * LANES * k + 2 * rows } as u128;
+    let per_step = if first_order {
+        5 * LANES * k + rows
+    } else {
+        7 * LANES * k + 2 * rows
+    } as u128;
     let bytes = inner.steps as u128 * per_step * std::mem::size_of::<T>() as u128;
     if bytes > TRAJECTORY_BUDGET_BYTES as u128 {
         let last = (first + LANES).min(n_users) - 1;
-        return value("steps", format!(
-            "steps = {} would need {bytes} bytes of inner trajectory for users {first}..={last} \
+        return value(
+            "steps",
+            format!(
+                "steps = {} would need {bytes} bytes of inner trajectory for users {first}..={last} \
              ({rows} support rows, K = {k}), more than the budget of {TRAJECTORY_BUDGET_BYTES} bytes \
              per group of {LANES} users; use fewer steps, first_order, or fewer support pairs per user",
-            inner.steps
-        ));
+                inner.steps
+            ),
+        );
     }
     Ok(())
 }
@@ -135,7 +145,10 @@ impl Control<'_> {
 
 /// Block boundaries (relative user indices) for `n_users` users.
 pub(crate) fn block_bounds(n_users: usize) -> Vec<(usize, usize)> {
-    (0..n_users).step_by(BLOCK_USERS).map(|lo| (lo, (lo + BLOCK_USERS).min(n_users))).collect()
+    (0..n_users)
+        .step_by(BLOCK_USERS)
+        .map(|lo| (lo, (lo + BLOCK_USERS).min(n_users)))
+        .collect()
 }
 
 /// Splits `buf` into consecutive pieces of the given lengths.
@@ -153,36 +166,54 @@ pub(crate) fn split_lengths<T>(buf: &mut [T], lengths: impl Iterator<Item = usiz
 /// Splits users `lo..hi` of an optional per-user output into per-block pieces.
 fn optional_parts<'b, T>(buf: Option<&'b mut [T]>, lo: usize, hi: usize, sizes: &[usize]) -> Vec<Option<&'b mut [T]>> {
     match buf {
-        Some(b) => split_lengths(&mut b[lo..hi], sizes.iter().copied()).into_iter().map(Some).collect(),
+        Some(b) => split_lengths(&mut b[lo..hi], sizes.iter().copied())
+            .into_iter()
+            .map(Some)
+            .collect(),
         None => sizes.iter().map(|_| None).collect(),
     }
 }
 
 /// Per-block row counts of `batch` (times K) for the given blocks.
-fn block_row_lengths<'b, T: Real>(batch: &'b Csr<'_, T>, blocks: &'b [(usize, usize)]) -> impl Iterator<Item = usize> + 'b {
+fn block_row_lengths<'b, T: Real>(
+    batch: &'b Csr<'_, T>,
+    blocks: &'b [(usize, usize)],
+) -> impl Iterator<Item = usize> + 'b {
     blocks.iter().map(move |&(lo, hi)| batch.users(lo, hi).values.len())
 }
 
 pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
     if buf.len() != expected {
-        return shape(name.to_owned(), format!("{name} must have {expected} values, got {}", buf.len()));
+        return shape(
+            name.to_owned(),
+            format!("{name} must have {expected} values, got {}", buf.len()),
+        );
     }
     Ok(())
 }
 
 fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
     if support.k != query.k {
-        return shape("query", format!("support has K = {} columns but query has K = {}", support.k, query.k));
+        return shape(
+            "query",
+            format!("support has K = {} columns but query has K = {}", support.k, query.k),
+        );
     }
     if support.n_users() != query.n_users() {
-        return shape("query_offsets", format!(
-            "support_offsets describes {} users but query_offsets describes {}",
-            support.n_users(),
-            query.n_users()
-        ));
+        return shape(
+            "query_offsets",
+            format!(
+                "support_offsets describes {} users but query_offsets describes {}",
+                support.n_users(),
+                query.n_users()
+            ),
+        );
     }
     if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
-        return shape("query", format!("query has no pairs for user {u}: every user needs at least one query pair"));
+        return shape(
+            "query",
+            format!("query has no pairs for user {u}: every user needs at least one query pair"),
+        );
     }
     Ok(())
 }
@@ -198,7 +229,11 @@ pub struct ForwardOutputs<'a, T> {
 impl<'a, T: Real> ForwardOutputs<'a, T> {
     fn check_lengths(&self, k: usize, n_users: usize) -> Result<()> {
         check_len("weights", self.weights, n_users * k)?;
-        for (name, buf) in [("support_losses", &self.support_losses), ("losses", &self.losses), ("accuracy", &self.accuracy)] {
+        for (name, buf) in [
+            ("support_losses", &self.support_losses),
+            ("losses", &self.losses),
+            ("accuracy", &self.accuracy),
+        ] {
             if let Some(b) = buf {
                 check_len(name, b, n_users)?;
             }
@@ -218,7 +253,12 @@ impl<'a, T: Real> ForwardOutputs<'a, T> {
             .zip(support_losses)
             .zip(losses)
             .zip(accuracy)
-            .map(|(((weights, support_losses), losses), accuracy)| BlockValues { weights, support_losses, losses, accuracy })
+            .map(|(((weights, support_losses), losses), accuracy)| BlockValues {
+                weights,
+                support_losses,
+                losses,
+                accuracy,
+            })
             .collect()
     }
 
@@ -255,18 +295,45 @@ pub fn forward<T: Dtype>(
     if (out.losses.is_some() || out.accuracy.is_some()) && query.is_none() {
         return value("query", "losses and accuracy need query pairs");
     }
-    let ForwardOutputs { weights, support_losses, losses, accuracy } = out;
-    let mut values = ForwardOutputs { weights, support_losses, losses, accuracy };
+    let ForwardOutputs {
+        weights,
+        support_losses,
+        losses,
+        accuracy,
+    } = out;
+    let mut values = ForwardOutputs {
+        weights,
+        support_losses,
+        losses,
+        accuracy,
+    };
     ctl.chunks(n_users, |lo, hi| {
         let sup = support.users(lo, hi);
         let qry = query.map(|q| q.users(lo, hi));
         let st = start.users(lo, hi, k);
         let blocks = block_bounds(hi - lo);
-        let work: Vec<_> = blocks.iter().copied().zip(values.block_parts(k, lo, hi, &blocks)).collect();
+        let work: Vec<_> = blocks
+            .iter()
+            .copied()
+            .zip(values.block_parts(k, lo, hi, &blocks))
+            .collect();
         let keep_going = ctl.keep_going;
         let inputs_finite = ctl.pool.install(|| {
             work.into_par_iter()
-                .map(|(users, values)| with_row_ops(k, ForwardBlock { users, start: st, support: sup, query: qry, inner, values, keep_going }))
+                .map(|(users, values)| {
+                    with_row_ops(
+                        k,
+                        ForwardBlock {
+                            users,
+                            start: st,
+                            support: sup,
+                            query: qry,
+                            inner,
+                            values,
+                            keep_going,
+                        },
+                    )
+                })
                 .reduce(|| Ok(true), both)
         })?;
         if inputs_finite {
@@ -294,7 +361,19 @@ pub fn backward<T: Dtype>(
     grad_query: &mut [T],
     ctl: &Control<'_>,
 ) -> Result<()> {
-    value_and_grad(start, support, query, grad_losses, inner, first_order, None, grad_w0, grad_support, grad_query, ctl)
+    value_and_grad(
+        start,
+        support,
+        query,
+        grad_losses,
+        inner,
+        first_order,
+        None,
+        grad_w0,
+        grad_support,
+        grad_query,
+        ctl,
+    )
 }
 
 /// [`backward`] and, with `values`, in the same pass what [`forward`] with query pairs gives:
@@ -324,7 +403,10 @@ pub fn value_and_grad<T: Dtype>(
     }
     check_len("grad_losses", grad_losses, n_users)?;
     if let Some(u) = grad_losses.iter().position(|x| !x.is_finite()) {
-        return non_finite("grad_losses", format!("grad_losses contains a non-finite value (user {u})"));
+        return non_finite(
+            "grad_losses",
+            format!("grad_losses contains a non-finite value (user {u})"),
+        );
     }
     check_trajectory_budget(&support, inner, first_order)?;
     let shared = matches!(start, Start::Shared(_));
@@ -346,7 +428,11 @@ pub fn value_and_grad<T: Dtype>(
         let gq_parts = split_lengths(&mut grad_query[q_range], block_row_lengths(&qry, &blocks));
         // Per-user start: each block writes its users' rows. Shared: each block writes the
         // sum over its users (in user order), then blocks are summed in block order.
-        let mut block_sums = if shared { vec![T::ZERO; blocks.len() * k] } else { Vec::new() };
+        let mut block_sums = if shared {
+            vec![T::ZERO; blocks.len() * k]
+        } else {
+            Vec::new()
+        };
         let gw_parts = if shared {
             split_lengths(&mut block_sums, blocks.iter().map(|_| k))
         } else {
@@ -356,12 +442,18 @@ pub fn value_and_grad<T: Dtype>(
             Some(v) => v.block_parts(k, lo, hi, &blocks).into_iter().map(Some).collect(),
             None => blocks.iter().map(|_| None).collect(),
         };
-        let work: Vec<_> = blocks.iter().copied().zip(gs_parts).zip(gq_parts).zip(gw_parts).zip(value_parts).collect();
+        let work: Vec<_> = blocks
+            .iter()
+            .copied()
+            .zip(gs_parts)
+            .zip(gq_parts)
+            .zip(gw_parts)
+            .zip(value_parts)
+            .collect();
         let keep_going = ctl.keep_going;
         let Flags(inputs_finite, outputs_finite) = ctl.pool.install(|| {
             work.into_par_iter()
-                .map(
-                |((((users, grad_support), grad_query), grad_w0), values)| {
+                .map(|((((users, grad_support), grad_query), grad_w0), values)| {
                     let block = BackwardBlock {
                         users,
                         start: st,
@@ -379,8 +471,7 @@ pub fn value_and_grad<T: Dtype>(
                         keep_going,
                     };
                     with_row_ops(k, block)
-                },
-                )
+                })
                 .reduce(|| Ok(Flags(true, true)), both)
         })?;
         if !inputs_finite {
@@ -491,7 +582,15 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> Result<bool> {
-        let ForwardBlock { users, start, support, query, inner, mut values, keep_going } = self;
+        let ForwardBlock {
+            users,
+            start,
+            support,
+            query,
+            inner,
+            mut values,
+            keep_going,
+        } = self;
         let k = support.k;
         let mut group = Group::<T, R::Lanes>::new(k);
         let mut inputs_finite = true;
@@ -524,7 +623,15 @@ impl<T: Real> BlockValues<'_, T> {
     /// the group's backward kept (the same values), not computed again.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn write<R: RowOps<T>>(&mut self, ops: R, k: usize, group: &mut Group<T, R::Lanes>, members: &Members<'_, T>, first: usize, margins_kept: bool) {
+    fn write<R: RowOps<T>>(
+        &mut self,
+        ops: R,
+        k: usize,
+        group: &mut Group<T, R::Lanes>,
+        members: &Members<'_, T>,
+        first: usize,
+        margins_kept: bool,
+    ) {
         let k = ops.width(k);
         let (n, users) = (members.len, first..first + members.len);
         let w_rows = group.weight_rows(ops);
@@ -580,7 +687,12 @@ impl std::ops::BitAnd for Flags {
 
 /// The rows of consecutive users `range` of `batch` in `buf` (which holds the rows of the
 /// batch's users from row `base` on), one slice per user; lanes past the users get none.
-fn member_rows<'b, T: Real>(buf: &'b mut [T], batch: &Csr<'_, T>, base: usize, range: std::ops::Range<usize>) -> [&'b mut [T]; LANES] {
+fn member_rows<'b, T: Real>(
+    buf: &'b mut [T],
+    batch: &Csr<'_, T>,
+    base: usize,
+    range: std::ops::Range<usize>,
+) -> [&'b mut [T]; LANES] {
     let k = batch.k;
     let mut out: [&'b mut [T]; LANES] = Default::default();
     let lo = batch.row_range(range.start).start;
@@ -602,7 +714,22 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> Result<Flags> {
-        let BackwardBlock { users, start, support, query, grad_losses, inner, first_order, shared, stream, grad_w0, grad_support, grad_query, mut values, keep_going } = self;
+        let BackwardBlock {
+            users,
+            start,
+            support,
+            query,
+            grad_losses,
+            inner,
+            first_order,
+            shared,
+            stream,
+            grad_w0,
+            grad_support,
+            grad_query,
+            mut values,
+            keep_going,
+        } = self;
         // Rows go straight into the outputs, unless they are to be streamed and only a copy
         // from scratch can stream them (kernels without non-temporal stores of their own).
         let direct = R::STREAMS || !stream;
@@ -626,11 +753,17 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             let s_rows = support.row_range(range.start).start..support.row_range(range.end - 1).end;
             let q_rows = query.row_range(range.start).start..query.row_range(range.end - 1).end;
             let (mut gs, mut gq) = if direct {
-                (member_rows(grad_support, &support, s_base, range.clone()), member_rows(grad_query, &query, q_base, range.clone()))
+                (
+                    member_rows(grad_support, &support, s_base, range.clone()),
+                    member_rows(grad_query, &query, q_base, range.clone()),
+                )
             } else {
                 scratch_s.resize(s_rows.len() * k, T::ZERO);
                 scratch_q.resize(q_rows.len() * k, T::ZERO);
-                (member_rows(&mut scratch_s, &support, s_rows.start, range.clone()), member_rows(&mut scratch_q, &query, q_rows.start, range.clone()))
+                (
+                    member_rows(&mut scratch_s, &support, s_rows.start, range.clone()),
+                    member_rows(&mut scratch_q, &query, q_rows.start, range.clone()),
+                )
             };
             // A user skipped for non-finite input gets no gradient rows (the call fails).
             for (l, (a, b)) in gs.iter_mut().zip(gq.iter_mut()).enumerate().take(members.len) {
@@ -638,14 +771,31 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                     (*a, *b) = (&mut [], &mut []);
                 }
             }
-            outputs_finite &= group.backward(ops, members, scale, inner, first_order, values.is_some(), stream, &mut gs, &mut gq, keep_going)?;
+            outputs_finite &= group.backward(
+                ops,
+                members,
+                scale,
+                inner,
+                first_order,
+                values.is_some(),
+                stream,
+                &mut gs,
+                &mut gq,
+                keep_going,
+            )?;
             // The backward leaves the group's adapted weights and query margins in place.
             if let Some(v) = values.as_mut() {
                 v.write(ops, k, &mut group, members, first, true);
             }
             if !direct {
-                stream::copy(&mut grad_support[(s_rows.start - s_base) * k..(s_rows.end - s_base) * k], &scratch_s);
-                stream::copy(&mut grad_query[(q_rows.start - q_base) * k..(q_rows.end - q_base) * k], &scratch_q);
+                stream::copy(
+                    &mut grad_support[(s_rows.start - s_base) * k..(s_rows.end - s_base) * k],
+                    &scratch_s,
+                );
+                stream::copy(
+                    &mut grad_query[(q_rows.start - q_base) * k..(q_rows.end - q_base) * k],
+                    &scratch_q,
+                );
             }
             for (row, &v) in lam.iter_mut().zip(&group.lam) {
                 *row = lane_values(v);

@@ -37,13 +37,16 @@ impl<'a, T: Real> Csr<'a, T> {
     /// (while they are in cache) and then give the same error as [`Csr::new`] would.
     pub fn shaped(name: &str, values: &'a [T], offsets: &'a [i64], k: usize) -> Result<Self> {
         if k == 0 {
-            return shape(name.to_owned(), format!("{name} must have at least one column (K >= 1)"));
+            return shape(
+                name.to_owned(),
+                format!("{name} must have at least one column (K >= 1)"),
+            );
         }
         if !values.len().is_multiple_of(k) {
-            return shape(name.to_owned(), format!(
-                "{name} has {} values, not a multiple of K = {k}",
-                values.len()
-            ));
+            return shape(
+                name.to_owned(),
+                format!("{name} has {} values, not a multiple of K = {k}", values.len()),
+            );
         }
         check_offsets(name, offsets, values.len() / k)?;
         Ok(Csr { values, offsets, k })
@@ -53,10 +56,13 @@ impl<'a, T: Real> Csr<'a, T> {
     pub fn check_values(&self, name: &str, pool: Option<&rayon::ThreadPool>) -> Result<()> {
         if let Some(pos) = first_non_finite(self.values, pool) {
             let row = pos / self.k;
-            return non_finite(name.to_owned(), format!(
-                "{name} contains a non-finite value (row {row}, user {})",
-                self.user_of_row(row)
-            ));
+            return non_finite(
+                name.to_owned(),
+                format!(
+                    "{name} contains a non-finite value (row {row}, user {})",
+                    self.user_of_row(row)
+                ),
+            );
         }
         Ok(())
     }
@@ -90,7 +96,11 @@ impl<'a, T: Real> Csr<'a, T> {
         let base = self.offsets[0];
         let start = (self.offsets[lo] - base) as usize * self.k;
         let end = (self.offsets[hi] - base) as usize * self.k;
-        Csr { values: &self.values[start..end], offsets: &self.offsets[lo..=hi], k: self.k }
+        Csr {
+            values: &self.values[start..end],
+            offsets: &self.offsets[lo..=hi],
+            k: self.k,
+        }
     }
 
     /// The user owning row `row` (the last user when several end at the same row).
@@ -105,26 +115,33 @@ impl<'a, T: Real> Csr<'a, T> {
 pub fn check_offsets(name: &str, offsets: &[i64], n_rows: usize) -> Result<()> {
     let oname = format!("{name}_offsets");
     if offsets.is_empty() {
-        return shape(oname.clone(), format!("{oname} must have at least one entry (U + 1 entries for U users)"));
+        return shape(
+            oname.clone(),
+            format!("{oname} must have at least one entry (U + 1 entries for U users)"),
+        );
     }
     if offsets[0] != 0 {
         return shape(oname.clone(), format!("{oname}[0] must be 0, got {}", offsets[0]));
     }
     for u in 0..offsets.len() - 1 {
         if offsets[u + 1] < offsets[u] {
-            return shape(oname.clone(), format!(
-                "{oname} must be non-decreasing: {oname}[{}] = {} < {oname}[{u}] = {} (user {u})",
-                u + 1,
-                offsets[u + 1],
-                offsets[u]
-            ));
+            return shape(
+                oname.clone(),
+                format!(
+                    "{oname} must be non-decreasing: {oname}[{}] = {} < {oname}[{u}] = {} (user {u})",
+                    u + 1,
+                    offsets[u + 1],
+                    offsets[u]
+                ),
+            );
         }
     }
     let last = offsets[offsets.len() - 1];
     if last != n_rows as i64 {
-        return shape(oname.clone(), format!(
-            "{oname}[-1] must equal the number of rows of {name} ({n_rows}), got {last}"
-        ));
+        return shape(
+            oname.clone(),
+            format!("{oname}[-1] must equal the number of rows of {name} ({n_rows}), got {last}"),
+        );
     }
     Ok(())
 }
@@ -187,7 +204,13 @@ mod tests {
     fn first_non_finite_finds_the_first_bad_value_with_and_without_a_pool() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let n = 5 * SCAN_PIECE + 123;
-        for bad in [vec![], vec![0], vec![n - 1], vec![SCAN_PIECE - 1, SCAN_PIECE], vec![3 * SCAN_PIECE + 7, 4 * SCAN_PIECE + 1]] {
+        for bad in [
+            vec![],
+            vec![0],
+            vec![n - 1],
+            vec![SCAN_PIECE - 1, SCAN_PIECE],
+            vec![3 * SCAN_PIECE + 7, 4 * SCAN_PIECE + 1],
+        ] {
             let mut values = vec![1.0f32; n];
             for (i, &at) in bad.iter().enumerate() {
                 values[at] = if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };

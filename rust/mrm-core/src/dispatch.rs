@@ -104,16 +104,10 @@ fn run_rows<const C: usize, J: WithRowOps<f32>>(rows: F32Rows<C>, job: J) -> J::
 /// where the CPU has it).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn run_compiled_for<T: Real, R: RowOps<T>, J: WithRowOps<T>>(
-    cpu: Cpu,
-    ops: R,
-    job: J,
-) -> J::Output {
+fn run_compiled_for<T: Real, R: RowOps<T>, J: WithRowOps<T>>(cpu: Cpu, ops: R, job: J) -> J::Output {
     let _ = cpu;
     static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let wide = *WIDE.get_or_init(|| {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
-    });
+    let wide = *WIDE.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl"));
     // SAFETY: `cpu` exists only when the CPU has both features; `wide` only when it also has
     // the AVX-512 ones.
     unsafe {
@@ -133,10 +127,7 @@ unsafe fn run_with_features<T: Real, R: RowOps<T>, J: WithRowOps<T>>(ops: R, job
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn run_with_features_512<T: Real, R: RowOps<T>, J: WithRowOps<T>>(
-    ops: R,
-    job: J,
-) -> J::Output {
+unsafe fn run_with_features_512<T: Real, R: RowOps<T>, J: WithRowOps<T>>(ops: R, job: J) -> J::Output {
     job.run(ops)
 }
 
@@ -145,9 +136,7 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -309,14 +298,7 @@ mod tests {
                     vec![-7.0f32; n * k + 16],
                     vec![-7.0f32; n * k + 16],
                 ];
-                let ok_outer = ops.outer(
-                    &mut bufs[0][at..at + n * k],
-                    k,
-                    0.75,
-                    self.s,
-                    self.mu,
-                    self.stream,
-                );
+                let ok_outer = ops.outer(&mut bufs[0][at..at + n * k], k, 0.75, self.s, self.mu, self.stream);
                 let ok_sums = ops.rank2_sums(
                     &mut bufs[1][at..at + n * k],
                     k,
@@ -366,14 +348,8 @@ mod tests {
                         mu: &mu,
                     },
                 );
-                assert!(
-                    want.3 && want.4,
-                    "K {k} n {n}: finite values reported as not finite"
-                );
-                assert!(
-                    want.2.iter().all(|&x| x.to_bits() == 0),
-                    "K {k} n {n}: zero_rows"
-                );
+                assert!(want.3 && want.4, "K {k} n {n}: finite values reported as not finite");
+                assert!(want.2.iter().all(|&x| x.to_bits() == 0), "K {k} n {n}: zero_rows");
                 for (offset, stream) in (1..8).map(|o| (o, true)).chain([(0, false), (3, false)]) {
                     let got = with_row_ops(
                         k,
@@ -411,10 +387,7 @@ mod tests {
                                 mu: &mu,
                             },
                         );
-                        assert!(
-                            got.3 && !got.4,
-                            "K {k} n {n}: {bad} in rank2_sums not reported"
-                        );
+                        assert!(got.3 && !got.4, "K {k} n {n}: {bad} in rank2_sums not reported");
                         let mut s_bad = s.clone();
                         s_bad[n - 1] = bad;
                         let got = with_row_ops(
@@ -449,8 +422,7 @@ mod tests {
         impl WithRowOps<f32> for Check<'_> {
             type Output = (Vec<f32>, Vec<f32>, Vec<f32>);
             fn run<R: RowOps<f32>>(self, ops: R) -> Self::Output {
-                let (mut sig, mut soft, mut p) =
-                    (self.z.to_vec(), self.z.to_vec(), vec![0.0; self.w.len()]);
+                let (mut sig, mut soft, mut p) = (self.z.to_vec(), self.z.to_vec(), vec![0.0; self.w.len()]);
                 ops.neg_sigmoids(&mut sig);
                 ops.neg_softplus(&mut soft);
                 // The softmax of the lanes that go with these kernels, the same `w` in every lane.

@@ -37,11 +37,7 @@ pub struct Error {
 
 impl Error {
     /// An error about `argument`.
-    pub fn new(
-        kind: Kind,
-        argument: impl Into<Cow<'static, str>>,
-        message: impl Into<Cow<'static, str>>,
-    ) -> Self {
+    pub fn new(kind: Kind, argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
         Error {
             kind,
             argument: Some(argument.into()),
@@ -109,18 +105,12 @@ impl std::error::Error for Error {}
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// `Err` of a [`Kind::Shape`] error about `argument`.
-pub(crate) fn shape<T>(
-    argument: impl Into<Cow<'static, str>>,
-    message: impl Into<Cow<'static, str>>,
-) -> Result<T> {
+pub(crate) fn shape<T>(argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Result<T> {
     Err(Error::new(Kind::Shape, argument, message))
 }
 
 /// `Err` of a [`Kind::Value`] error about `argument`.
-pub(crate) fn value<T>(
-    argument: impl Into<Cow<'static, str>>,
-    message: impl Into<Cow<'static, str>>,
-) -> Result<T> {
+pub(crate) fn value<T>(argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Result<T> {
     Err(Error::new(Kind::Value, argument, message))
 }
 
@@ -146,11 +136,7 @@ mod tests {
         let e = Error::new(Kind::Shape, "w0", "w0 must have shape (3,)");
         assert_eq!(
             (e.kind(), e.argument(), e.to_string()),
-            (
-                Kind::Shape,
-                Some("w0"),
-                "w0 must have shape (3,)".to_string()
-            )
+            (Kind::Shape, Some("w0"), "w0 must have shape (3,)".to_string())
         );
         assert_eq!(Error::Interrupted.kind(), Kind::Interrupted);
         assert_eq!(Error::Interrupted.to_string(), "interrupted");

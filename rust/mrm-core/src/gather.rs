@@ -7,10 +7,13 @@ use crate::real::Real;
 /// Checks that every index is in `0..n_rows`; the error names the argument and the pair.
 fn check_indices(name: &str, index: &[i64], n_rows: usize) -> Result<()> {
     if let Some(i) = index.iter().position(|&r| r < 0 || r as u64 >= n_rows as u64) {
-        return value(name.to_owned(), format!(
-            "{name}[{i}] = {} is out of range for {n_rows} feature rows (pair {i})",
-            index[i]
-        ));
+        return value(
+            name.to_owned(),
+            format!(
+                "{name}[{i}] = {} is out of range for {n_rows} feature rows (pair {i})",
+                index[i]
+            ),
+        );
     }
     Ok(())
 }
@@ -27,24 +30,39 @@ fn check_finite<T: Real>(values: &[T], k: usize, what: impl Fn(usize, usize) -> 
 /// check before allocating `n_rows` rows of output).
 pub fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
     if chosen.len() != rejected.len() {
-        return shape("rejected", format!(
-            "chosen has {} entries but rejected has {}: one of each per pair",
-            chosen.len(),
-            rejected.len()
-        ));
+        return shape(
+            "rejected",
+            format!(
+                "chosen has {} entries but rejected has {}: one of each per pair",
+                chosen.len(),
+                rejected.len()
+            ),
+        );
     }
     check_indices("chosen", chosen, n_rows)?;
     check_indices("rejected", rejected, n_rows)
 }
 
 /// Writes `out[i] = features[chosen[i]] − features[rejected[i]]` (rows of width `k`).
-pub fn pair_differences<T: Real>(features: &[T], k: usize, chosen: &[i64], rejected: &[i64], out: &mut [T]) -> Result<()> {
+pub fn pair_differences<T: Real>(
+    features: &[T],
+    k: usize,
+    chosen: &[i64],
+    rejected: &[i64],
+    out: &mut [T],
+) -> Result<()> {
     if k == 0 || !features.len().is_multiple_of(k) {
-        return shape("features", format!("features must have K >= 1 columns and a whole number of rows (K = {k})"));
+        return shape(
+            "features",
+            format!("features must have K >= 1 columns and a whole number of rows (K = {k})"),
+        );
     }
     check_pairs(chosen, rejected, features.len() / k)?;
     if out.len() != chosen.len() * k {
-        return shape("out", format!("the output must have {} values, got {}", chosen.len() * k, out.len()));
+        return shape(
+            "out",
+            format!("the output must have {} values, got {}", chosen.len() * k, out.len()),
+        );
     }
     for ((d, &c), &r) in out.chunks_exact_mut(k).zip(chosen).zip(rejected) {
         let (c, r) = (c as usize * k, r as usize * k);
@@ -56,8 +74,17 @@ pub fn pair_differences<T: Real>(features: &[T], k: usize, chosen: &[i64], rejec
     check_finite(out, k, |i, col| {
         let (c, r) = (chosen[i] as usize, rejected[i] as usize);
         match [c, r].into_iter().find(|&row| !features[row * k + col].is_finite()) {
-            Some(row) => Error::new(Kind::NonFinite, "features", format!("features contains a non-finite value (row {row}, column {col}; pair {i})")),
-            None => Error::without_argument(Kind::NonFinite, format!("pair {i}: features[{c}] - features[{r}] overflows in column {col} (a difference beyond the dtype)")),
+            Some(row) => Error::new(
+                Kind::NonFinite,
+                "features",
+                format!("features contains a non-finite value (row {row}, column {col}; pair {i})"),
+            ),
+            None => Error::without_argument(
+                Kind::NonFinite,
+                format!(
+                    "pair {i}: features[{c}] - features[{r}] overflows in column {col} (a difference beyond the dtype)"
+                ),
+            ),
         }
     })
 }
@@ -73,13 +100,29 @@ pub fn pair_differences_backward<T: Real>(
     out: &mut [T],
 ) -> Result<()> {
     if k == 0 || !out.len().is_multiple_of(k) {
-        return shape("out", format!("the output must have K >= 1 columns and a whole number of rows (K = {k})"));
+        return shape(
+            "out",
+            format!("the output must have K >= 1 columns and a whole number of rows (K = {k})"),
+        );
     }
     check_pairs(chosen, rejected, out.len() / k)?;
     if grad.len() != chosen.len() * k {
-        return shape("grad", format!("grad must have {} values (pairs × K), got {}", chosen.len() * k, grad.len()));
+        return shape(
+            "grad",
+            format!(
+                "grad must have {} values (pairs × K), got {}",
+                chosen.len() * k,
+                grad.len()
+            ),
+        );
     }
-    check_finite(grad, k, |i, col| Error::new(Kind::NonFinite, "grad", format!("grad contains a non-finite value (pair {i}, column {col})")))?;
+    check_finite(grad, k, |i, col| {
+        Error::new(
+            Kind::NonFinite,
+            "grad",
+            format!("grad contains a non-finite value (pair {i}, column {col})"),
+        )
+    })?;
     out.fill(T::ZERO);
     for ((g, &c), &r) in grad.chunks_exact(k).zip(chosen).zip(rejected) {
         let c = c as usize * k;
@@ -92,7 +135,10 @@ pub fn pair_differences_backward<T: Real>(
         }
     }
     check_finite(out, k, |row, col| {
-        Error::without_argument(Kind::NonFinite, format!("the gradient of feature row {row} overflows in column {col} (the sum of its pairs' grad rows)"))
+        Error::without_argument(
+            Kind::NonFinite,
+            format!("the gradient of feature row {row} overflows in column {col} (the sum of its pairs' grad rows)"),
+        )
     })
 }
 
@@ -126,14 +172,25 @@ mod tests {
     fn non_finite_inputs_and_overflows_are_errors_naming_where() {
         let mut out = vec![0.0f32; 2];
         let err = pair_differences(&[3e38f32, 1.0, -3e38, 1.0], 2, &[0], &[1], &mut out).unwrap_err();
-        assert!(err.to_string().starts_with("pair 0: features[0] - features[1] overflows in column 0"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("pair 0: features[0] - features[1] overflows in column 0"),
+            "{err}"
+        );
         let err = pair_differences(&[0.0f32, f32::NAN, 0.0, 0.0], 2, &[0], &[1], &mut out).unwrap_err();
-        assert_eq!(err.to_string(), "features contains a non-finite value (row 0, column 1; pair 0)");
+        assert_eq!(
+            err.to_string(),
+            "features contains a non-finite value (row 0, column 1; pair 0)"
+        );
         let mut back = vec![0.0f32; 4];
         let err = pair_differences_backward(&[0.0f32, f32::INFINITY], 2, &[0], &[1], &mut back).unwrap_err();
         assert_eq!(err.to_string(), "grad contains a non-finite value (pair 0, column 1)");
         let err = pair_differences_backward(&[3e38f32, 0.0, 3e38, 0.0], 2, &[0, 0], &[1, 1], &mut back).unwrap_err();
-        assert!(err.to_string().starts_with("the gradient of feature row 0 overflows in column 0"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("the gradient of feature row 0 overflows in column 0"),
+            "{err}"
+        );
     }
 
     #[test]

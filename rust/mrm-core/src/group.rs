@@ -40,10 +40,14 @@ fn check_interval(n_rows: usize, k: usize) -> usize {
 fn grow<X: Clone>(buf: &mut Vec<X>, len: usize, fill: X, steps: usize) -> Result<()> {
     if len > buf.len() {
         buf.try_reserve_exact(len - buf.len()).map_err(|_| {
-            Error::new(Kind::Resource, "steps", format!(
-                "steps = {steps}: cannot allocate {} bytes for the inner trajectory",
-                len.saturating_mul(std::mem::size_of::<X>())
-            ))
+            Error::new(
+                Kind::Resource,
+                "steps",
+                format!(
+                    "steps = {steps}: cannot allocate {} bytes for the inner trajectory",
+                    len.saturating_mul(std::mem::size_of::<X>())
+                ),
+            )
         })?;
     }
     buf.resize(len, fill);
@@ -117,7 +121,12 @@ pub(crate) struct Members<'a, T> {
 impl<'a, T: Real> Members<'a, T> {
     pub(crate) fn new() -> Self {
         let empty: &[T] = &[];
-        Members { len: 0, support: [empty; LANES], query: [empty; LANES], start: [empty; LANES] }
+        Members {
+            len: 0,
+            support: [empty; LANES],
+            query: [empty; LANES],
+            start: [empty; LANES],
+        }
     }
 }
 
@@ -190,7 +199,13 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         self.inv_n = lanes_from(|l| inverse(count(&users.support, l)));
         self.neg_inv_n = lanes_from(|l| -inverse(count(&users.support, l)));
         self.inv_m = lanes_from(|l| inverse(count(&users.query, l)));
-        self.stepping = lanes_from(|l| if count(&users.support, l) > 0.0 { T::ONE } else { T::ZERO });
+        self.stepping = lanes_from(|l| {
+            if count(&users.support, l) > 0.0 {
+                T::ONE
+            } else {
+                T::ZERO
+            }
+        });
         for l in 0..LANES {
             self.sup[l + 1] = self.sup[l] + users.support[l].len() / k;
             self.qry[l + 1] = self.qry[l] + users.query[l].len() / k;
@@ -224,8 +239,12 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         let any_rows = users.support.iter().any(|r| !r.is_empty());
         let steps = if any_rows { inner.steps } else { 0 };
         let zero = V::splat(T::ZERO);
-        if let (Optimizer::Adam { beta1, beta2, eps }, true) = (inner.optimizer, steps > 0 && self.adam_for != Some(*inner)) {
-            self.adam = (1..=inner.steps.min(ADAM_TABLE)).map(|t| AdamStep::new(inner.lr, beta1, beta2, eps, t)).collect();
+        if let (Optimizer::Adam { beta1, beta2, eps }, true) =
+            (inner.optimizer, steps > 0 && self.adam_for != Some(*inner))
+        {
+            self.adam = (1..=inner.steps.min(ADAM_TABLE))
+                .map(|t| AdamStep::new(inner.lr, beta1, beta2, eps, t))
+                .collect();
             self.adam_for = Some(*inner);
         }
         let (sup, n_all) = (self.sup, self.sup[LANES]);
@@ -250,11 +269,21 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             V::to_rows(&self.p, k, &mut self.rows_p);
             // The passes over rows, user after user: independent chains.
             for l in 0..LANES {
-                ops.margins_into(users.support[l], k, &self.rows_p[l * k..(l + 1) * k], &mut self.z[sup[l]..sup[l + 1]]);
+                ops.margins_into(
+                    users.support[l],
+                    k,
+                    &self.rows_p[l * k..(l + 1) * k],
+                    &mut self.z[sup[l]..sup[l + 1]],
+                );
             }
             ops.neg_sigmoids(&mut self.z);
             for l in 0..LANES {
-                ops.weighted_row_sums(users.support[l], k, &self.z[sup[l]..sup[l + 1]], &mut self.rows_gp[l * k..(l + 1) * k]);
+                ops.weighted_row_sums(
+                    users.support[l],
+                    k,
+                    &self.z[sup[l]..sup[l + 1]],
+                    &mut self.rows_gp[l * k..(l + 1) * k],
+                );
             }
             if record {
                 self.s[t * n_all..(t + 1) * n_all].copy_from_slice(&self.z);
@@ -271,7 +300,11 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let c = self.adam.get(t).copied().unwrap_or_else(|| AdamStep::new(inner.lr, beta1, beta2, eps, t + 1));
+                    let c = self
+                        .adam
+                        .get(t)
+                        .copied()
+                        .unwrap_or_else(|| AdamStep::new(inner.lr, beta1, beta2, eps, t + 1));
                     let (b1, b2) = (V::splat(c.beta1), V::splat(c.beta2));
                     let (one_b1, one_b2) = (V::splat(T::ONE - c.beta1), V::splat(T::ONE - c.beta2));
                     let (c1, c2, e) = (V::splat(c.c1), V::splat(c.c2), V::splat(c.eps));
@@ -285,7 +318,10 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             }
             if record {
                 let tr = &mut self.trajectory[t * 5 * k..(t + 1) * 5 * k];
-                for (dst, src) in tr.chunks_exact_mut(k).zip([&self.p, &self.gp, &self.g, &self.mom, &self.vel]) {
+                for (dst, src) in tr
+                    .chunks_exact_mut(k)
+                    .zip([&self.p, &self.gp, &self.g, &self.mom, &self.vel])
+                {
                     dst.copy_from_slice(&src[..k]);
                 }
             }
@@ -316,15 +352,32 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
     /// (`keep_margins`): the same values, not computed again. The element-wise work runs once
     /// over all members' rows.
     #[inline(always)]
-    pub(crate) fn mean_losses<R: RowOps<T>>(&mut self, ops: R, users: &Members<'_, T>, query: bool, kept: bool, losses: &mut [T; LANES], accuracy: Option<&mut [T; LANES]>) {
+    pub(crate) fn mean_losses<R: RowOps<T>>(
+        &mut self,
+        ops: R,
+        users: &Members<'_, T>,
+        query: bool,
+        kept: bool,
+        losses: &mut [T; LANES],
+        accuracy: Option<&mut [T; LANES]>,
+    ) {
         let k = ops.width(self.k);
-        let (at, rows) = if query { (self.qry, &users.query) } else { (self.sup, &users.support) };
+        let (at, rows) = if query {
+            (self.qry, &users.query)
+        } else {
+            (self.sup, &users.support)
+        };
         if query && kept {
             self.zl.clone_from(&self.zq_kept);
         } else {
             self.zl.resize(at[LANES], T::ZERO);
             for l in 0..LANES {
-                ops.margins_into(rows[l], k, &self.rows_p[l * k..(l + 1) * k], &mut self.zl[at[l]..at[l + 1]]);
+                ops.margins_into(
+                    rows[l],
+                    k,
+                    &self.rows_p[l * k..(l + 1) * k],
+                    &mut self.zl[at[l]..at[l + 1]],
+                );
             }
         }
         if let Some(acc) = accuracy {
@@ -371,7 +424,12 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         let (sup, qry) = (self.sup, self.qry);
         self.zq.resize(qry[LANES], T::ZERO);
         for l in 0..LANES {
-            ops.margins_into(users.query[l], k, &self.rows_p[l * k..(l + 1) * k], &mut self.zq[qry[l]..qry[l + 1]]);
+            ops.margins_into(
+                users.query[l],
+                k,
+                &self.rows_p[l * k..(l + 1) * k],
+                &mut self.zq[qry[l]..qry[l + 1]],
+            );
         }
         if keep_margins {
             self.zq_kept.clone_from(&self.zq);
@@ -403,7 +461,12 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         let n_all = sup[LANES];
         let row_stride = LANES * k;
         grow(&mut self.c, steps.saturating_mul(n_all), T::ZERO, inner.steps)?;
-        grow(&mut self.rank_mu, steps.saturating_mul(row_stride), T::ZERO, inner.steps)?;
+        grow(
+            &mut self.rank_mu,
+            steps.saturating_mul(row_stride),
+            T::ZERO,
+            inner.steps,
+        )?;
         grow(&mut self.rank_p, steps.saturating_mul(row_stride), T::ZERO, inner.steps)?;
         let (every, mut countdown) = (check_interval(n_all, k), check_interval(n_all, k));
         for t in (0..steps).rev() {
@@ -427,8 +490,17 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let c = self.adam.get(t).copied().unwrap_or_else(|| AdamStep::new(inner.lr, beta1, beta2, eps, t + 1));
-                    let (b1, b2, one, two) = (V::splat(c.beta1), V::splat(c.beta2), V::splat(T::ONE), V::splat(T::of(2.0)));
+                    let c = self
+                        .adam
+                        .get(t)
+                        .copied()
+                        .unwrap_or_else(|| AdamStep::new(inner.lr, beta1, beta2, eps, t + 1));
+                    let (b1, b2, one, two) = (
+                        V::splat(c.beta1),
+                        V::splat(c.beta2),
+                        V::splat(T::ONE),
+                        V::splat(T::of(2.0)),
+                    );
                     let (c1, c2, e) = (V::splat(c.c1), V::splat(c.c2), V::splat(c.eps));
                     for j in 0..k {
                         // w_t = w_{t−1} − c1 m / (sqrt(v)/c2 + ε)
@@ -436,7 +508,8 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
                         let denom = root.div(c2).add(e);
                         let lam_m = self.lam_m[j].sub(self.lam[j].mul(c1).div(denom));
                         // ∂w/∂v = c1 m / (denom² · 2 c2 sqrt(v)); at v = 0 also m = 0: limit 0.
-                        let dw_dv = root.where_positive(c1.mul(mom[j]).div(denom.mul(denom).mul(two).mul(c2).mul(root)));
+                        let dw_dv =
+                            root.where_positive(c1.mul(mom[j]).div(denom.mul(denom).mul(two).mul(c2).mul(root)));
                         let lam_v = self.lam_v[j].add(self.lam[j].mul(dw_dv));
                         self.lam_g[j] = one.sub(b1).mul(lam_m).add(two.mul(one.sub(b2)).mul(g[j]).mul(lam_v));
                         self.lam_m[j] = b1.mul(lam_m);
@@ -463,15 +536,28 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             }
             V::to_rows(&self.scaled, k, &mut self.rank_p[at]);
             for l in 0..LANES {
-                ops.margins_into(users.support[l], k, &self.rows_mu[l * k..(l + 1) * k], &mut self.c[t * n_all + sup[l]..t * n_all + sup[l + 1]]);
+                ops.margins_into(
+                    users.support[l],
+                    k,
+                    &self.rows_mu[l * k..(l + 1) * k],
+                    &mut self.c[t * n_all + sup[l]..t * n_all + sup[l + 1]],
+                );
             }
             // c_i = s_i (1 − s_i)(μ · d_i)
-            let (s_t, c_t) = (&self.s[t * n_all..(t + 1) * n_all], &mut self.c[t * n_all..(t + 1) * n_all]);
+            let (s_t, c_t) = (
+                &self.s[t * n_all..(t + 1) * n_all],
+                &mut self.c[t * n_all..(t + 1) * n_all],
+            );
             for (ci, &si) in c_t.iter_mut().zip(s_t) {
                 *ci *= si * (T::ONE - si);
             }
             for l in 0..LANES {
-                ops.weighted_row_sums(users.support[l], k, &c_t[sup[l]..sup[l + 1]], &mut self.rows_gp[l * k..(l + 1) * k]);
+                ops.weighted_row_sums(
+                    users.support[l],
+                    k,
+                    &c_t[sup[l]..sup[l + 1]],
+                    &mut self.rows_gp[l * k..(l + 1) * k],
+                );
             }
             V::from_rows(&self.rows_gp, k, &mut self.a);
             // H λ = J[(g_p − (p·g_p)) ⊙ λ − g_p (p·λ) + A μ],  A μ = (1/n) Σ c_i d_i
@@ -486,7 +572,18 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
         }
         for (l, g) in grad_support.iter_mut().enumerate() {
             let (s, c) = (&self.s[sup[l]..], &self.c[sup[l]..]);
-            finite &= ops.rank2_sums(g, k, steps, s, c, n_all, &self.rank_mu[l * k..], &self.rank_p[l * k..], row_stride, stream);
+            finite &= ops.rank2_sums(
+                g,
+                k,
+                steps,
+                s,
+                c,
+                n_all,
+                &self.rank_mu[l * k..],
+                &self.rank_p[l * k..],
+                row_stride,
+                stream,
+            );
         }
         Ok(finite)
     }
@@ -495,8 +592,8 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::Workspace;
     use crate::dispatch::{with_row_ops, WithRowOps};
+    use crate::reference::Workspace;
     use crate::rows::Portable;
 
     fn lcg(seed: &mut u64) -> f64 {
@@ -536,36 +633,85 @@ mod tests {
                 {
                     let mut gs_refs: [&mut [T]; LANES] = Default::default();
                     let mut gq_refs: [&mut [T]; LANES] = Default::default();
-                    for ((a, b), (s, q)) in gs_refs.iter_mut().zip(gq_refs.iter_mut()).zip(gs.iter_mut().zip(gq.iter_mut())) {
+                    for ((a, b), (s, q)) in gs_refs
+                        .iter_mut()
+                        .zip(gq_refs.iter_mut())
+                        .zip(gs.iter_mut().zip(gq.iter_mut()))
+                    {
                         (*a, *b) = (s, q);
                     }
-                    group.backward(ops, &members, grad_loss, self.inner, self.first_order, false, false, &mut gs_refs, &mut gq_refs, &|| true).unwrap();
+                    group
+                        .backward(
+                            ops,
+                            &members,
+                            grad_loss,
+                            self.inner,
+                            self.first_order,
+                            false,
+                            false,
+                            &mut gs_refs,
+                            &mut gq_refs,
+                            &|| true,
+                        )
+                        .unwrap();
                 }
                 (0..members.len)
                     .map(|l| {
                         let lam = group.lam.iter().map(|&v| lane_values(v)[l].to_f64());
                         let w = weights[l * k..(l + 1) * k].iter().map(|x| x.to_f64());
-                        w.chain(lam).chain(gs[l].iter().map(|x| x.to_f64())).chain(gq[l].iter().map(|x| x.to_f64())).collect()
+                        w.chain(lam)
+                            .chain(gs[l].iter().map(|x| x.to_f64()))
+                            .chain(gq[l].iter().map(|x| x.to_f64()))
+                            .collect()
                     })
                     .collect()
             }
         }
         /// The reference: each user alone, f64, portable kernels.
-        fn alone(user: &(Vec<f64>, Vec<f64>, Vec<f64>), k: usize, inner: &InnerLoop, first_order: bool, grad_loss: f64) -> Vec<f64> {
+        fn alone(
+            user: &(Vec<f64>, Vec<f64>, Vec<f64>),
+            k: usize,
+            inner: &InnerLoop,
+            first_order: bool,
+            grad_loss: f64,
+        ) -> Vec<f64> {
             let (s, q, w0) = user;
             let mut ws = Workspace::<f64>::default();
             let mut w = w0.clone();
             ws.adapt(Portable::<0>, &mut w, s, k, inner, false);
             let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; s.len()], vec![0.0; q.len()]);
-            ws.backward(Portable::<0>, w0, s, q, k, grad_loss, inner, first_order, &mut gw, &mut gs, &mut gq);
+            ws.backward(
+                Portable::<0>,
+                w0,
+                s,
+                q,
+                k,
+                grad_loss,
+                inner,
+                first_order,
+                &mut gw,
+                &mut gs,
+                &mut gq,
+            );
             w.into_iter().chain(gw).chain(gs).chain(gq).collect()
         }
         let mut seed = 17;
-        let optimizers = [Optimizer::Sgd, Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }];
+        let optimizers = [
+            Optimizer::Sgd,
+            Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        ];
         for k in [1, 3, 8, 16] {
             for (steps, first_order) in [(0, false), (1, false), (3, false), (3, true), (70, false)] {
                 for optimizer in optimizers {
-                    let inner = InnerLoop { steps, lr: 0.2, optimizer };
+                    let inner = InnerLoop {
+                        steps,
+                        lr: 0.2,
+                        optimizer,
+                    };
                     for members in [1, 5, 8] {
                         // Support counts 0..=19 (0: no steps for that user), query 1..=9.
                         let users: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = (0..members)
@@ -578,13 +724,39 @@ mod tests {
                                 (s, q, w0)
                             })
                             .collect();
-                        let want: Vec<Vec<f64>> = users.iter().enumerate().map(|(l, u)| alone(u, k, &inner, first_order, 0.5 + 0.25 * l as f64)).collect();
-                        let got = with_row_ops(k, Run { users: &users, k, inner: &inner, first_order });
+                        let want: Vec<Vec<f64>> = users
+                            .iter()
+                            .enumerate()
+                            .map(|(l, u)| alone(u, k, &inner, first_order, 0.5 + 0.25 * l as f64))
+                            .collect();
+                        let got = with_row_ops(
+                            k,
+                            Run {
+                                users: &users,
+                                k,
+                                inner: &inner,
+                                first_order,
+                            },
+                        );
                         let narrow: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = users
                             .iter()
-                            .map(|(s, q, w)| (s.iter().map(|&x| x as f32).collect(), q.iter().map(|&x| x as f32).collect(), w.iter().map(|&x| x as f32).collect()))
+                            .map(|(s, q, w)| {
+                                (
+                                    s.iter().map(|&x| x as f32).collect(),
+                                    q.iter().map(|&x| x as f32).collect(),
+                                    w.iter().map(|&x| x as f32).collect(),
+                                )
+                            })
                             .collect();
-                        let got32 = with_row_ops(k, Run { users: &narrow, k, inner: &inner, first_order });
+                        let got32 = with_row_ops(
+                            k,
+                            Run {
+                                users: &narrow,
+                                k,
+                                inner: &inner,
+                                first_order,
+                            },
+                        );
                         for (l, w) in want.iter().enumerate() {
                             let scale = w.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
                             for (i, &x) in w.iter().enumerate() {

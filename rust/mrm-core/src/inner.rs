@@ -11,7 +11,11 @@ use crate::real::Real;
 pub enum Optimizer {
     Sgd,
     /// `torch.optim.Adam` semantics, fresh state per user.
-    Adam { beta1: f64, beta2: f64, eps: f64 },
+    Adam {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    },
 }
 
 /// The most inner steps one call may take. A step reads every support row once, so more would
@@ -68,7 +72,13 @@ impl<T: Real> AdamStep<T> {
     pub(crate) fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, t: usize) -> Self {
         let t = t as i32;
         let (c1, c2) = (lr / (1.0 - beta1.powi(t)), (1.0 - beta2.powi(t)).sqrt());
-        AdamStep { c1: T::of(c1), c2: T::of(c2), beta1: T::of(beta1), beta2: T::of(beta2), eps: T::of(eps) }
+        AdamStep {
+            c1: T::of(c1),
+            c2: T::of(c2),
+            beta1: T::of(beta1),
+            beta2: T::of(beta2),
+            eps: T::of(eps),
+        }
     }
 }
 

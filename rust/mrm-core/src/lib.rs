@@ -26,21 +26,21 @@ mod group;
 mod inner;
 mod lanes;
 pub mod map;
-mod simd;
 mod real;
 #[cfg(test)]
 mod reference;
 mod rows;
 pub mod rpo;
 pub mod score;
+mod simd;
 
 pub use batch::{backward, forward, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
 pub use csr::Csr;
+pub use dispatch::Dtype;
 pub use error::{Error, Kind, Result};
 pub use gather::{check_pairs, pair_differences, pair_differences_backward};
 pub use inner::{InnerLoop, Optimizer, MAX_STEPS, TRAJECTORY_BUDGET_BYTES};
 pub use map::{map_backward, map_forward, predictive, MapGradients, MapOutputs, MapSettings, WeightMap};
-pub use dispatch::Dtype;
 pub use real::Real;
 pub use rpo::rpo;
 pub use score::score;

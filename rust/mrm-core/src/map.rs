@@ -66,7 +66,10 @@ pub struct MapSettings {
 impl MapSettings {
     pub fn validate(&self) -> Result<()> {
         if self.max_iter < 1 || self.max_iter > MAX_ITER {
-            return value("max_iter", format!("max_iter must be in [1, {MAX_ITER}], got {}", self.max_iter));
+            return value(
+                "max_iter",
+                format!("max_iter must be in [1, {MAX_ITER}], got {}", self.max_iter),
+            );
         }
         if !(self.tol.is_finite() && self.tol > 0.0) {
             return value("tol", format!("tol must be finite and > 0, got {}", self.tol));
@@ -81,9 +84,14 @@ fn precisions<T: Real>(eta: &[T], k: usize) -> Result<Vec<f64>> {
         return shape("eta", format!("eta must have 1 or K = {k} values, got {}", eta.len()));
     }
     if let Some(x) = eta.iter().find(|x| !(x.is_finite() && x.to_f64().abs() <= ETA_LIMIT)) {
-        return value("eta", format!("eta must be finite and within [-{ETA_LIMIT}, {ETA_LIMIT}], got {x:?}"));
+        return value(
+            "eta",
+            format!("eta must be finite and within [-{ETA_LIMIT}, {ETA_LIMIT}], got {x:?}"),
+        );
     }
-    Ok((0..k).map(|j| eta[if eta.len() == 1 { 0 } else { j }].to_f64().exp()).collect())
+    Ok((0..k)
+        .map(|j| eta[if eta.len() == 1 { 0 } else { j }].to_f64().exp())
+        .collect())
 }
 
 /// Per-user outputs of [`map_forward`]. Optional ones are skipped when `None`.
@@ -207,7 +215,10 @@ impl Work {
     #[inline(always)]
     fn margins(rows: &[f64], k: usize, p: &[f64], z: &mut Vec<f64>) {
         z.clear();
-        z.extend(rows.chunks_exact(k).map(|d| d.iter().zip(p).map(|(x, y)| x * y).sum::<f64>()));
+        z.extend(
+            rows.chunks_exact(k)
+                .map(|d| d.iter().zip(p).map(|(x, y)| x * y).sum::<f64>()),
+        );
     }
 
     /// `Σ softplus(−z_i)` and every `s_i = σ(−z_i)` (into `s`), sharing one exponential.
@@ -229,7 +240,12 @@ impl Work {
     /// `½ Σ λ_k (w − w0)_k²`.
     #[inline(always)]
     fn prior(lam: &[f64], w: &[f64], w0: &[f64]) -> f64 {
-        0.5 * lam.iter().zip(w).zip(w0).map(|((l, a), b)| l * (a - b) * (a - b)).sum::<f64>()
+        0.5 * lam
+            .iter()
+            .zip(w)
+            .zip(w0)
+            .map(|((l, a), b)| l * (a - b) * (a - b))
+            .sum::<f64>()
     }
 
     /// `F` at `w` (margins left in `z`, sigmoids in `s`, `p` at `w`).
@@ -402,16 +418,28 @@ impl Work {
                 return Err(());
             }
             if grad_norm <= settings.tol {
-                return Ok(Solved { iterations, grad_norm, converged: true });
+                return Ok(Solved {
+                    iterations,
+                    grad_norm,
+                    converged: true,
+                });
             }
             if iterations == settings.max_iter {
-                return Ok(Solved { iterations, grad_norm, converged: false });
+                return Ok(Solved {
+                    iterations,
+                    grad_norm,
+                    converged: false,
+                });
             }
             self.hessian(rows, map, lam, true);
             if !self.factor() {
                 self.hessian(rows, map, lam, false);
                 if !self.factor() {
-                    return Ok(Solved { iterations, grad_norm, converged: false });
+                    return Ok(Solved {
+                        iterations,
+                        grad_norm,
+                        converged: false,
+                    });
                 }
             }
             for j in 0..k {
@@ -449,7 +477,11 @@ impl Work {
                 self.w = w;
                 self.gradient(rows, map, w0, lam);
                 let grad_norm = self.grad.iter().fold(0.0f64, |m, g| m.max(g.abs()));
-                return Ok(Solved { iterations, grad_norm, converged: grad_norm <= settings.tol });
+                return Ok(Solved {
+                    iterations,
+                    grad_norm,
+                    converged: grad_norm <= settings.tol,
+                });
             }
         }
     }
@@ -475,13 +507,27 @@ impl Work {
 /// The CPU must support AVX2 and FMA (checked by [`solve_dispatched`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn solve_avx2(ws: &mut Work, rows: &[f64], w0: &[f64], init: &[f64], lam: &[f64], settings: &MapSettings) -> std::result::Result<Solved, ()> {
+unsafe fn solve_avx2(
+    ws: &mut Work,
+    rows: &[f64],
+    w0: &[f64],
+    init: &[f64],
+    lam: &[f64],
+    settings: &MapSettings,
+) -> std::result::Result<Solved, ()> {
     ws.solve(rows, w0, init, lam, settings)
 }
 
 /// The solve for one user, with the AVX2 + FMA build where the CPU has it (results then differ
 /// from other CPUs' by rounding; `MRM_PORTABLE_KERNELS=1` keeps the portable build everywhere).
-fn solve_dispatched(ws: &mut Work, rows: &[f64], w0: &[f64], init: &[f64], lam: &[f64], settings: &MapSettings) -> std::result::Result<Solved, ()> {
+fn solve_dispatched(
+    ws: &mut Work,
+    rows: &[f64],
+    w0: &[f64],
+    init: &[f64],
+    lam: &[f64],
+    settings: &MapSettings,
+) -> std::result::Result<Solved, ()> {
     #[cfg(target_arch = "x86_64")]
     {
         if accelerated() {
@@ -536,7 +582,12 @@ fn to_f64<T: Real>(values: &[T], out: &mut [f64]) {
     }
 }
 
-fn check_common<T: Real>(start: &Start<'_, T>, support: &Csr<'_, T>, init: Option<&[T]>, settings: &MapSettings) -> Result<()> {
+fn check_common<T: Real>(
+    start: &Start<'_, T>,
+    support: &Csr<'_, T>,
+    init: Option<&[T]>,
+    settings: &MapSettings,
+) -> Result<()> {
     settings.validate()?;
     let (k, n_users) = (support.k, support.n_users());
     if k > MAX_K {
@@ -555,19 +606,28 @@ fn check_common<T: Real>(start: &Start<'_, T>, support: &Csr<'_, T>, init: Optio
 
 fn check_query<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>, require_rows: bool) -> Result<()> {
     if support.k != query.k {
-        return shape("query", format!("support has K = {} columns but query has K = {}", support.k, query.k));
+        return shape(
+            "query",
+            format!("support has K = {} columns but query has K = {}", support.k, query.k),
+        );
     }
     if support.n_users() != query.n_users() {
-        return shape("query_offsets", format!(
-            "support_offsets describes {} users but query_offsets describes {}",
-            support.n_users(),
-            query.n_users()
-        ));
+        return shape(
+            "query_offsets",
+            format!(
+                "support_offsets describes {} users but query_offsets describes {}",
+                support.n_users(),
+                query.n_users()
+            ),
+        );
     }
     query.check_values("query", None)?;
     if require_rows {
         if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
-            return shape("query", format!("query has no pairs for user {u}: every user needs at least one query pair"));
+            return shape(
+                "query",
+                format!("query has no pairs for user {u}: every user needs at least one query pair"),
+            );
         }
     }
     Ok(())
@@ -586,7 +646,11 @@ fn pieces<'b, T>(buf: &'b mut [T], blocks: &[(usize, usize)], unit: usize) -> Ve
         .collect()
 }
 
-fn optional_pieces<'b, T>(buf: Option<&'b mut [T]>, blocks: &[(usize, usize)], unit: usize) -> Vec<Option<&'b mut [T]>> {
+fn optional_pieces<'b, T>(
+    buf: Option<&'b mut [T]>,
+    blocks: &[(usize, usize)],
+    unit: usize,
+) -> Vec<Option<&'b mut [T]>> {
     match buf {
         Some(b) => pieces(b, blocks, unit).into_iter().map(Some).collect(),
         None => blocks.iter().map(|_| None).collect(),
@@ -594,7 +658,12 @@ fn optional_pieces<'b, T>(buf: Option<&'b mut [T]>, blocks: &[(usize, usize)], u
 }
 
 /// Pieces of an output with `per_row` values per row of `batch`, for the given blocks of users.
-fn row_pieces<'b, T: Real, O>(buf: &'b mut [O], batch: &Csr<'_, T>, blocks: &[(usize, usize)], per_row: usize) -> Vec<&'b mut [O]> {
+fn row_pieces<'b, T: Real, O>(
+    buf: &'b mut [O],
+    batch: &Csr<'_, T>,
+    blocks: &[(usize, usize)],
+    per_row: usize,
+) -> Vec<&'b mut [O]> {
     let mut rest = buf;
     blocks
         .iter()
@@ -608,7 +677,10 @@ fn row_pieces<'b, T: Real, O>(buf: &'b mut [O], batch: &Csr<'_, T>, blocks: &[(u
 }
 
 fn blocks_of(lo: usize, hi: usize) -> Vec<(usize, usize)> {
-    (lo..hi).step_by(BLOCK_USERS).map(|a| (a, (a + BLOCK_USERS).min(hi))).collect()
+    (lo..hi)
+        .step_by(BLOCK_USERS)
+        .map(|a| (a, (a + BLOCK_USERS).min(hi)))
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -637,7 +709,11 @@ pub fn map_forward<T: Real>(
     check_len("iterations", out.iterations, n_users)?;
     check_len("grad_norm", out.grad_norm, n_users)?;
     check_len("converged", out.converged, n_users)?;
-    for (name, buf) in [("support_losses", &out.support_losses), ("losses", &out.losses), ("accuracy", &out.accuracy)] {
+    for (name, buf) in [
+        ("support_losses", &out.support_losses),
+        ("losses", &out.losses),
+        ("accuracy", &out.accuracy),
+    ] {
         if let Some(b) = buf {
             check_len(name, b, n_users)?;
         }
@@ -645,8 +721,16 @@ pub fn map_forward<T: Real>(
     if let Some(c) = &out.covariance {
         check_len("covariance", c, n_users * k * k)?;
     }
-    let MapOutputs { weights, iterations, grad_norm, converged, mut support_losses, mut losses, mut accuracy, mut covariance } =
-        out;
+    let MapOutputs {
+        weights,
+        iterations,
+        grad_norm,
+        converged,
+        mut support_losses,
+        mut losses,
+        mut accuracy,
+        mut covariance,
+    } = out;
     ctl.chunks(n_users, |lo, hi| {
         let blocks = blocks_of(lo, hi);
         let rel: Vec<(usize, usize)> = blocks.iter().map(|&(a, b)| (a - lo, b - lo)).collect();
@@ -657,10 +741,22 @@ pub fn map_forward<T: Real>(
             .zip(pieces(&mut iterations[lo..hi], &rel, 1))
             .zip(pieces(&mut grad_norm[lo..hi], &rel, 1))
             .zip(pieces(&mut converged[lo..hi], &rel, 1))
-            .zip(optional_pieces(support_losses.as_deref_mut().map(|b| &mut b[lo..hi]), &rel, 1))
+            .zip(optional_pieces(
+                support_losses.as_deref_mut().map(|b| &mut b[lo..hi]),
+                &rel,
+                1,
+            ))
             .zip(optional_pieces(losses.as_deref_mut().map(|b| &mut b[lo..hi]), &rel, 1))
-            .zip(optional_pieces(accuracy.as_deref_mut().map(|b| &mut b[lo..hi]), &rel, 1))
-            .zip(optional_pieces(covariance.as_deref_mut().map(|b| &mut b[lo * k * k..hi * k * k]), &rel, k * k))
+            .zip(optional_pieces(
+                accuracy.as_deref_mut().map(|b| &mut b[lo..hi]),
+                &rel,
+                1,
+            ))
+            .zip(optional_pieces(
+                covariance.as_deref_mut().map(|b| &mut b[lo * k * k..hi * k * k]),
+                &rel,
+                k * k,
+            ))
             .collect();
         let failed: Option<usize> = ctl.pool.install(|| {
             work.into_par_iter()
@@ -697,7 +793,9 @@ pub fn map_forward<T: Real>(
                                     }
                                 }
                                 for col in 0..k {
-                                    ws.v.iter_mut().enumerate().for_each(|(j, x)| *x = (j == col) as u8 as f64);
+                                    ws.v.iter_mut()
+                                        .enumerate()
+                                        .for_each(|(j, x)| *x = (j == col) as u8 as f64);
                                     Work::solve_in_place(&ws.chol, k, &mut ws.v);
                                     for r in 0..k {
                                         c[i * k * k + r * k + col] = T::of(ws.v[r]);
@@ -732,7 +830,10 @@ pub fn map_forward<T: Real>(
         Ok(())
     })?;
     if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
-        return non_finite_result(format!("adapted weights are not finite for user {} (inputs too large for this dtype)", pos / k));
+        return non_finite_result(format!(
+            "adapted weights are not finite for user {} (inputs too large for this dtype)",
+            pos / k
+        ));
     }
     Ok(())
 }
@@ -761,7 +862,10 @@ pub fn map_backward<T: Real>(
     check_query(&support, &query, true)?;
     check_len("grad_losses", grad_losses, n_users)?;
     if let Some(pos) = grad_losses.iter().position(|x| !x.is_finite()) {
-        return non_finite("grad_losses", format!("grad_losses contains a non-finite value (user {pos})"));
+        return non_finite(
+            "grad_losses",
+            format!("grad_losses contains a non-finite value (user {pos})"),
+        );
     }
     let shared = matches!(start, Start::Shared(_));
     check_len("grad_w0", grads.w0, if shared { k } else { n_users * k })?;
@@ -771,7 +875,12 @@ pub fn map_backward<T: Real>(
     if let Some(v) = &values {
         check_len("weights", v.weights, n_users * k)?;
     }
-    let MapGradients { w0: grad_w0, eta: grad_eta, support: grad_support, query: grad_query } = grads;
+    let MapGradients {
+        w0: grad_w0,
+        eta: grad_eta,
+        support: grad_support,
+        query: grad_query,
+    } = grads;
     let mut w0_sum = vec![0.0f64; k];
     let mut eta_sum = vec![0.0f64; k];
     let mut per_user_w0 = if shared { None } else { Some(&mut *grad_w0) };
@@ -948,7 +1057,12 @@ pub fn map_backward<T: Real>(
             grad_eta[j] = T::of(eta_sum[j]);
         }
     }
-    for (name, buf) in [("grad_w0", &*grad_w0), ("grad_eta", &*grad_eta), ("grad_support", &*grad_support), ("grad_query", &*grad_query)] {
+    for (name, buf) in [
+        ("grad_w0", &*grad_w0),
+        ("grad_eta", &*grad_eta),
+        ("grad_support", &*grad_support),
+        ("grad_query", &*grad_query),
+    ] {
         if buf.iter().any(|x| !x.is_finite()) {
             return non_finite_result(format!("{name} is not finite (inputs too large for this dtype)"));
         }
@@ -971,14 +1085,20 @@ pub fn predictive<T: Real>(
     let (k, n_users) = (rows.k, rows.n_users());
     check_len("weights", weights, n_users * k)?;
     if let Some(pos) = weights.iter().position(|x| !x.is_finite()) {
-        return non_finite("weights", format!("weights contains a non-finite value (user {})", pos / k));
+        return non_finite(
+            "weights",
+            format!("weights contains a non-finite value (user {})", pos / k),
+        );
     }
     rows.check_values("features", Some(ctl.pool))?;
     check_len("rewards", mean, rows.n_rows())?;
     if let Some(c) = covariance {
         check_len("covariance", c, n_users * k * k)?;
         if let Some(pos) = c.iter().position(|x| !x.is_finite()) {
-            return non_finite("covariance", format!("covariance contains a non-finite value (user {})", pos / (k * k)));
+            return non_finite(
+                "covariance",
+                format!("covariance contains a non-finite value (user {})", pos / (k * k)),
+            );
         }
         match &variance {
             Some(v) => check_len("variance", v, rows.n_rows())?,
@@ -995,7 +1115,10 @@ pub fn predictive<T: Real>(
         let chunk = rows.users(lo, hi);
         let means = row_pieces(&mut mean[r_lo..r_hi], &chunk, &rel, 1);
         let vars: Vec<Option<&mut [T]>> = match variance.as_deref_mut() {
-            Some(v) => row_pieces(&mut v[r_lo..r_hi], &chunk, &rel, 1).into_iter().map(Some).collect(),
+            Some(v) => row_pieces(&mut v[r_lo..r_hi], &chunk, &rel, 1)
+                .into_iter()
+                .map(Some)
+                .collect(),
             None => rel.iter().map(|_| None).collect(),
         };
         let work: Vec<_> = blocks.iter().copied().zip(means).zip(vars).collect();

@@ -126,8 +126,19 @@ fn exp_poly_f64(x: f64) -> f64 {
     let r = (x - n * 6.931_471_803_691_238_2e-1) - n * 1.908_214_929_270_587_7e-10;
     let mut poly = 1.0 / 6_227_020_800.0;
     for c in [
-        1.0 / 479_001_600.0, 1.0 / 39_916_800.0, 1.0 / 3_628_800.0, 1.0 / 362_880.0, 1.0 / 40_320.0,
-        1.0 / 5_040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0,
+        1.0 / 479_001_600.0,
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
     ] {
         poly = poly * r + c;
     }
@@ -159,12 +170,32 @@ macro_rules! ln_1p_poly {
 }
 
 // Series to t^9 for f32 (first term left out < 2e-9 relative), to t^21 for f64 (< 7e-19).
-ln_1p_poly!(ln_1p_poly_f32, f32, std::f32::consts::SQRT_2, std::f32::consts::LN_2,
-    [1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0]);
-ln_1p_poly!(ln_1p_poly_f64, f64, std::f64::consts::SQRT_2, std::f64::consts::LN_2, [
-    1.0 / 21.0, 1.0 / 19.0, 1.0 / 17.0, 1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0,
-    1.0 / 5.0, 1.0 / 3.0, 1.0
-]);
+ln_1p_poly!(
+    ln_1p_poly_f32,
+    f32,
+    std::f32::consts::SQRT_2,
+    std::f32::consts::LN_2,
+    [1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0]
+);
+ln_1p_poly!(
+    ln_1p_poly_f64,
+    f64,
+    std::f64::consts::SQRT_2,
+    std::f64::consts::LN_2,
+    [
+        1.0 / 21.0,
+        1.0 / 19.0,
+        1.0 / 17.0,
+        1.0 / 15.0,
+        1.0 / 13.0,
+        1.0 / 11.0,
+        1.0 / 9.0,
+        1.0 / 7.0,
+        1.0 / 5.0,
+        1.0 / 3.0,
+        1.0
+    ]
+);
 
 /// Whether every value is finite, in a loop without an early exit (so that it vectorises).
 #[inline(always)]
@@ -236,7 +267,10 @@ mod tests {
         assert!(f64::NAN.exp_fast().is_nan() && f32::NAN.exp_fast().is_nan());
         let mut p = [0.0f64; 3];
         softmax_into(&[0.0, f64::NAN, 1.0], &mut p);
-        assert!(p.iter().any(|x| x.is_nan()), "a NaN logit must not give a finite softmax: {p:?}");
+        assert!(
+            p.iter().any(|x| x.is_nan()),
+            "a NaN logit must not give a finite softmax: {p:?}"
+        );
     }
 
     #[test]

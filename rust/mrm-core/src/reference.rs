@@ -13,14 +13,7 @@ use crate::rows::RowOps;
 /// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
 /// The inner steps never need the loss itself, so none is computed here.
 #[inline(always)]
-fn pairs_pass<T: Real, R: RowOps<T>>(
-    ops: R,
-    rows: &[T],
-    k: usize,
-    p: &[T],
-    gp: &mut [T],
-    s: &mut Vec<T>,
-) {
+fn pairs_pass<T: Real, R: RowOps<T>>(ops: R, rows: &[T], k: usize, p: &[T], gp: &mut [T], s: &mut Vec<T>) {
     ops.margins(rows, k, p, s);
     ops.neg_sigmoids(s);
     ops.weighted_row_sums(rows, k, s, gp);
@@ -136,8 +129,7 @@ fn adam_adjoint<T: Real>(
 ) {
     let [m, v, g] = recorded;
     let adjoints = lam_m.iter_mut().zip(lam_v.iter_mut()).zip(lam_g.iter_mut());
-    for (((lm, lv), lg), (((&lam, &mj), &vj), &gj)) in adjoints.zip(lam.iter().zip(m).zip(v).zip(g))
-    {
+    for (((lm, lv), lg), (((&lam, &mj), &vj), &gj)) in adjoints.zip(lam.iter().zip(m).zip(v).zip(g)) {
         // w_t = w_{t−1} − c1 m / (sqrt(v)/c2 + ε)
         let root = vj.sqrt();
         let denom = root / c.c2 + c.eps;
@@ -160,13 +152,7 @@ const ADAM_TABLE: usize = 64;
 
 /// Adam's constants of step `t` (0-based): from `table` when it has them.
 #[inline(always)]
-fn adam_constants<T: Real>(
-    table: &[AdamStep<T>],
-    lr: f64,
-    betas: (f64, f64),
-    eps: f64,
-    t: usize,
-) -> AdamStep<T> {
+fn adam_constants<T: Real>(table: &[AdamStep<T>], lr: f64, betas: (f64, f64), eps: f64, t: usize) -> AdamStep<T> {
     match table.get(t) {
         Some(&step) => step,
         None => AdamStep::new(lr, betas.0, betas.1, eps, t + 1),
@@ -272,26 +258,14 @@ impl<T: Real> Workspace<T> {
 
     /// Support loss at `w` (0 for a user without support pairs).
     #[inline(always)]
-    pub(crate) fn support_loss<R: RowOps<T>>(
-        &mut self,
-        ops: R,
-        w: &[T],
-        support: &[T],
-        k: usize,
-    ) -> T {
+    pub(crate) fn support_loss<R: RowOps<T>>(&mut self, ops: R, w: &[T], support: &[T], k: usize) -> T {
         softmax_into(w, &mut self.p);
         loss_and_accuracy(ops, support, k, &self.p, &mut self.rows).0
     }
 
     /// Query loss and accuracy at `w`.
     #[inline(always)]
-    pub(crate) fn query_metrics<R: RowOps<T>>(
-        &mut self,
-        ops: R,
-        w: &[T],
-        query: &[T],
-        k: usize,
-    ) -> (T, T) {
+    pub(crate) fn query_metrics<R: RowOps<T>>(&mut self, ops: R, w: &[T], query: &[T], k: usize) -> (T, T) {
         softmax_into(w, &mut self.p);
         loss_and_accuracy(ops, query, k, &self.p, &mut self.rows)
     }
@@ -353,11 +327,7 @@ impl<T: Real> Workspace<T> {
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
                     let step = adam_constants(&self.adam, inner.lr, (beta1, beta2), eps, t);
-                    let recorded = [
-                        &self.tr_m[r.clone()],
-                        &self.tr_v[r.clone()],
-                        &self.tr_g[r.clone()],
-                    ];
+                    let recorded = [&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]];
                     adam_adjoint(
                         &step,
                         &self.lam,
@@ -453,9 +423,7 @@ mod tests {
     }
 
     fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
@@ -472,11 +440,7 @@ mod tests {
             plus[j] += h;
             minus[j] -= h;
             let fd = (loss(&plus, &rows, k) - loss(&minus, &rows, k)) / (2.0 * h);
-            assert!(
-                (fd - g[j]).abs() < 1e-9,
-                "coordinate {j}: fd {fd} vs {}",
-                g[j]
-            );
+            assert!((fd - g[j]).abs() < 1e-9, "coordinate {j}: fd {fd} vs {}", g[j]);
         }
     }
 
@@ -519,13 +483,7 @@ mod tests {
             assert!((fd - hvp[j]).abs() < 1e-8, "Hλ[{j}]: fd {fd} vs {}", hvp[j]);
         }
         // ∂(λ · ∇L)/∂d_i
-        let objective = |r: &[f64]| -> f64 {
-            gradient(&w, r, k)
-                .iter()
-                .zip(&lam)
-                .map(|(a, b)| a * b)
-                .sum()
-        };
+        let objective = |r: &[f64]| -> f64 { gradient(&w, r, k).iter().zip(&lam).map(|(a, b)| a * b).sum() };
         for idx in 0..n * k {
             let (mut plus, mut minus) = (rows.clone(), rows.clone());
             plus[idx] += h;
@@ -571,17 +529,8 @@ mod tests {
             &mut gs,
             &mut gq,
         );
-        let mut out: Vec<f64> = [support_loss, query_loss]
-            .iter()
-            .map(|x| x.to_f64())
-            .collect();
-        out.extend(
-            w.iter()
-                .chain(&gw)
-                .chain(&gs)
-                .chain(&gq)
-                .map(|x| x.to_f64()),
-        );
+        let mut out: Vec<f64> = [support_loss, query_loss].iter().map(|x| x.to_f64()).collect();
+        out.extend(w.iter().chain(&gw).chain(&gs).chain(&gq).map(|x| x.to_f64()));
         out
     }
 

@@ -107,11 +107,14 @@ pub fn rpo<T: Real>(losses: &[T], tail: f64, gamma: f64) -> Result<(T, Vec<T>)> 
         grad[i_above] = T::of(sig[i_above] + ((1.0 - frac) * cb - frac * ca) - frac * rest);
     }
     if let Some(u) = grad.iter().position(|g| !g.is_finite()) {
-        return value("gamma", format!(
-            "gamma = {gamma:e} is too small for these losses: the gradient of user {u}'s loss overflows \
+        return value(
+            "gamma",
+            format!(
+                "gamma = {gamma:e} is too small for these losses: the gradient of user {u}'s loss overflows \
              (a loss within gamma of the quantile weighs about loss / gamma); use a larger gamma, or \
              gamma <= 0 for the hard mask"
-        ));
+            ),
+        );
     }
     Ok((objective, grad))
 }
@@ -120,9 +123,10 @@ pub fn rpo<T: Real>(losses: &[T], tail: f64, gamma: f64) -> Result<(T, Vec<T>)> 
 fn finite_objective<T: Real>(objective: f64) -> Result<T> {
     let value = T::of(objective);
     if !value.is_finite() {
-        return non_finite("losses", format!(
-            "losses are too large: the RPO objective (about {objective:e}) overflows their dtype"
-        ));
+        return non_finite(
+            "losses",
+            format!("losses are too large: the RPO objective (about {objective:e}) overflows their dtype"),
+        );
     }
     Ok(value)
 }

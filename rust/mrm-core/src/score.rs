@@ -20,18 +20,16 @@ fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
 }
 
 /// Personalised rewards `r = f · softmax(w_u)` for every row `f` of user `u`.
-pub fn score<T: Real>(
-    features: Csr<'_, T>,
-    weights: &[T],
-    rewards: &mut [T],
-    ctl: &Control<'_>,
-) -> Result<()> {
+pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
     let (k, n_users) = (features.k, features.n_users());
     if weights.len() != n_users * k {
-        return shape("weights", format!(
-            "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
-            weights.len()
-        ));
+        return shape(
+            "weights",
+            format!(
+                "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
+                weights.len()
+            ),
+        );
     }
     check_weights(weights, k)?;
     check_len("rewards", rewards, features.n_rows())?;

@@ -1,7 +1,10 @@
 //! Whole-kernel checks: meta-gradients against finite differences of the forward pass,
 //! float32 against float64, bit-identical results for any thread count, no panics.
 
-use mrm_core::{backward, forward, rpo, score, value_and_grad, Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start};
+use mrm_core::{
+    backward, forward, rpo, score, value_and_grad, Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, Optimizer,
+    Real, Start,
+};
 use proptest::prelude::*;
 
 fn pool(threads: usize) -> rayon::ThreadPool {
@@ -30,10 +33,21 @@ fn data(n_users: usize, k: usize, seed: u64) -> Data {
         s_off.push(s_off[u] + (u as i64 * 7 + seed as i64) % 9);
         q_off.push(q_off[u] + 1 + (u as i64 * 5 + seed as i64) % 6);
     }
-    let support = (0..*s_off.last().unwrap() as usize * k).map(|_| 1.5 * lcg(&mut s)).collect();
-    let query = (0..*q_off.last().unwrap() as usize * k).map(|_| 1.5 * lcg(&mut s)).collect();
+    let support = (0..*s_off.last().unwrap() as usize * k)
+        .map(|_| 1.5 * lcg(&mut s))
+        .collect();
+    let query = (0..*q_off.last().unwrap() as usize * k)
+        .map(|_| 1.5 * lcg(&mut s))
+        .collect();
     let w0 = (0..k).map(|_| 0.5 * lcg(&mut s)).collect();
-    Data { k, w0, support, s_off, query, q_off }
+    Data {
+        k,
+        w0,
+        support,
+        s_off,
+        query,
+        q_off,
+    }
 }
 
 fn cast<T: Real>(v: &[f64]) -> Vec<T> {
@@ -48,8 +62,17 @@ fn losses<T: Dtype>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &Inne
     let n = d.s_off.len() - 1;
     let (mut w, mut l) = (vec![T::ZERO; n * d.k], vec![T::ZERO; n]);
     let p = pool(threads);
-    let ctl = Control { pool: &p, chunk_users: 3, keep_going: &|| true };
-    let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: Some(&mut l), accuracy: None };
+    let ctl = Control {
+        pool: &p,
+        chunk_users: 3,
+        keep_going: &|| true,
+    };
+    let out = ForwardOutputs {
+        weights: &mut w,
+        support_losses: None,
+        losses: Some(&mut l),
+        accuracy: None,
+    };
     let s = Csr::new("support", support, &d.s_off, d.k).unwrap();
     let q = Csr::new("query", query, &d.q_off, d.k).unwrap();
     forward(Start::Shared(w0), s, Some(q), inner, out, &ctl).unwrap();
@@ -58,22 +81,70 @@ fn losses<T: Dtype>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &Inne
 
 type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
-fn grads<T: Dtype>(d: &Data, w0: &[T], support: &[T], query: &[T], gl: &[T], inner: &InnerLoop, threads: usize) -> Grads<T> {
-    let (mut gw, mut gs, mut gq) = (vec![T::ZERO; d.k], vec![T::ZERO; support.len()], vec![T::ZERO; query.len()]);
+fn grads<T: Dtype>(
+    d: &Data,
+    w0: &[T],
+    support: &[T],
+    query: &[T],
+    gl: &[T],
+    inner: &InnerLoop,
+    threads: usize,
+) -> Grads<T> {
+    let (mut gw, mut gs, mut gq) = (
+        vec![T::ZERO; d.k],
+        vec![T::ZERO; support.len()],
+        vec![T::ZERO; query.len()],
+    );
     let p = pool(threads);
-    let ctl = Control { pool: &p, chunk_users: 3, keep_going: &|| true };
+    let ctl = Control {
+        pool: &p,
+        chunk_users: 3,
+        keep_going: &|| true,
+    };
     let s = Csr::new("support", support, &d.s_off, d.k).unwrap();
     let q = Csr::new("query", query, &d.q_off, d.k).unwrap();
-    backward(Start::Shared(w0), s, q, gl, inner, false, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+    backward(
+        Start::Shared(w0),
+        s,
+        q,
+        gl,
+        inner,
+        false,
+        &mut gw,
+        &mut gs,
+        &mut gq,
+        &ctl,
+    )
+    .unwrap();
     (gw, gs, gq)
 }
 
 fn inner_loops() -> Vec<InnerLoop> {
     vec![
-        InnerLoop { steps: 4, lr: 0.5, optimizer: Optimizer::Sgd },
-        InnerLoop { steps: 4, lr: 0.05, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } },
+        InnerLoop {
+            steps: 4,
+            lr: 0.5,
+            optimizer: Optimizer::Sgd,
+        },
+        InnerLoop {
+            steps: 4,
+            lr: 0.05,
+            optimizer: Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        },
         // More steps than a workspace keeps Adam constants for (64).
-        InnerLoop { steps: 70, lr: 0.01, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } },
+        InnerLoop {
+            steps: 70,
+            lr: 0.01,
+            optimizer: Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        },
     ]
 }
 
@@ -120,7 +191,15 @@ fn float32_within_1e4_of_float64() {
         let l64 = losses(&d, &d.w0, &d.support, &d.query, &inner, 2);
         let l32 = losses::<f32>(&d, &cast(&d.w0), &cast(&d.support), &cast(&d.query), &inner, 2);
         let g64 = grads(&d, &d.w0, &d.support, &d.query, &gl, &inner, 2);
-        let g32 = grads::<f32>(&d, &cast(&d.w0), &cast(&d.support), &cast(&d.query), &cast(&gl), &inner, 2);
+        let g32 = grads::<f32>(
+            &d,
+            &cast(&d.w0),
+            &cast(&d.support),
+            &cast(&d.query),
+            &cast(&gl),
+            &inner,
+            2,
+        );
         close(&l32, &l64);
         close(&g32.0, &g64.0);
         close(&g32.1, &g64.1);
@@ -140,7 +219,10 @@ fn bit_identical_for_any_thread_count() {
             assert_eq!(bits(&base.0), bits(&other.0));
             assert_eq!(bits(&base.1), bits(&other.1));
             assert_eq!(bits(&base.2), bits(&other.2));
-            assert_eq!(bits(&base_losses), bits(&losses(&d, &d.w0, &d.support, &d.query, &inner, threads)));
+            assert_eq!(
+                bits(&base_losses),
+                bits(&losses(&d, &d.w0, &d.support, &d.query, &inner, threads))
+            );
         }
     }
 }
@@ -153,36 +235,98 @@ fn value_and_grad_equals_forward_then_backward() {
     fn check<T: Dtype>(d: &Data, inner: &InnerLoop, per_user: bool, first_order: bool, threads: usize) {
         let (k, n) = (d.k, d.s_off.len() - 1);
         let (support, query): (Vec<T>, Vec<T>) = (cast(&d.support), cast(&d.query));
-        let w0: Vec<T> = if per_user { (0..n * k).map(|i| T::of(0.01 * (i % 13) as f64)).collect() } else { cast(&d.w0) };
-        let start = if per_user { Start::PerUser(&w0) } else { Start::Shared(&w0) };
+        let w0: Vec<T> = if per_user {
+            (0..n * k).map(|i| T::of(0.01 * (i % 13) as f64)).collect()
+        } else {
+            cast(&d.w0)
+        };
+        let start = if per_user {
+            Start::PerUser(&w0)
+        } else {
+            Start::Shared(&w0)
+        };
         let gl: Vec<T> = (0..n).map(|u| T::of(0.5 + (u % 5) as f64)).collect();
         let p = pool(threads);
-        let ctl = Control { pool: &p, chunk_users: 300, keep_going: &|| true };
+        let ctl = Control {
+            pool: &p,
+            chunk_users: 300,
+            keep_going: &|| true,
+        };
         let s = Csr::new("support", &support, &d.s_off, k).unwrap();
         let q = Csr::new("query", &query, &d.q_off, k).unwrap();
-        let outputs = || (vec![T::ZERO; n * k], vec![T::ZERO; n], vec![T::ZERO; n], vec![T::ZERO; n]);
-        let grads = || (vec![T::ZERO; w0.len().min(if per_user { n * k } else { k })], vec![T::ZERO; support.len()], vec![T::ZERO; query.len()]);
+        let outputs = || {
+            (
+                vec![T::ZERO; n * k],
+                vec![T::ZERO; n],
+                vec![T::ZERO; n],
+                vec![T::ZERO; n],
+            )
+        };
+        let grads = || {
+            (
+                vec![T::ZERO; w0.len().min(if per_user { n * k } else { k })],
+                vec![T::ZERO; support.len()],
+                vec![T::ZERO; query.len()],
+            )
+        };
         let (mut w, mut sl, mut l, mut a) = outputs();
-        let out = ForwardOutputs { weights: &mut w, support_losses: Some(&mut sl), losses: Some(&mut l), accuracy: Some(&mut a) };
+        let out = ForwardOutputs {
+            weights: &mut w,
+            support_losses: Some(&mut sl),
+            losses: Some(&mut l),
+            accuracy: Some(&mut a),
+        };
         forward(start, s, Some(q), inner, out, &ctl).unwrap();
         let (mut gw, mut gs, mut gq) = grads();
         backward(start, s, q, &gl, inner, first_order, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
         let (mut w2, mut sl2, mut l2, mut a2) = outputs();
-        let out = ForwardOutputs { weights: &mut w2, support_losses: Some(&mut sl2), losses: Some(&mut l2), accuracy: Some(&mut a2) };
+        let out = ForwardOutputs {
+            weights: &mut w2,
+            support_losses: Some(&mut sl2),
+            losses: Some(&mut l2),
+            accuracy: Some(&mut a2),
+        };
         let (mut gw2, mut gs2, mut gq2) = grads();
-        value_and_grad(start, s, q, &gl, inner, first_order, Some(out), &mut gw2, &mut gs2, &mut gq2, &ctl).unwrap();
+        value_and_grad(
+            start,
+            s,
+            q,
+            &gl,
+            inner,
+            first_order,
+            Some(out),
+            &mut gw2,
+            &mut gs2,
+            &mut gq2,
+            &ctl,
+        )
+        .unwrap();
         let case = format!("{inner:?} per-user {per_user} first-order {first_order} threads {threads}");
-        for (name, x, y) in [("weights", &w, &w2), ("support losses", &sl, &sl2), ("losses", &l, &l2), ("accuracy", &a, &a2)] {
+        for (name, x, y) in [
+            ("weights", &w, &w2),
+            ("support losses", &sl, &sl2),
+            ("losses", &l, &l2),
+            ("accuracy", &a, &a2),
+        ] {
             assert_eq!(bits(x), bits(y), "{case}: {name}");
         }
-        for (name, x, y) in [("grad_w0", &gw, &gw2), ("grad_support", &gs, &gs2), ("grad_query", &gq, &gq2)] {
+        for (name, x, y) in [
+            ("grad_w0", &gw, &gw2),
+            ("grad_support", &gs, &gs2),
+            ("grad_query", &gq, &gq2),
+        ] {
             assert_eq!(bits(x), bits(y), "{case}: {name}");
         }
-        assert!(l.iter().any(|&x| x != T::ZERO) && gs.iter().any(|&x| x != T::ZERO) || first_order, "{case}: trivial outputs");
+        assert!(
+            l.iter().any(|&x| x != T::ZERO) && gs.iter().any(|&x| x != T::ZERO) || first_order,
+            "{case}: trivial outputs"
+        );
     }
     let d = data(700, 8, 9);
     for inner in inner_loops() {
-        for (per_user, first_order, threads) in [(false, false, 1), (false, false, 2), (true, false, 2), (false, true, 2)] {
+        for (per_user, first_order, threads) in
+            [(false, false, 1), (false, false, 2), (true, false, 2), (false, true, 2)]
+        {
             check::<f64>(&d, &inner, per_user, first_order, threads);
             check::<f32>(&d, &inner, per_user, first_order, threads);
         }
@@ -193,7 +337,11 @@ fn value_and_grad_equals_forward_then_backward() {
 fn keep_going_false_interrupts() {
     let d = data(10, 2, 1);
     let p = pool(1);
-    let ctl = Control { pool: &p, chunk_users: 3, keep_going: &|| false };
+    let ctl = Control {
+        pool: &p,
+        chunk_users: 3,
+        keep_going: &|| false,
+    };
     let s = Csr::new("support", &d.support, &d.s_off, 2).unwrap();
     let mut r = vec![0.0; s.n_rows()];
     assert_eq!(score(s, &[0.0; 20], &mut r, &ctl), Err(Error::Interrupted));
@@ -206,9 +354,18 @@ fn keep_going_false_interrupts() {
 fn deferred_value_checks_give_the_up_front_error() {
     let d = data(40, 3, 5);
     let p = pool(2);
-    let ctl = Control { pool: &p, chunk_users: 7, keep_going: &|| true };
+    let ctl = Control {
+        pool: &p,
+        chunk_users: 7,
+        keep_going: &|| true,
+    };
     let last = d.support.len() - 1;
-    for (bad_support, bad_query) in [(Some(5), None), (None, Some(9)), (Some(60), Some(2)), (Some(last), None)] {
+    for (bad_support, bad_query) in [
+        (Some(5), None),
+        (None, Some(9)),
+        (Some(60), Some(2)),
+        (Some(last), None),
+    ] {
         for inner in inner_loops() {
             let (mut s, mut q) = (d.support.clone(), d.query.clone());
             if let Some(i) = bad_support {
@@ -217,18 +374,39 @@ fn deferred_value_checks_give_the_up_front_error() {
             if let Some(i) = bad_query {
                 q[i] = f64::NEG_INFINITY;
             }
-            let want = Csr::new("support", &s, &d.s_off, d.k).and_then(|_| Csr::new("query", &q, &d.q_off, d.k)).unwrap_err();
+            let want = Csr::new("support", &s, &d.s_off, d.k)
+                .and_then(|_| Csr::new("query", &q, &d.q_off, d.k))
+                .unwrap_err();
             let ss = Csr::shaped("support", &s, &d.s_off, d.k).unwrap();
             let qs = Csr::shaped("query", &q, &d.q_off, d.k).unwrap();
             let n = ss.n_users();
             let mut w = vec![0.0; n * d.k];
-            let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
+            let out = ForwardOutputs {
+                weights: &mut w,
+                support_losses: None,
+                losses: None,
+                accuracy: None,
+            };
             let query = bad_query.map(|_| qs);
             if bad_support.is_some() || query.is_some() {
-                assert_eq!(forward(Start::Shared(&d.w0), ss, query, &inner, out, &ctl).unwrap_err(), want);
+                assert_eq!(
+                    forward(Start::Shared(&d.w0), ss, query, &inner, out, &ctl).unwrap_err(),
+                    want
+                );
             }
             let (mut gw, mut gs, mut gq) = (vec![0.0; d.k], vec![0.0; s.len()], vec![0.0; q.len()]);
-            let got = backward(Start::Shared(&d.w0), ss, qs, &vec![1.0; n], &inner, false, &mut gw, &mut gs, &mut gq, &ctl);
+            let got = backward(
+                Start::Shared(&d.w0),
+                ss,
+                qs,
+                &vec![1.0; n],
+                &inner,
+                false,
+                &mut gw,
+                &mut gs,
+                &mut gq,
+                &ctl,
+            );
             assert_eq!(got.unwrap_err(), want);
         }
     }
@@ -248,22 +426,54 @@ fn deferred_value_checks_with_large_users() {
     let mut seed = 3;
     let clean: Vec<f64> = (0..n_rows * k).map(|_| lcg(&mut seed)).collect();
     let p = pool(2);
-    let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
-    let inner = InnerLoop { steps: 2, lr: 0.1, optimizer: Optimizer::Sgd };
+    let ctl = Control {
+        pool: &p,
+        chunk_users: 2,
+        keep_going: &|| true,
+    };
+    let inner = InnerLoop {
+        steps: 2,
+        lr: 0.1,
+        optimizer: Optimizer::Sgd,
+    };
     let w0 = vec![0.1; k];
     for (bad_row, in_query) in [(19_999, false), (20_004, true), (20_011, false)] {
         let mut s = clean.clone();
         let mut q = clean.clone();
         let target = if in_query { &mut q } else { &mut s };
         target[bad_row * k + 1] = f64::NAN;
-        let want = Csr::new("support", &s, &offsets, k).and_then(|_| Csr::new("query", &q, &offsets, k)).unwrap_err();
-        let (ss, qs) = (Csr::shaped("support", &s, &offsets, k).unwrap(), Csr::shaped("query", &q, &offsets, k).unwrap());
+        let want = Csr::new("support", &s, &offsets, k)
+            .and_then(|_| Csr::new("query", &q, &offsets, k))
+            .unwrap_err();
+        let (ss, qs) = (
+            Csr::shaped("support", &s, &offsets, k).unwrap(),
+            Csr::shaped("query", &q, &offsets, k).unwrap(),
+        );
         let mut w = vec![0.0; counts.len() * k];
         let mut l = vec![0.0; counts.len()];
-        let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: Some(&mut l), accuracy: None };
-        assert_eq!(forward(Start::Shared(&w0), ss, Some(qs), &inner, out, &ctl).unwrap_err(), want);
+        let out = ForwardOutputs {
+            weights: &mut w,
+            support_losses: None,
+            losses: Some(&mut l),
+            accuracy: None,
+        };
+        assert_eq!(
+            forward(Start::Shared(&w0), ss, Some(qs), &inner, out, &ctl).unwrap_err(),
+            want
+        );
         let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; s.len()], vec![0.0; q.len()]);
-        let got = backward(Start::Shared(&w0), ss, qs, &[1.0; 5], &inner, false, &mut gw, &mut gs, &mut gq, &ctl);
+        let got = backward(
+            Start::Shared(&w0),
+            ss,
+            qs,
+            &[1.0; 5],
+            &inner,
+            false,
+            &mut gw,
+            &mut gs,
+            &mut gq,
+            &ctl,
+        );
         assert_eq!(got.unwrap_err(), want);
     }
 }
@@ -274,20 +484,53 @@ fn deferred_value_checks_with_large_users() {
 fn huge_adam_step_count_without_support_pairs_returns_the_start() {
     let (k, n) = (8, 3);
     let p = pool(2);
-    let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
+    let ctl = Control {
+        pool: &p,
+        chunk_users: 2,
+        keep_going: &|| true,
+    };
     let offsets = vec![0i64; n + 1];
     let s = Csr::new("support", &[] as &[f32], &offsets, k).unwrap();
     // Issue #15: more than MAX_STEPS is an error naming `steps` (it used to be accepted here),
     // so the huge count is checked at the maximum, and beyond it the error.
-    let adam = Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
-    let inner = InnerLoop { steps: mrm_core::MAX_STEPS, lr: 0.1, optimizer: adam };
+    let adam = Optimizer::Adam {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+    let inner = InnerLoop {
+        steps: mrm_core::MAX_STEPS,
+        lr: 0.1,
+        optimizer: adam,
+    };
     let w0: Vec<f32> = (0..k).map(|j| j as f32 * 0.25).collect();
     let mut w = vec![0.0f32; n * k];
-    let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
+    let out = ForwardOutputs {
+        weights: &mut w,
+        support_losses: None,
+        losses: None,
+        accuracy: None,
+    };
     forward(Start::Shared(&w0), s, None, &inner, out, &ctl).unwrap();
     assert!(w.chunks_exact(k).all(|row| row == w0.as_slice()));
-    let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
-    let err = forward(Start::Shared(&w0), s, None, &InnerLoop { steps: 1 << 60, ..inner }, out, &ctl).unwrap_err();
+    let out = ForwardOutputs {
+        weights: &mut w,
+        support_losses: None,
+        losses: None,
+        accuracy: None,
+    };
+    let err = forward(
+        Start::Shared(&w0),
+        s,
+        None,
+        &InnerLoop {
+            steps: 1 << 60,
+            ..inner
+        },
+        out,
+        &ctl,
+    )
+    .unwrap_err();
     assert!(err.to_string().starts_with("steps must be <="), "{err}");
 }
 
@@ -327,30 +570,66 @@ proptest! {
 fn gradients_same_bits_at_every_output_alignment() {
     for (k, users) in [(8, 300), (5, 300), (8, 70_000), (5, 70_000)] {
         let d = data(users, k, 4);
-        assert!(users < 1000 || (d.support.len() + d.query.len()) * 4 > 8 << 20, "the large case must stream");
+        assert!(
+            users < 1000 || (d.support.len() + d.query.len()) * 4 > 8 << 20,
+            "the large case must stream"
+        );
         let (support, query, w0): (Vec<f32>, Vec<f32>, Vec<f32>) = (cast(&d.support), cast(&d.query), cast(&d.w0));
         let n = d.s_off.len() - 1;
         let gl: Vec<f32> = (0..n).map(|u| 0.5 + (u % 3) as f32).collect();
         let p = pool(2);
-        let ctl = Control { pool: &p, chunk_users: 1000, keep_going: &|| true };
+        let ctl = Control {
+            pool: &p,
+            chunk_users: 1000,
+            keep_going: &|| true,
+        };
         let s = Csr::new("support", &support, &d.s_off, k).unwrap();
         let q = Csr::new("query", &query, &d.q_off, k).unwrap();
-        let inner = InnerLoop { steps: 3, lr: 0.3, optimizer: Optimizer::Sgd };
+        let inner = InnerLoop {
+            steps: 3,
+            lr: 0.3,
+            optimizer: Optimizer::Sgd,
+        };
         for first_order in [false, true] {
             let run = |offset: usize| {
                 let mut gw = vec![0.0f32; k];
                 let (mut gs, mut gq) = (vec![-3.0f32; support.len() + 16], vec![-3.0f32; query.len() + 16]);
-                let (gs_out, gq_out) = (&mut gs[offset..offset + support.len()], &mut gq[offset..offset + query.len()]);
-                backward(Start::Shared(&w0), s, q, &gl, &inner, first_order, &mut gw, gs_out, gq_out, &ctl).unwrap();
+                let (gs_out, gq_out) = (
+                    &mut gs[offset..offset + support.len()],
+                    &mut gq[offset..offset + query.len()],
+                );
+                backward(
+                    Start::Shared(&w0),
+                    s,
+                    q,
+                    &gl,
+                    &inner,
+                    first_order,
+                    &mut gw,
+                    gs_out,
+                    gq_out,
+                    &ctl,
+                )
+                .unwrap();
                 for buf in [&gs, &gq] {
                     let len = buf.len() - 16;
-                    assert!(buf[..offset].iter().chain(&buf[offset + len..]).all(|&x| x == -3.0), "K {k} offset {offset}: wrote outside");
+                    assert!(
+                        buf[..offset].iter().chain(&buf[offset + len..]).all(|&x| x == -3.0),
+                        "K {k} offset {offset}: wrote outside"
+                    );
                 }
-                (bits(&gw), bits(&gs[offset..offset + support.len()]), bits(&gq[offset..offset + query.len()]))
+                (
+                    bits(&gw),
+                    bits(&gs[offset..offset + support.len()]),
+                    bits(&gq[offset..offset + query.len()]),
+                )
             };
             let want = run(0);
             for offset in 1..8 {
-                assert!(run(offset) == want, "K {k} users {users} first-order {first_order}: offset {offset} changed the gradients");
+                assert!(
+                    run(offset) == want,
+                    "K {k} users {users} first-order {first_order}: offset {offset} changed the gradients"
+                );
             }
         }
     }

@@ -115,13 +115,20 @@ pub fn output<'py, T: Element + 'static>(py: Python<'py>, shape: &[usize]) -> Py
             // Numpy's allocator asks the kernel for huge pages for large arrays.
             let fresh = PyArray1::<T>::zeros(py, len, false).into_any().unbind();
             if cache.iter().map(|e| e.bytes).sum::<usize>() + bytes <= limit {
-                cache.push(Entry { array: fresh.clone_ref(py), dtype, len, bytes });
+                cache.push(Entry {
+                    array: fresh.clone_ref(py),
+                    dtype,
+                    len,
+                    bytes,
+                });
             }
             fresh
         }
     };
     drop(cache);
     let base = base.into_bound(py).cast_into::<PyArray1<T>>()?;
-    let prefix = base.get_item(PySlice::new(py, 0, len as isize, 1))?.cast_into::<PyArray1<T>>()?;
+    let prefix = base
+        .get_item(PySlice::new(py, 0, len as isize, 1))?
+        .cast_into::<PyArray1<T>>()?;
     prefix.reshape(shape)
 }

@@ -10,15 +10,15 @@ use std::time::Duration;
 mod cache;
 
 use mrm_core::{
-    Control, Csr, Dtype, Error, ForwardOutputs, Kind, InnerLoop, MapGradients, MapOutputs, MapSettings, Optimizer, Real, Start, WeightMap,
-    MAX_THREADS,
+    Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, Kind, MapGradients, MapOutputs, MapSettings, Optimizer,
+    Real, Start, WeightMap, MAX_THREADS,
 };
 use numpy::ndarray::{Array1, Array2, Array3};
 use numpy::{
     Element, IntoPyArray, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
     PyReadwriteArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError, PyMemoryError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 
 /// Users per chunk between two checks for Ctrl-C.
@@ -41,7 +41,9 @@ fn pool(num_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
         return Err(PyValueError::new_err("num_threads must be >= 1"));
     }
     if num_threads > MAX_THREADS {
-        return Err(PyValueError::new_err(format!("num_threads must be <= {MAX_THREADS}, got {num_threads}")));
+        return Err(PyValueError::new_err(format!(
+            "num_threads must be <= {MAX_THREADS}, got {num_threads}"
+        )));
     }
     let mut guard = POOLS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let pid = std::process::id();
@@ -83,7 +85,11 @@ fn run<R: Send>(
     let stop = AtomicBool::new(false);
     let result = py.detach(|| {
         let keep_going = || !stop.load(Ordering::Relaxed);
-        let ctl = Control { pool, chunk_users: CHUNK_USERS, keep_going: &keep_going };
+        let ctl = Control {
+            pool,
+            chunk_users: CHUNK_USERS,
+            keep_going: &keep_going,
+        };
         let ctl = &ctl;
         let (done, finished) = sync_channel(1);
         pool.in_place_scope(|scope| {
@@ -161,8 +167,16 @@ fn csr<'a, T: Real + Element>(
     threads: &rayon::ThreadPool,
     scan: bool,
 ) -> PyResult<Csr<'a, T>> {
-    let (v, o, k) = (slice(name, values)?, slice(&format!("{name}_offsets"), offsets)?, values.shape()[1]);
-    let checked = if scan { py.detach(|| Csr::new_in(name, v, o, k, Some(threads))) } else { Csr::shaped(name, v, o, k) };
+    let (v, o, k) = (
+        slice(name, values)?,
+        slice(&format!("{name}_offsets"), offsets)?,
+        values.shape()[1],
+    );
+    let checked = if scan {
+        py.detach(|| Csr::new_in(name, v, o, k, Some(threads)))
+    } else {
+        Csr::shaped(name, v, o, k)
+    };
     checked.py()
 }
 
@@ -170,7 +184,11 @@ fn inner_loop(steps: usize, lr: f64, optimizer: &str, beta1: f64, beta2: f64, ep
     let optimizer = match optimizer {
         "sgd" => Optimizer::Sgd,
         "adam" => Optimizer::Adam { beta1, beta2, eps },
-        other => return Err(PyValueError::new_err(format!("optimizer must be 'sgd' or 'adam', got {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "optimizer must be 'sgd' or 'adam', got {other:?}"
+            )))
+        }
     };
     Ok(InnerLoop { steps, lr, optimizer })
 }
@@ -180,7 +198,9 @@ fn start<'a, T: Real + Element>(w0: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<S
     match w0.ndim() {
         1 => Ok(Start::Shared(values)),
         2 => Ok(Start::PerUser(values)),
-        n => Err(PyValueError::new_err(format!("w0 must be 1-D (K,) or 2-D (U, K), got {n}-D"))),
+        n => Err(PyValueError::new_err(format!(
+            "w0 must be 1-D (K,) or 2-D (U, K), got {n}-D"
+        ))),
     }
 }
 
@@ -188,10 +208,19 @@ fn matrix<T: Element>(values: Vec<T>, rows: usize, cols: usize) -> PyResult<Arra
     Array2::from_shape_vec((rows, cols), values).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-type Forward<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+type Forward<'py> = (
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+);
 type Backward<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
 /// Caller-given gradient buffers: grad_w0 (the shape of w0), grad_support, grad_query.
-type BackwardOut<'py, T> = (Bound<'py, PyArrayDyn<T>>, Bound<'py, PyArray2<T>>, Bound<'py, PyArray2<T>>);
+type BackwardOut<'py, T> = (
+    Bound<'py, PyArrayDyn<T>>,
+    Bound<'py, PyArray2<T>>,
+    Bound<'py, PyArray2<T>>,
+);
 
 #[allow(clippy::too_many_arguments)]
 fn forward<'py, T: Dtype + Element>(
@@ -207,10 +236,15 @@ fn forward<'py, T: Dtype + Element>(
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
     let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
-    let query = query.as_ref().map(|(q, qo)| csr(py, "query", q, qo, &threads, false)).transpose()?;
+    let query = query
+        .as_ref()
+        .map(|(q, qo)| csr(py, "query", q, qo, &threads, false))
+        .transpose()?;
     let start = start(&w0)?;
     let mut buffers = ForwardBuffers::new(support.n_users(), k, with_support_loss, query.is_some());
-    run(py, &threads, |ctl| mrm_core::forward(start, support, query, &inner, buffers.outputs(), ctl))?;
+    run(py, &threads, |ctl| {
+        mrm_core::forward(start, support, query, &inner, buffers.outputs(), ctl)
+    })?;
     buffers.into_arrays(py)
 }
 
@@ -296,22 +330,43 @@ fn backward<'py, T: Dtype + Element>(
         let mut gw = grad_w0.try_readwrite().map_err(|_| overlap("out[0]"))?;
         let mut gs = grad_support.try_readwrite().map_err(|_| overlap("out[1]"))?;
         let mut gq = grad_query.try_readwrite().map_err(|_| overlap("out[2]"))?;
-        let (gw, gs, gq) = (slice_mut("out[0]", &mut gw)?, slice_mut("out[1]", &mut gs)?, slice_mut("out[2]", &mut gq)?);
+        let (gw, gs, gq) = (
+            slice_mut("out[0]", &mut gw)?,
+            slice_mut("out[1]", &mut gs)?,
+            slice_mut("out[2]", &mut gq)?,
+        );
         let mut buffers = with_values.then(|| ForwardBuffers::new(support.n_users(), k, true, true));
         run(py, &threads, |ctl| {
             let outputs = buffers.as_mut().map(ForwardBuffers::outputs);
-            mrm_core::value_and_grad(start, support, query, grad_losses, &inner, first_order, outputs, gw, gs, gq, ctl)
+            mrm_core::value_and_grad(
+                start,
+                support,
+                query,
+                grad_losses,
+                &inner,
+                first_order,
+                outputs,
+                gw,
+                gs,
+                gq,
+                ctl,
+            )
         })?;
         buffers.map(|b| b.into_arrays(py)).transpose()?
     };
-    Ok(((grad_w0.into_any(), grad_support.into_any(), grad_query.into_any()), values))
+    Ok((
+        (grad_w0.into_any(), grad_support.into_any(), grad_query.into_any()),
+        values,
+    ))
 }
 
 fn slice_mut<'a, T: Element, D: numpy::ndarray::Dimension>(
     name: &str,
     array: &'a mut PyReadwriteArray<'_, T, D>,
 ) -> PyResult<&'a mut [T]> {
-    array.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+    array
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
 fn rpo<'py, T: Real + Element>(
@@ -335,7 +390,9 @@ fn score<'py, T: Real + Element>(
     let features = csr(py, "features", &features, &feature_offsets, &threads, true)?;
     let weights = slice("weights", &weights)?;
     let mut rewards = vec![T::ZERO; features.n_rows()];
-    run(py, &threads, |ctl| mrm_core::score(features, weights, &mut rewards, ctl))?;
+    run(py, &threads, |ctl| {
+        mrm_core::score(features, weights, &mut rewards, ctl)
+    })?;
     Ok(Array1::from_vec(rewards).into_pyarray(py).into_any())
 }
 
@@ -346,7 +403,11 @@ fn gather<'py, T: Real + Element>(
     rejected: PyReadonlyArray1<'py, i64>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let k = features.shape()[1];
-    let (f, c, r) = (slice("features", &features)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
+    let (f, c, r) = (
+        slice("features", &features)?,
+        slice("chosen", &chosen)?,
+        slice("rejected", &rejected)?,
+    );
     let mut out = vec![T::ZERO; c.len() * k];
     py.detach(|| mrm_core::pair_differences(f, k, c, r, &mut out)).py()?;
     Ok(matrix(out, c.len(), k)?.into_pyarray(py).into_any())
@@ -360,27 +421,43 @@ fn gather_backward<'py, T: Real + Element>(
     n_rows: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     let k = grad.shape()[1];
-    let (g, c, r) = (slice("grad", &grad)?, slice("chosen", &chosen)?, slice("rejected", &rejected)?);
+    let (g, c, r) = (
+        slice("grad", &grad)?,
+        slice("chosen", &chosen)?,
+        slice("rejected", &rejected)?,
+    );
     // Indices first (an error must not wait for a large allocation), then the size: an
     // impossible one is an error, never an abort.
     mrm_core::check_pairs(c, r, n_rows).py()?;
-    let too_large = || PyValueError::new_err(format!("n_rows = {n_rows} is too large: cannot allocate the ({n_rows}, {k}) gradient"));
+    let too_large = || {
+        PyValueError::new_err(format!(
+            "n_rows = {n_rows} is too large: cannot allocate the ({n_rows}, {k}) gradient"
+        ))
+    };
     let len = n_rows.checked_mul(k).ok_or_else(too_large)?;
     let mut out = Vec::new();
     out.try_reserve_exact(len).map_err(|_| too_large())?;
     out.resize(len, T::ZERO);
-    py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out)).py()?;
+    py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out))
+        .py()?;
     Ok(matrix(out, n_rows, k)?.into_pyarray(py).into_any())
 }
-
 
 fn map_settings(max_iter: usize, tol: f64, weight_map: &str) -> PyResult<MapSettings> {
     let weight_map = match weight_map {
         "simplex" => WeightMap::Simplex,
         "linear" => WeightMap::Linear,
-        other => return Err(PyValueError::new_err(format!("weight_map must be 'simplex' or 'linear', got {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "weight_map must be 'simplex' or 'linear', got {other:?}"
+            )))
+        }
     };
-    let settings = MapSettings { max_iter, tol, weight_map };
+    let settings = MapSettings {
+        max_iter,
+        tol,
+        weight_map,
+    };
     settings.validate().py()?;
     Ok(settings)
 }
@@ -483,16 +560,26 @@ fn map_forward<'py, T: Real + Element>(
     let k = support.shape()[1];
     let threads = pool(num_threads)?;
     let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
-    let query = query.as_ref().map(|(q, qo)| csr(py, "query", q, qo, &threads, false)).transpose()?;
+    let query = query
+        .as_ref()
+        .map(|(q, qo)| csr(py, "query", q, qo, &threads, false))
+        .transpose()?;
     let start = start(&w0)?;
     let eta = slice("eta", &eta)?;
     let init = init.as_ref().map(|i| slice("init", i)).transpose()?;
     let mut buffers = MapBuffers::new(support.n_users(), k, query.is_some(), with_covariance)?;
-    run(py, &threads, |ctl| mrm_core::map_forward(start, eta, support, query, init, &settings, buffers.outputs(), ctl))?;
+    run(py, &threads, |ctl| {
+        mrm_core::map_forward(start, eta, support, query, init, &settings, buffers.outputs(), ctl)
+    })?;
     buffers.into_arrays(py)
 }
 
-type MapBackward<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+type MapBackward<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+);
 
 #[allow(clippy::too_many_arguments)]
 fn map_backward<'py, T: Real + Element>(
@@ -519,11 +606,30 @@ fn map_backward<'py, T: Real + Element>(
     let mut ge = vec![T::ZERO; eta_values.len()];
     let mut gs = vec![T::ZERO; support.values.len()];
     let mut gq = vec![T::ZERO; query.values.len()];
-    let mut buffers = if with_values { Some(MapBuffers::new(support.n_users(), k, true, false)?) } else { None };
+    let mut buffers = if with_values {
+        Some(MapBuffers::new(support.n_users(), k, true, false)?)
+    } else {
+        None
+    };
     run(py, &threads, |ctl| {
-        let grads = MapGradients { w0: &mut gw, eta: &mut ge, support: &mut gs, query: &mut gq };
+        let grads = MapGradients {
+            w0: &mut gw,
+            eta: &mut ge,
+            support: &mut gs,
+            query: &mut gq,
+        };
         let values = buffers.as_mut().map(MapBuffers::outputs);
-        mrm_core::map_backward(start, eta_values, support, query, grad_losses, &settings, grads, values, ctl)
+        mrm_core::map_backward(
+            start,
+            eta_values,
+            support,
+            query,
+            grad_losses,
+            &settings,
+            grads,
+            values,
+            ctl,
+        )
     })?;
     let grad_w0 = Array1::from_vec(gw).into_pyarray(py).reshape(w0.shape())?.into_any();
     let grads = (
@@ -553,7 +659,15 @@ fn predictive<'py, T: Real + Element>(
     let mut mean = vec![T::ZERO; rows.n_rows()];
     let mut variance = covariance.map(|_| vec![T::ZERO; rows.n_rows()]);
     run(py, &threads, |ctl| {
-        mrm_core::predictive(rows, weights, covariance, settings.weight_map, &mut mean, variance.as_deref_mut(), ctl)
+        mrm_core::predictive(
+            rows,
+            weights,
+            covariance,
+            settings.weight_map,
+            &mut mean,
+            variance.as_deref_mut(),
+            ctl,
+        )
     })?;
     Ok((
         Array1::from_vec(mean).into_pyarray(py).into_any(),
@@ -733,10 +847,30 @@ macro_rules! entry_points {
     };
 }
 
-entry_points!(f32, forward_f32, backward_f32, rpo_f32, score_f32, pair_differences_f32, pair_differences_backward_f32,
-    map_forward_f32, map_backward_f32, predictive_f32);
-entry_points!(f64, forward_f64, backward_f64, rpo_f64, score_f64, pair_differences_f64, pair_differences_backward_f64,
-    map_forward_f64, map_backward_f64, predictive_f64);
+entry_points!(
+    f32,
+    forward_f32,
+    backward_f32,
+    rpo_f32,
+    score_f32,
+    pair_differences_f32,
+    pair_differences_backward_f32,
+    map_forward_f32,
+    map_backward_f32,
+    predictive_f32
+);
+entry_points!(
+    f64,
+    forward_f64,
+    backward_f64,
+    rpo_f64,
+    score_f64,
+    pair_differences_f64,
+    pair_differences_backward_f64,
+    map_forward_f64,
+    map_backward_f64,
+    predictive_f64
+);
 
 /// Sets the output cache's limit in bytes (see `cache`); returns the bytes it still holds.
 #[pyfunction]

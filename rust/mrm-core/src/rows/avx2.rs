@@ -268,13 +268,7 @@ fn check_passed(check: __m256) -> bool {
 /// are finite.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn outer<const C: usize>(
-    out: &mut [f32],
-    a: f32,
-    s: &[f32],
-    p: &[f32],
-    stream: bool,
-) -> bool {
+unsafe fn outer<const C: usize>(out: &mut [f32], a: f32, s: &[f32], p: &[f32], stream: bool) -> bool {
     let pv = load::<C>(p);
     let put = Put::of(out, stream);
     let (o, sp, av) = (out.as_mut_ptr(), s.as_ptr(), _mm256_set1_ps(a));
@@ -309,13 +303,7 @@ unsafe fn rank2_sums<const C: usize, const R: usize>(
 ) -> bool {
     let put = Put::of(out, stream);
     let mut check = _mm256_setzero_ps();
-    let (o, sp, cp, mp, pp) = (
-        out.as_mut_ptr(),
-        s.as_ptr(),
-        c.as_ptr(),
-        mu.as_ptr(),
-        p.as_ptr(),
-    );
+    let (o, sp, cp, mp, pp) = (out.as_mut_ptr(), s.as_ptr(), c.as_ptr(), mu.as_ptr(), p.as_ptr());
     let mut i = 0;
     while i < out.len() / (8 * C) {
         let mut acc = [[_mm256_setzero_ps(); C]; R];

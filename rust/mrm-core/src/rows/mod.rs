@@ -88,10 +88,7 @@ pub trait RowOps<T: Real>: Copy {
         let n = out.len() / k;
         out.fill(T::ZERO);
         for t in (0..steps).rev() {
-            let (s, c) = (
-                &s[t * stride..t * stride + n],
-                &c[t * stride..t * stride + n],
-            );
+            let (s, c) = (&s[t * stride..t * stride + n], &c[t * stride..t * stride + n]);
             let (mu, p) = (
                 &mu[t * row_stride..t * row_stride + k],
                 &p[t * row_stride..t * row_stride + k],

@@ -35,10 +35,7 @@ pub(crate) fn across_lanes(v: __m256, f: unsafe fn(__m256, __m256) -> __m256) ->
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn exp(x: __m256) -> __m256 {
     // max/min return their second operand when either is NaN: a NaN `x` passes through.
-    let x = _mm256_min_ps(
-        _mm256_set1_ps(88.0),
-        _mm256_max_ps(_mm256_set1_ps(-87.0), x),
-    );
+    let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.0), x));
     let shifter = _mm256_set1_ps(12_582_912.0);
     let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), shifter);
     let n = _mm256_sub_ps(t, shifter);
@@ -74,11 +71,7 @@ pub(crate) fn neg_sigmoid(z: __m256) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn neg_softplus(z: __m256) -> __m256 {
-    let (zero, one, half) = (
-        _mm256_setzero_ps(),
-        _mm256_set1_ps(1.0),
-        _mm256_set1_ps(0.5),
-    );
+    let (zero, one, half) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0), _mm256_set1_ps(0.5));
     let minus_abs = _mm256_min_ps(z, _mm256_sub_ps(zero, z));
     let y = exp(minus_abs);
     let u = _mm256_add_ps(one, y);

@@ -49,9 +49,7 @@ fn write<T: Real>(dst: &mut [T], src: Option<&[T]>) {
             // bits are `T::ZERO` for both float types.
             unsafe {
                 let chunk = match src {
-                    Some(s) => {
-                        _mm_loadu_si128((s.as_ptr().add(misalignment) as *const __m128i).add(i))
-                    }
+                    Some(s) => _mm_loadu_si128((s.as_ptr().add(misalignment) as *const __m128i).add(i)),
                     None => _mm_setzero_si128(),
                 };
                 _mm_stream_si128(d.add(i), chunk);
@@ -85,27 +83,19 @@ mod tests {
 
     #[test]
     fn copies_and_zeroes_every_offset_and_length_bit_for_bit() {
-        let src64: Vec<f64> = (0..200)
-            .map(|i| (i as f64).sin() * 1e10 + f64::from_bits(i))
-            .collect();
+        let src64: Vec<f64> = (0..200).map(|i| (i as f64).sin() * 1e10 + f64::from_bits(i)).collect();
         let src32: Vec<f32> = (0..200).map(|i| (i as f32).cos() * 3.5e5).collect();
         for start in 0..8 {
             for len in [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 63, 100, 150] {
                 let mut dst = vec![-1.0f64; 200];
-                copy(
-                    &mut dst[start..start + len],
-                    &src64[start + 3..start + 3 + len],
-                );
+                copy(&mut dst[start..start + len], &src64[start + 3..start + 3 + len]);
                 fence();
                 assert!(dst[start..start + len]
                     .iter()
                     .zip(&src64[start + 3..])
                     .all(|(a, b)| a.to_bits() == b.to_bits()));
                 assert!(
-                    dst[..start]
-                        .iter()
-                        .chain(&dst[start + len..])
-                        .all(|&x| x == -1.0),
+                    dst[..start].iter().chain(&dst[start + len..]).all(|&x| x == -1.0),
                     "wrote outside"
                 );
                 let mut dst = vec![-1.0f32; 200];
@@ -116,24 +106,15 @@ mod tests {
                     .zip(&src32[1..])
                     .all(|(a, b)| a.to_bits() == b.to_bits()));
                 assert!(
-                    dst[..start]
-                        .iter()
-                        .chain(&dst[start + len..])
-                        .all(|&x| x == -1.0),
+                    dst[..start].iter().chain(&dst[start + len..]).all(|&x| x == -1.0),
                     "wrote outside"
                 );
                 let mut dst = vec![-1.0f64; 200];
                 zero(&mut dst[start..start + len]);
                 fence();
+                assert!(dst[start..start + len].iter().all(|x| x.to_bits() == 0), "zero");
                 assert!(
-                    dst[start..start + len].iter().all(|x| x.to_bits() == 0),
-                    "zero"
-                );
-                assert!(
-                    dst[..start]
-                        .iter()
-                        .chain(&dst[start + len..])
-                        .all(|&x| x == -1.0),
+                    dst[..start].iter().chain(&dst[start + len..]).all(|&x| x == -1.0),
                     "zero wrote outside"
                 );
             }
