@@ -518,8 +518,9 @@ unsafe fn solve_avx2(
     ws.solve(rows, w0, init, lam, settings)
 }
 
-/// The solve for one user, with the AVX2 + FMA build where the CPU has it (results then differ
-/// from other CPUs' by rounding; `MRM_PORTABLE_KERNELS=1` keeps the portable build everywhere).
+/// The solve for one user, compiled for AVX2 + FMA where the CPU has them. The loops do the same
+/// operations in the same order either way (no contraction into fused multiply-adds), so the
+/// results are the same bits on every x86-64 CPU, as for the portable row kernels.
 fn solve_dispatched(
     ws: &mut Work,
     rows: &[f64],
@@ -530,23 +531,12 @@ fn solve_dispatched(
 ) -> std::result::Result<Solved, ()> {
     #[cfg(target_arch = "x86_64")]
     {
-        if accelerated() {
-            // SAFETY: `accelerated` checked that the CPU has AVX2 and FMA.
+        if crate::simd::avx2::Cpu::detect().is_some() {
+            // SAFETY: the CPU has AVX2 and FMA (just detected).
             return unsafe { solve_avx2(ws, rows, w0, init, lam, settings) };
         }
     }
     ws.solve(rows, w0, init, lam, settings)
-}
-
-/// Whether to run the AVX2 + FMA build: the CPU has both and `MRM_PORTABLE_KERNELS` is not 1
-/// (read once).
-#[cfg(target_arch = "x86_64")]
-fn accelerated() -> bool {
-    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| {
-        let portable = std::env::var("MRM_PORTABLE_KERNELS").is_ok_and(|v| v.trim() == "1");
-        !portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    })
 }
 
 /// `A = Σ_i s_i (1 − s_i) d_i d_iᵀ` into `a` (K × K) for a K known at compile time: the
