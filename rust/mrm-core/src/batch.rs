@@ -192,7 +192,8 @@ pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()>
     Ok(())
 }
 
-fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
+/// Support and query describe the same users with the same K.
+pub(crate) fn check_same_shape<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
     if support.k != query.k {
         return shape(
             "query",
@@ -209,6 +210,11 @@ fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result
             ),
         );
     }
+    Ok(())
+}
+
+fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
+    check_same_shape(support, query)?;
     if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
         return shape(
             "query",

@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use crate::batch::{check_len, Control, Start};
+use crate::batch::{check_len, check_same_shape, Control, Start};
 use crate::csr::Csr;
 use crate::error::{non_finite, non_finite_result, shape, value, Error, Kind, Result};
 use crate::real::Real;
@@ -595,22 +595,7 @@ fn check_common<T: Real>(
 }
 
 fn check_query<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>, require_rows: bool) -> Result<()> {
-    if support.k != query.k {
-        return shape(
-            "query",
-            format!("support has K = {} columns but query has K = {}", support.k, query.k),
-        );
-    }
-    if support.n_users() != query.n_users() {
-        return shape(
-            "query_offsets",
-            format!(
-                "support_offsets describes {} users but query_offsets describes {}",
-                support.n_users(),
-                query.n_users()
-            ),
-        );
-    }
+    check_same_shape(support, query)?;
     query.check_values("query", None)?;
     if require_rows {
         if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
