@@ -2,19 +2,8 @@
 //! `cargo run --release -p mrm-core --example kernel_timing -- [users] [threads] [K] [steps]`
 //! (defaults 100000, 1, 8, 5); steps 0 leaves the part of each call that does not repeat per step.
 
-use std::time::Instant;
-
+use mrm_core::bench::best_of as best;
 use mrm_core::{backward, forward, value_and_grad, Control, Csr, ForwardOutputs, InnerLoop, Optimizer, Start};
-
-fn best(runs: usize, mut f: impl FnMut()) -> f64 {
-    (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let args: Vec<usize> = std::env::args()

@@ -2,19 +2,8 @@
 //! `cargo run --release -p mrm-core --example map_timing -- [users] [threads] [K] [linear 0|1]`
 //! (defaults 100000, 1, 8, 1): 32 support pairs per user, uniform values in [-1, 1].
 
-use std::time::Instant;
-
+use mrm_core::bench::{best_of as best, uniform_values};
 use mrm_core::{map_forward, Control, Csr, MapOutputs, MapSettings, Start, WeightMap};
-
-fn best(runs: usize, mut f: impl FnMut()) -> f64 {
-    (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -29,12 +18,7 @@ fn main() {
     } else {
         WeightMap::Simplex
     };
-    let mut seed = 1u64;
-    let mut next = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
-    let support: Vec<f32> = (0..users * per_user * k).map(|_| next()).collect();
+    let support = uniform_values(users * per_user * k, 1);
     let offsets: Vec<i64> = (0..=users as i64).map(|u| u * per_user as i64).collect();
     let w0 = vec![0.1f32; k];
     let eta = vec![0.0f32; k];

@@ -53,4 +53,29 @@ pub mod bench {
     pub use crate::lanes::Lanes;
     pub use crate::real::{softmax_into, softmax_jvp};
     pub use crate::rows::RowOps;
+
+    /// The best (smallest) wall-clock seconds of `runs` calls of `f`.
+    pub fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
+        (0..runs)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// `n` pseudo-random values in [-1, 1) from a fixed linear congruential sequence (the same
+    /// inputs in every run, so checksums can be compared across builds).
+    pub fn uniform_values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
 }
