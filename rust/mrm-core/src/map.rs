@@ -900,8 +900,8 @@ pub fn map_backward<T: Real>(
         let results: Vec<BlockSums> = ctl.pool.install(|| {
             work.into_par_iter()
                 .map_init(
-                    || (Work::new(k), vec![0.0; k], Vec::new(), Vec::new()),
-                    |(ws, w0, rows64, query64), ((((((((((block, gs), gq), gw), vw), vi), vg), vc), vs), vl), va)| {
+                    || (Work::new(k), vec![0.0; k], vec![0.0; k], vec![0.0; k], Vec::new(), Vec::new(), Vec::new()),
+                    |(ws, w0, init, gq_p, rows64, query64, support_s), ((((((((((block, gs), gq), gw), vw), vi), vg), vc), vs), vl), va)| {
                         let (mut gw, mut vw, mut vi, mut vg, mut vc, mut vs, mut vl, mut va) = (gw, vw, vi, vg, vc, vs, vl, va);
                         let mut w0_part = vec![0.0; k];
                         let mut eta_part = vec![0.0; k];
@@ -912,8 +912,8 @@ pub fn map_backward<T: Real>(
                             widen(support.rows(u), rows64);
                             widen(query.rows(u), query64);
                             let (rows, qrows) = (rows64.as_slice(), query64.as_slice());
-                            let init = w0.clone();
-                            let solved = match solve_dispatched(ws, rows, w0, &init, &lam, settings) {
+                            init.copy_from_slice(w0);
+                            let solved = match solve_dispatched(ws, rows, w0, init, &lam, settings) {
                                 Ok(s) => s,
                                 Err(()) => {
                                     return Err(Error::without_argument(Kind::NonFinite, format!(
@@ -941,12 +941,13 @@ pub fn map_backward<T: Real>(
                                      no implicit gradient (a stronger prior, larger eta, makes it so)"
                                 )));
                             }
-                            let support_s = ws.s.clone();
+                            support_s.clear();
+                            support_s.extend_from_slice(&ws.s);
                             // query: L = mean softplus(−q·p), ∇_p L = −(1/m) Σ σ(−z_j) q_j
                             let (loss, acc) = ws.mean_loss(qrows);
                             let m = (qrows.len() / k) as f64;
                             let gl = grad_losses[u].to_f64();
-                            let mut gq_p = vec![0.0; k];
+                            gq_p.iter_mut().for_each(|g| *g = 0.0);
                             for (q, &sj) in qrows.chunks_exact(k).zip(&ws.s) {
                                 for (g, x) in gq_p.iter_mut().zip(q) {
                                     *g -= gl * sj * x.to_f64() / m;
@@ -961,7 +962,7 @@ pub fn map_backward<T: Real>(
                             }
                             q_at += qrows.len();
                             // v = H⁻¹ ḡ with ḡ = J ∇_p (gl · L), μ = J v
-                            Work::jacobian_times(settings.weight_map, &ws.p, &gq_p, &mut ws.v);
+                            Work::jacobian_times(settings.weight_map, &ws.p, gq_p, &mut ws.v);
                             Work::solve_in_place(&ws.chol, k, &mut ws.v);
                             Work::jacobian_times(settings.weight_map, &ws.p, &ws.v, &mut ws.mu);
                             for j in 0..k {
