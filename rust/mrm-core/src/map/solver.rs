@@ -1,0 +1,603 @@
+//! The per-user MAP solve, written once over [`Wide`] lanes: lane `l` holds user `l` of a group
+//! of [`Wide::N`] users (one with `f64`, four with AVX2). Each lane follows its own path, with
+//! masks for "still iterating" and "still searching a step"; a lane's arithmetic never mixes with
+//! another's, so a user gets the same bits alone or in any group.
+//!
+//! Rows are stored pair-major and transposed, `d[i k + j]` = lane values of pair `i`, component
+//! `j`; a group is padded to its longest user with zero rows, and `valid[i]` (1 or 0 per lane)
+//! keeps the padding out of the losses (a zero row adds nothing to gradients or curvature).
+
+use super::{MapSettings, WeightMap, ARMIJO, MAX_HALVINGS, PRECISION_FLOOR};
+use crate::real::Real;
+use crate::simd::wide::{exp, ln_1p, Mask, Wide};
+
+/// Most lanes of any [`Wide`] implementation.
+pub(super) const MAX_LANES: usize = 4;
+
+/// The lanes of `v` as plain values (the first `V::N` are meaningful).
+#[inline(always)]
+pub(super) fn lanes<V: Wide>(v: V) -> [f64; MAX_LANES] {
+    let mut out = [0.0; MAX_LANES];
+    v.store(&mut out);
+    out
+}
+
+/// A value with `x[l]` in lane `l`.
+#[inline(always)]
+pub(super) fn from_lanes<V: Wide>(x: &[f64; MAX_LANES]) -> V {
+    V::load(x)
+}
+
+/// One group's pairs (support or query), transposed into lanes.
+pub(super) struct Rows<V> {
+    k: usize,
+    /// Pairs per lane (padding not counted).
+    pub count: [usize; MAX_LANES],
+    /// Pairs stored per lane: the largest count.
+    pub n: usize,
+    pub d: Vec<V>,
+    pub valid: Vec<V>,
+}
+
+impl<V: Wide> Rows<V> {
+    pub fn new(k: usize) -> Self {
+        Rows {
+            k,
+            count: [0; MAX_LANES],
+            n: 0,
+            d: Vec::new(),
+            valid: Vec::new(),
+        }
+    }
+
+    /// Lane `l < users.len()` gets the rows `users[l]` (`count × K` values), the others none.
+    pub fn load<T: Real>(&mut self, users: &[&[T]]) {
+        let k = self.k;
+        self.count = [0; MAX_LANES];
+        for (c, rows) in self.count.iter_mut().zip(users) {
+            *c = rows.len() / k;
+        }
+        self.n = self.count.iter().copied().max().unwrap_or(0);
+        self.d.clear();
+        self.valid.clear();
+        let mut lane = [0.0; MAX_LANES];
+        for i in 0..self.n {
+            for j in 0..k {
+                for (l, x) in lane.iter_mut().enumerate() {
+                    *x = users.get(l).and_then(|r| r.get(i * k + j)).map_or(0.0, |v| v.to_f64());
+                }
+                self.d.push(from_lanes(&lane));
+            }
+            for (l, x) in lane.iter_mut().enumerate() {
+                *x = if i < self.count[l] { 1.0 } else { 0.0 };
+            }
+            self.valid.push(from_lanes(&lane));
+        }
+    }
+
+    /// Writes `value(i, j)` for every real pair `i` and component `j` of each lane `l` to
+    /// `out[start_l + i K + j]`, where lane `l`'s rows start after those of the lanes before it
+    /// (the group's users are consecutive in their CSR batch, and so are their rows).
+    pub fn scatter<T: Real>(&self, out: &mut [T], mut value: impl FnMut(usize, usize) -> V) {
+        let k = self.k;
+        let mut start = [0; MAX_LANES];
+        for l in 1..MAX_LANES {
+            start[l] = start[l - 1] + self.count[l - 1] * k;
+        }
+        for i in 0..self.n {
+            for j in 0..k {
+                let x = lanes(value(i, j));
+                for l in 0..V::N {
+                    if i < self.count[l] {
+                        out[start[l] + i * k + j] = T::of(x[l]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rows of pair `i`.
+    #[inline(always)]
+    fn pair(&self, i: usize) -> &[V] {
+        &self.d[i * self.k..(i + 1) * self.k]
+    }
+}
+
+/// How a group's solves ended, lane by lane.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Solved<V: Wide> {
+    pub iterations: V,
+    pub grad_norm: V,
+    pub converged: V::Mask,
+    /// The objective was not finite at the start or the gradient became non-finite.
+    pub failed: V::Mask,
+}
+
+/// One thread's scratch for one group at a time.
+pub(super) struct Work<V: Wide> {
+    k: usize,
+    pub w0: Vec<V>,
+    pub lam: Vec<V>,
+    pub w: Vec<V>,
+    trial: Vec<V>,
+    pub p: Vec<V>,
+    p_trial: Vec<V>,
+    pub gp: Vec<V>,
+    pub grad: Vec<V>,
+    step: Vec<V>,
+    h: Vec<V>,
+    t: Vec<V>,
+    chol: Vec<V>,
+    inv_diag: Vec<V>,
+    chol_gn: Vec<V>,
+    inv_diag_gn: Vec<V>,
+    pub z: Vec<V>,
+    pub s: Vec<V>,
+    s_trial: Vec<V>,
+    /// `Σ softplus(−z_i)` of the support rows at `w`.
+    pub loss: V,
+}
+
+impl<V: Wide> Work<V> {
+    pub fn new(k: usize) -> Self {
+        let zero = V::splat(0.0);
+        let v = || vec![zero; k];
+        let m = || vec![zero; k * k];
+        Work {
+            k,
+            w0: v(),
+            lam: v(),
+            w: v(),
+            trial: v(),
+            p: v(),
+            p_trial: v(),
+            gp: v(),
+            grad: v(),
+            step: v(),
+            h: m(),
+            t: m(),
+            chol: m(),
+            inv_diag: v(),
+            chol_gn: m(),
+            inv_diag_gn: v(),
+            z: Vec::new(),
+            s: Vec::new(),
+            s_trial: Vec::new(),
+            loss: zero,
+        }
+    }
+
+    /// Damped Newton from `init` (SPEC §7), every lane on its own path. Leaves `w` = w*, and
+    /// `p`, `s`, `loss`, `g_p`, `grad` at it, for every lane.
+    #[inline(always)]
+    pub fn solve(&mut self, rows: &Rows<V>, init: &[V], settings: &MapSettings) -> Solved<V> {
+        let k = self.k;
+        let map = settings.weight_map;
+        let (zero, one) = (V::splat(0.0), V::splat(1.0));
+        self.s.resize(rows.n, zero);
+        self.s_trial.resize(rows.n, zero);
+        self.z.resize(rows.n, zero);
+        self.w.copy_from_slice(init);
+        let (loss, mut f) = evaluate(
+            map,
+            rows,
+            &self.w,
+            &self.w0,
+            &self.lam,
+            &mut self.p,
+            &mut self.z,
+            &mut self.s,
+        );
+        self.loss = loss;
+        let mut failed = V::all_true().and_not(f.finite());
+        let mut active = f.finite();
+        let mut finishing = V::none_true();
+        let mut converged = V::none_true();
+        let mut iterations = zero;
+        let mut grad_norm = zero;
+        let (tol, max_iter) = (V::splat(settings.tol), V::splat(settings.max_iter as f64));
+        loop {
+            gradient(
+                map,
+                rows,
+                &self.s,
+                &self.p,
+                &self.w,
+                &self.w0,
+                &self.lam,
+                &mut self.gp,
+                &mut self.grad,
+            );
+            let gn = self.grad.iter().fold(zero, |m, g| m.max(g.abs()));
+            let stopping = active.or(finishing);
+            grad_norm = V::select(stopping, gn, grad_norm);
+            let bad = stopping.and_not(gn.finite());
+            failed = failed.or(bad);
+            let done = stopping.and_not(bad).and(gn.le(tol));
+            converged = converged.or(done);
+            // finishing lanes (no step found) stop here, converged or not
+            active = active.and_not(bad).and_not(done).and_not(iterations.ge(max_iter));
+            if !active.any() {
+                break;
+            }
+            // the step matrix: the exact Hessian where it is positive definite, else Gauss–Newton
+            hessian(
+                map,
+                rows,
+                &self.s,
+                &self.p,
+                &self.gp,
+                &self.lam,
+                true,
+                &mut self.t,
+                &mut self.h,
+            );
+            let exact = factor(k, &self.h, &mut self.chol, &mut self.inv_diag);
+            let need_gn = active.and_not(exact);
+            if need_gn.any() {
+                hessian(
+                    map,
+                    rows,
+                    &self.s,
+                    &self.p,
+                    &self.gp,
+                    &self.lam,
+                    false,
+                    &mut self.t,
+                    &mut self.h,
+                );
+                let ok = factor(k, &self.h, &mut self.chol_gn, &mut self.inv_diag_gn);
+                for (c, g) in self.chol.iter_mut().zip(&self.chol_gn) {
+                    *c = V::select(need_gn, *g, *c);
+                }
+                for (c, g) in self.inv_diag.iter_mut().zip(&self.inv_diag_gn) {
+                    *c = V::select(need_gn, *g, *c);
+                }
+                // neither factors (non-finite curvature): stop, not converged
+                active = active.and_not(need_gn.and_not(ok));
+            }
+            for (s, g) in self.step.iter_mut().zip(&self.grad) {
+                *s = g.neg();
+            }
+            solve_in_place(k, &self.chol, &self.inv_diag, &mut self.step);
+            let slope = dot(&self.step, &self.grad);
+            // Below this predicted decrease F cannot tell better from worse in f64: the full
+            // Newton step is taken as it is (the quadratic model is exact to rounding there).
+            let resolvable = slope.neg().gt(V::splat(PRECISION_FLOOR).mul(one.add(f.abs())));
+            let mut t = one;
+            let mut searching = active;
+            for _ in 0..MAX_HALVINGS {
+                for ((x, &w), &s) in self.trial.iter_mut().zip(&self.w).zip(&self.step) {
+                    *x = t.mul_add(s, w);
+                }
+                let (loss_t, ft) = evaluate(
+                    map,
+                    rows,
+                    &self.trial,
+                    &self.w0,
+                    &self.lam,
+                    &mut self.p_trial,
+                    &mut self.z,
+                    &mut self.s_trial,
+                );
+                let armijo = ft.le(V::splat(ARMIJO).mul(t).mul_add(slope, f));
+                let accept = searching
+                    .and(ft.finite())
+                    .and(armijo.or(V::all_true().and_not(resolvable)));
+                if accept.any() {
+                    f = V::select(accept, ft, f);
+                    self.loss = V::select(accept, loss_t, self.loss);
+                    iterations = V::select(accept, iterations.add(one), iterations);
+                    for (a, &b) in self.w.iter_mut().zip(&self.trial) {
+                        *a = V::select(accept, b, *a);
+                    }
+                    for (a, &b) in self.p.iter_mut().zip(&self.p_trial) {
+                        *a = V::select(accept, b, *a);
+                    }
+                    for (a, &b) in self.s.iter_mut().zip(&self.s_trial) {
+                        *a = V::select(accept, b, *a);
+                    }
+                    searching = searching.and_not(accept);
+                    if !searching.any() {
+                        break;
+                    }
+                }
+                t = t.mul(V::splat(0.5));
+            }
+            // no decrease left to find in this dtype: report the point as it is (its gradient
+            // is taken at the top of the loop, where these lanes stop)
+            active = active.and_not(searching);
+            finishing = searching;
+        }
+        Solved {
+            iterations,
+            grad_norm,
+            converged,
+            failed,
+        }
+    }
+
+    /// The exact Hessian at the current point (needs `p`, `s`, `g_p` there) into its Cholesky
+    /// factor, falling back to Gauss–Newton in the lanes where it is not positive definite
+    /// (`gauss_newton_fallback`). Returns the lanes with a factor.
+    pub fn factor_hessian(&mut self, rows: &Rows<V>, map: WeightMap, gauss_newton_fallback: bool) -> V::Mask {
+        let k = self.k;
+        hessian(
+            map,
+            rows,
+            &self.s,
+            &self.p,
+            &self.gp,
+            &self.lam,
+            true,
+            &mut self.t,
+            &mut self.h,
+        );
+        let exact = factor(k, &self.h, &mut self.chol, &mut self.inv_diag);
+        let need_gn = V::all_true().and_not(exact);
+        if !(gauss_newton_fallback && need_gn.any()) {
+            return exact;
+        }
+        hessian(
+            map,
+            rows,
+            &self.s,
+            &self.p,
+            &self.gp,
+            &self.lam,
+            false,
+            &mut self.t,
+            &mut self.h,
+        );
+        let ok = factor(k, &self.h, &mut self.chol_gn, &mut self.inv_diag_gn);
+        for (c, g) in self.chol.iter_mut().zip(&self.chol_gn) {
+            *c = V::select(need_gn, *g, *c);
+        }
+        for (c, g) in self.inv_diag.iter_mut().zip(&self.inv_diag_gn) {
+            *c = V::select(need_gn, *g, *c);
+        }
+        exact.or(ok)
+    }
+
+    /// `x ← H⁻¹ x` with the factor of the last [`Work::factor_hessian`].
+    pub fn solve_with_factor(&self, x: &mut [V]) {
+        solve_in_place(self.k, &self.chol, &self.inv_diag, x);
+    }
+}
+
+/// `p = map(w)`.
+#[inline(always)]
+pub(super) fn map_weights<V: Wide>(map: WeightMap, w: &[V], p: &mut [V]) {
+    match map {
+        WeightMap::Linear => p.copy_from_slice(w),
+        WeightMap::Simplex => {
+            let max = w[1..].iter().fold(w[0], |m, &x| x.max(m));
+            let mut sum = V::splat(0.0);
+            for (pi, &wi) in p.iter_mut().zip(w) {
+                *pi = exp(wi.sub(max));
+                sum = sum.add(*pi);
+            }
+            let inv = V::splat(1.0).div(sum);
+            for pi in p.iter_mut() {
+                *pi = pi.mul(inv);
+            }
+        }
+    }
+}
+
+/// `out = J v` (J is symmetric for both maps).
+#[inline(always)]
+pub(super) fn jacobian_times<V: Wide>(map: WeightMap, p: &[V], v: &[V], out: &mut [V]) {
+    match map {
+        WeightMap::Linear => out.copy_from_slice(v),
+        WeightMap::Simplex => {
+            let pv = dot(p, v);
+            for ((o, &pi), &vi) in out.iter_mut().zip(p).zip(v) {
+                *o = pi.mul(vi.sub(pv));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+pub(super) fn dot<V: Wide>(a: &[V], b: &[V]) -> V {
+    a.iter().zip(b).fold(V::splat(0.0), |acc, (&x, &y)| x.mul_add(y, acc))
+}
+
+/// Margins `z_i = d_i · p` into `z`, then `s_i = σ(−z_i)` into `s`; returns `Σ softplus(−z_i)`
+/// over the real pairs and how many of them have `z_i > 0`. One exponential per pair serves
+/// both; the margins go first, in a pass of their own, so that pairs overlap in the CPU.
+#[inline(always)]
+pub(super) fn pair_terms<V: Wide>(rows: &Rows<V>, p: &[V], z: &mut [V], s: &mut [V]) -> (V, V) {
+    let (zero, one) = (V::splat(0.0), V::splat(1.0));
+    for (i, zi) in z[..rows.n].iter_mut().enumerate() {
+        *zi = dot(rows.pair(i), p);
+    }
+    let mut total = zero;
+    let mut correct = zero;
+    for ((si, &zi), &valid) in s[..rows.n].iter_mut().zip(&z[..rows.n]).zip(&rows.valid) {
+        let y = exp(zi.abs().neg());
+        let u = one.add(y);
+        let inv = one.div(u);
+        let softplus = zi.neg().max(zero).add(ln_1p(y, u, inv));
+        total = valid.mul_add(softplus, total);
+        correct = correct.add(V::select(zi.gt(zero), valid, zero));
+        *si = V::select(zi.ge(zero), y.mul(inv), inv);
+    }
+    (total, correct)
+}
+
+/// `(Σ softplus(−z_i), F)` at `w`, with `p`, `z` and `s` left at `w`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn evaluate<V: Wide>(
+    map: WeightMap,
+    rows: &Rows<V>,
+    w: &[V],
+    w0: &[V],
+    lam: &[V],
+    p: &mut [V],
+    z: &mut [V],
+    s: &mut [V],
+) -> (V, V) {
+    map_weights(map, w, p);
+    let (loss, _) = pair_terms(rows, p, z, s);
+    let mut prior = V::splat(0.0);
+    for ((&l, &a), &b) in lam.iter().zip(w).zip(w0) {
+        let d = a.sub(b);
+        prior = l.mul(d).mul_add(d, prior);
+    }
+    (loss, V::splat(0.5).mul_add(prior, loss))
+}
+
+/// `g_p = −Σ s_i d_i`, then `∇F = J g_p + Λ (w − w0)` into `grad`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gradient<V: Wide>(
+    map: WeightMap,
+    rows: &Rows<V>,
+    s: &[V],
+    p: &[V],
+    w: &[V],
+    w0: &[V],
+    lam: &[V],
+    gp: &mut [V],
+    grad: &mut [V],
+) {
+    gp.iter_mut().for_each(|g| *g = V::splat(0.0));
+    for (i, &si) in s[..rows.n].iter().enumerate() {
+        for (g, &x) in gp.iter_mut().zip(rows.pair(i)) {
+            *g = si.mul_add(x, *g);
+        }
+    }
+    gp.iter_mut().for_each(|g| *g = g.neg());
+    jacobian_times(map, p, gp, grad);
+    for (((g, &l), &a), &b) in grad.iter_mut().zip(lam).zip(w).zip(w0) {
+        *g = l.mul_add(a.sub(b), *g);
+    }
+}
+
+/// The step matrix into `h`: with `exact`, `∇²F` (SPEC §2's HVP in sum form plus Λ), else
+/// Gauss–Newton `J A J + Λ`, `A = Σ s_i (1 − s_i) d_i d_iᵀ`. Needs `p`, `s` and `g_p` at `w`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn hessian<V: Wide>(
+    map: WeightMap,
+    rows: &Rows<V>,
+    s: &[V],
+    p: &[V],
+    gp: &[V],
+    lam: &[V],
+    exact: bool,
+    t: &mut [V],
+    h: &mut [V],
+) {
+    let k = p.len();
+    let one = V::splat(1.0);
+    // A, upper triangle, into h (or t for the simplex, which transforms it into h)
+    let a: &mut [V] = if map == WeightMap::Linear { &mut *h } else { &mut *t };
+    a.iter_mut().for_each(|x| *x = V::splat(0.0));
+    for (i, &si) in s[..rows.n].iter().enumerate() {
+        let d = rows.pair(i);
+        let c = si.mul(one.sub(si));
+        for r in 0..k {
+            let cr = c.mul(d[r]);
+            let row = &mut a[r * k..(r + 1) * k];
+            for (x, &dc) in row[r..].iter_mut().zip(&d[r..]) {
+                *x = cr.mul_add(dc, *x);
+            }
+        }
+    }
+    for r in 0..k {
+        for col in 0..r {
+            a[r * k + col] = a[col * k + r];
+        }
+    }
+    if map == WeightMap::Simplex {
+        // h = J A J (J symmetric), then the softmax curvature J (diag(g_p − c) − g_p pᵀ)
+        for r in 0..k {
+            let ar = &mut t[r * k..(r + 1) * k];
+            let ap = dot(ar, p);
+            for (x, &pc) in ar.iter_mut().zip(p) {
+                *x = x.sub(ap).mul(pc);
+            }
+        }
+        for col in 0..k {
+            let pt = (0..k).fold(V::splat(0.0), |acc, r| p[r].mul_add(t[r * k + col], acc));
+            for r in 0..k {
+                h[r * k + col] = p[r].mul(t[r * k + col].sub(pt));
+            }
+        }
+        if exact {
+            let c = dot(p, gp);
+            // N = diag(g_p − c) − g_p pᵀ; J N = p ⊙ (N − 1 (pᵀ N)) row-wise, column by column
+            for col in 0..k {
+                let mut pn = V::splat(0.0);
+                for r in 0..k {
+                    let diag = if r == col { gp[r].sub(c) } else { V::splat(0.0) };
+                    let n = gp[r].neg_mul_add(p[col], diag);
+                    t[r * k + col] = n;
+                    pn = p[r].mul_add(n, pn);
+                }
+                for r in 0..k {
+                    h[r * k + col] = p[r].mul_add(t[r * k + col].sub(pn), h[r * k + col]);
+                }
+            }
+            // symmetric in exact arithmetic: average out the rounding
+            for r in 0..k {
+                for col in 0..r {
+                    let m = V::splat(0.5).mul(h[r * k + col].add(h[col * k + r]));
+                    h[r * k + col] = m;
+                    h[col * k + r] = m;
+                }
+            }
+        }
+    }
+    for j in 0..k {
+        h[j * k + j] = h[j * k + j].add(lam[j]);
+    }
+}
+
+/// Cholesky factor of `h` into `chol` (lower) and the reciprocals of its diagonal; the lanes
+/// where `h` is positive definite.
+#[inline(always)]
+fn factor<V: Wide>(k: usize, h: &[V], chol: &mut [V], inv_diag: &mut [V]) -> V::Mask {
+    let zero = V::splat(0.0);
+    let mut ok = V::all_true();
+    for r in 0..k {
+        for c in 0..=r {
+            let mut sum = h[r * k + c];
+            for j in 0..c {
+                sum = chol[r * k + j].neg_mul_add(chol[c * k + j], sum);
+            }
+            if r == c {
+                ok = ok.and(sum.gt(zero)).and(sum.finite());
+                let d = sum.sqrt();
+                chol[r * k + r] = d;
+                inv_diag[r] = V::splat(1.0).div(d);
+            } else {
+                chol[r * k + c] = sum.mul(inv_diag[c]);
+            }
+        }
+    }
+    ok
+}
+
+/// Solves `h x = b` in place with the factor.
+#[inline(always)]
+fn solve_in_place<V: Wide>(k: usize, chol: &[V], inv_diag: &[V], x: &mut [V]) {
+    for r in 0..k {
+        let mut sum = x[r];
+        for j in 0..r {
+            sum = chol[r * k + j].neg_mul_add(x[j], sum);
+        }
+        x[r] = sum.mul(inv_diag[r]);
+    }
+    for r in (0..k).rev() {
+        let mut sum = x[r];
+        for j in r + 1..k {
+            sum = chol[j * k + r].neg_mul_add(x[j], sum);
+        }
+        x[r] = sum.mul(inv_diag[r]);
+    }
+}
