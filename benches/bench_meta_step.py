@@ -363,16 +363,20 @@ def sanity_check(threads, n_users=200):
 # reporting
 # ---------------------------------------------------------------------------
 
-def fmt_s(x):
+def fmt_by_size(x, formats, below):
+    """``x`` in the format of the first ``(threshold, format)`` of ``formats`` it reaches, else
+    ``below(x)``; "—" for None."""
     if x is None:
         return "—"
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 1:
-        return f"{x:.2f}"
-    if x >= 0.01:
-        return f"{x:.3f}"
-    return f"{x * 1e3:.2f} ms"
+    for threshold, fmt in formats:
+        if x >= threshold:
+            return fmt(x)
+    return below(x)
+
+
+def fmt_s(x):
+    return fmt_by_size(x, [(100, "{:.0f}".format), (1, "{:.2f}".format), (0.01, "{:.3f}".format)],
+                       lambda x: f"{x * 1e3:.2f} ms")
 
 
 def fmt_bytes(n):
@@ -385,13 +389,7 @@ def fmt_bytes(n):
 
 
 def fmt_rate(x):
-    if x is None:
-        return "—"
-    if x >= 1e6:
-        return f"{x / 1e6:.2f} M"
-    if x >= 1e3:
-        return f"{x / 1e3:.1f} k"
-    return f"{x:.0f}"
+    return fmt_by_size(x, [(1e6, lambda x: f"{x / 1e6:.2f} M"), (1e3, lambda x: f"{x / 1e3:.1f} k")], "{:.0f}".format)
 
 
 def summarize(results, optimizers, users, max_baseline):

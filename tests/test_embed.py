@@ -57,24 +57,32 @@ def word_level_tokenizer():
     return tokenizer
 
 
+def tiny_sizes(hidden_size):
+    """The size both tiny backbones share: 2 layers of 4 heads, an MLP twice as wide."""
+    return dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4)
+
+
+def save_random(path, model_class, config, tokenizer, seed):
+    """``model_class(config)`` with the random weights of ``seed`` (eval mode), saved to ``path``
+    with ``tokenizer``."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
 def save_tiny_llama(path, hidden_size=16, seed=0):
     """A random 2-layer LlamaForCausalLM and its tokenizer, saved to ``path``."""
     tokenizer = word_level_tokenizer()
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **tiny_sizes(hidden_size),
         num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model, tokenizer
+    return save_random(path, transformers.LlamaForCausalLM, config, tokenizer, seed), tokenizer
 
 
 def save_tiny_bert(path, hidden_size=16, seed=1, normalize=False):
@@ -83,18 +91,8 @@ def save_tiny_bert(path, hidden_size=16, seed=1, normalize=False):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
-    config = transformers.BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    model = transformers.BertModel(config).eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    config = transformers.BertConfig(vocab_size=len(vocab), **tiny_sizes(hidden_size), max_position_embeddings=64)
+    model = save_random(path, transformers.BertModel, config, tokenizer, seed)
     if normalize:
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -1,15 +1,18 @@
 """The ``mrm`` command line: a thin layer over the library (each subcommand calls one function).
 
-Add a subcommand by writing ``_add_NAME(subparsers)`` (its arguments) and ``_run_NAME(args)``
-(the call), and listing it in :data:`SUBCOMMANDS`.
+Add a subcommand by writing ``_add_NAME(parser)`` (its arguments; its docstring is the
+description ``--help`` shows) and ``_run_NAME(args)`` (the call), and listing it with its
+one-line help in :data:`SUBCOMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -40,11 +43,16 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
+def _parse(text: str, convert: Callable[[str], float], expected: str):
+    """``convert(text)``; a text it cannot read is an argparse error "expected EXPECTED, got 'TEXT'"."""
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _parse(text, int, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -54,10 +62,7 @@ def _steps(text: str) -> int:
     """Inner steps: an integer in 0..MAX_STEPS (mrm.ops)."""
     from mrm.ops import MAX_STEPS
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
+    value = _parse(text, int, "a whole number of steps")
     if not 0 <= value <= MAX_STEPS:
         raise argparse.ArgumentTypeError(f"expected 0 to {MAX_STEPS} steps, got {text}")
     return value
@@ -75,11 +80,8 @@ def _threads(text: str) -> int:
 
 
 def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    value = _parse(text, float, "a number")
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
@@ -112,15 +114,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _add_adapt(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "adapt",
-        help="fit each user's weights on their logged pairs -> user-weights table",
-        description="Adapt every user in the logs from the checkpoint's w0 (or from their previous weights "
-                    "with --warm-start) with a few optimiser steps on their preference pairs, and write a "
-                    "user-weights table (user_id, weights, n_pairs, support_loss, version).",
-        epilog="With --warm-start, users absent from the logs are copied through unchanged.",
-    )
+def _add_adapt(parser: argparse.ArgumentParser) -> None:
+    """Adapt every user in the logs from the checkpoint's w0 (or from their previous weights with --warm-start)
+    with a few optimiser steps on their preference pairs, and write a user-weights table (user_id, weights,
+    n_pairs, support_loss, version)."""
     _add_common(parser)
     parser.add_argument("--steps", type=_steps, default=1, metavar="T", help="inner steps per user (default 1)")
     parser.add_argument("--lr", type=_finite_float, default=1e-3, help="inner learning rate (default 1e-3)")
@@ -128,7 +125,6 @@ def _add_adapt(subparsers) -> argparse.ArgumentParser:
                         help="inner optimiser, or map for checkpoints trained with a prior (default adam)")
     parser.add_argument("--warm-start", default=None, metavar="PARQUET",
                         help="a previous user-weights table: its users start from their weights (online update)")
-    return parser
 
 
 def _run_adapt(args: argparse.Namespace) -> str:
@@ -144,18 +140,13 @@ def _run_adapt(args: argparse.Namespace) -> str:
             f"-> {summary.output}")
 
 
-def _add_score(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "score",
-        help="personalised rewards for the logged responses",
-        description="Score each user's candidate responses (candidate_* columns) and/or preference pairs "
-                    "(chosen_*/rejected_* columns: rewards and P(chosen beats rejected)) with the user's "
-                    "adapted weights. Users missing from --weights are scored with w0 and counted.",
-    )
+def _add_score(parser: argparse.ArgumentParser) -> None:
+    """Score each user's candidate responses (candidate_* columns) and/or preference pairs (chosen_*/rejected_*
+    columns: rewards and P(chosen beats rejected)) with the user's adapted weights. Users missing from --weights
+    are scored with w0 and counted."""
     _add_common(parser)
     parser.add_argument("--weights", default=None, metavar="PARQUET",
                         help="user-weights table from `mrm adapt` (default: score everyone with w0)")
-    return parser
 
 
 def _run_score(args: argparse.Namespace) -> str:
@@ -215,13 +206,10 @@ def _embeddings(args: argparse.Namespace):
     return data, embeddings
 
 
-def _add_embed(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "embed", help="embed a dataset's texts once into the cache",
-        description="Embed every (prompt, response) text of a dataset with a frozen backbone and keep the "
-                    "vectors in --cache-dir (resumable; later `mrm train` / `mrm eval` runs read them back).")
+def _add_embed(parser: argparse.ArgumentParser) -> None:
+    """Embed every (prompt, response) text of a dataset with a frozen backbone and keep the vectors in
+    --cache-dir (resumable; later `mrm train` / `mrm eval` runs read them back)."""
     _add_data_and_backbone(parser)
-    return parser
 
 
 def _run_embed(args: argparse.Namespace) -> str:
@@ -231,17 +219,13 @@ def _run_embed(args: argparse.Namespace) -> str:
             + (f"; {skipped}" if skipped else ""))
 
 
-def _add_to_user_major(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "to-user-major", help="a text dataset -> user-major Parquet logs of embeddings (for adapt/score)",
-        description="Embed every (prompt, response) text of a dataset through the cache and write all of each "
-                    "user's pairs (train and test) as user-major Parquet logs with chosen_embeddings / "
-                    "rejected_embeddings columns, ready for `mrm adapt` and `mrm score` with a checkpoint "
-                    "trained on the same backbone.")
+def _add_to_user_major(parser: argparse.ArgumentParser) -> None:
+    """Embed every (prompt, response) text of a dataset through the cache and write all of each user's pairs
+    (train and test) as user-major Parquet logs with chosen_embeddings / rejected_embeddings columns, ready for
+    `mrm adapt` and `mrm score` with a checkpoint trained on the same backbone."""
     _add_data_and_backbone(parser)
     parser.add_argument("--output", required=True, metavar="PARQUET", help="the user-major logs (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    return parser
 
 
 def _run_to_user_major(args: argparse.Namespace) -> str:
@@ -257,14 +241,11 @@ def _run_to_user_major(args: argparse.Namespace) -> str:
     return f"{len(data.user_ids)} users, {pairs} pairs, {embeddings.shape[1]}-dim embeddings -> {path}"
 
 
-def _add_train(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "train", help="meta-train a reward model on the seen users",
-        description="Meta-train the base reward functions and the shared start w0 on the dataset's seen users "
-                    "(MAML inner loop + RPO). Options left out take the released MRM hyper-parameters (K=2, one "
-                    "inner Adam step with lr 1e-3, meta lr 1e-3, 200 epochs, 2 users per step, RPO rho=0.5 "
-                    "gamma=0.5), except --scale. "
-                    "Writes OUTPUT/best (the best epoch's checkpoint), OUTPUT/last (resumable) and history.json.")
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    """Meta-train the base reward functions and the shared start w0 on the dataset's seen users (MAML inner loop
+    + RPO). Options left out take the released MRM hyper-parameters (K=2, one inner Adam step with lr 1e-3, meta
+    lr 1e-3, 200 epochs, 2 users per step, RPO rho=0.5 gamma=0.5), except --scale. Writes OUTPUT/best (the best
+    epoch's checkpoint), OUTPUT/last (resumable) and history.json."""
     _add_data_and_backbone(parser)
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="run directory (created)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/last if present")
@@ -309,7 +290,6 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
                              "(default 10)")
     parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel and torch threads (default: $MRM_NUM_THREADS, else every CPU)")
-    return parser
 
 
 def _run_train(args: argparse.Namespace) -> str:
@@ -335,12 +315,10 @@ def _run_train(args: argparse.Namespace) -> str:
             f"-> {args.output_dir}/best")
 
 
-def _add_eval(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "eval", help="user-level accuracy of a checkpoint (seen / unseen / worst 10 %%, by shots)",
-        description="Adapt every user on its training pairs (unseen users: the first N of them for each --shots "
-                    "value) and score its test pairs (SPEC section 5). Writes report.json, per_user.csv and "
-                    "accuracy_vs_shots.png into --output-dir.")
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    """Adapt every user on its training pairs (unseen users: the first N of them for each --shots value) and
+    score its test pairs (SPEC section 5). Writes report.json, per_user.csv and accuracy_vs_shots.png into
+    --output-dir."""
     _add_data_and_backbone(parser)
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (e.g. RUN/best)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where report.json and the plots go")
@@ -355,7 +333,6 @@ def _add_eval(subparsers) -> argparse.ArgumentParser:
                         help="inner optimiser (default: from the checkpoint)")
     parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
-    return parser
 
 
 def _run_eval(args: argparse.Namespace) -> str:
@@ -398,13 +375,10 @@ def _accuracy_line(summary: dict) -> str:
             f"training pairs {s['unseen']:.4f} (worst 10 % {s['unseen_worst10']:.4f})")
 
 
-def _add_baseline(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "baseline", help="the global Bradley-Terry baseline (no personalization), evaluated like `mrm eval`",
-        description="Fit one global reward model (phi with K = 1, L-BFGS on every user's training pairs: seen users' "
-                    "and, for each --shots value, the unseen users' first N) and report the same user-level "
-                    "accuracies as `mrm eval`. Writes report.json and OUTPUT/global-bt (a checkpoint fitted on all "
-                    "training pairs).")
+def _add_baseline(parser: argparse.ArgumentParser) -> None:
+    """Fit one global reward model (phi with K = 1, L-BFGS on every user's training pairs: seen users' and, for
+    each --shots value, the unseen users' first N) and report the same user-level accuracies as `mrm eval`.
+    Writes report.json and OUTPUT/global-bt (a checkpoint fitted on all training pairs)."""
     _add_data_and_backbone(parser)
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where report.json and the checkpoint go")
     parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50], metavar="N",
@@ -415,7 +389,6 @@ def _add_baseline(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on phi's weights (default 1e-4)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="kernel threads (default: $MRM_NUM_THREADS, else every CPU)")
-    return parser
 
 
 def _run_baseline(args: argparse.Namespace) -> str:
@@ -459,14 +432,12 @@ def _os_error_message(exc: OSError) -> str:
     return f"{exc.filename}: {reason}"
 
 
-def _add_demo(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "demo", help="the main job: MovieLens-100K end to end, with baselines",
-        description="MovieLens-100K (from the installed recbole package) -> MiniLM embeddings (cached) -> a "
-                    "global Bradley-Terry model, MRM with the released hyper-parameters and MAP adaptation with the "
-                    "recommended preset (mean objective and RPO, several seeds) -> unseen users at several shots, "
-                    "with paired differences and bootstrap 95%% intervals. Prints the tables "
-                    "and writes report.json, table.md, accuracy_vs_shots.png and per_user_recommended.csv.")
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    """MovieLens-100K (from the installed recbole package) -> MiniLM embeddings (cached) -> a global
+    Bradley-Terry model, MRM with the released hyper-parameters and MAP adaptation with the recommended preset
+    (mean objective and RPO, several seeds) -> unseen users at several shots, with paired differences and
+    bootstrap 95%% intervals. Prints the tables and writes report.json, table.md, accuracy_vs_shots.png and
+    per_user_recommended.csv."""
     parser.add_argument("--output-dir", default="mrm-demo", metavar="DIR", help="default ./mrm-demo")
     parser.add_argument("--cache-dir", default=None, metavar="DIR", help="embedding cache (default OUTPUT/embedding-cache)")
     parser.add_argument("--shots", type=_positive_int, nargs="+", default=[5, 10, 20, 50], metavar="N",
@@ -482,7 +453,6 @@ def _add_demo(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel and torch threads (default: every CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")
-    return parser
 
 
 def _run_demo(args: argparse.Namespace) -> str:
@@ -502,14 +472,11 @@ def _run_demo(args: argparse.Namespace) -> str:
 # ---- online serving ------------------------------------------------------------------------------
 
 
-def _add_serve(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "serve", help="HTTP reward service: OpenRLHF /get_reward, /score, /feedback (online adaptation)",
-        description="Serve personalised rewards over HTTP (needs `pip install 'mrm-fast[serve]'`): POST /get_reward "
-                    "(OpenRLHF's remote reward model; the user id in `labels`), POST /score, POST /feedback (new "
-                    "pairs for a user: adapted from the stored state and committed before the reply), "
-                    "GET /users/{id}, GET /health, GET /metrics. User weights live in a SQLite store (--store).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    """Serve personalised rewards over HTTP (needs `pip install 'mrm-fast[serve]'`): POST /get_reward
+    (OpenRLHF's remote reward model; the user id in `labels`), POST /score, POST /feedback (new pairs for a
+    user: adapted from the stored state and committed before the reply), GET /users/{id}, GET /health, GET
+    /metrics. User weights live in a SQLite store (--store)."""
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="model directory with config.json and model.safetensors")
     parser.add_argument("--store", required=True, metavar="DB", help="user-weights database (SQLite; created if missing)")
@@ -540,7 +507,6 @@ def _add_serve(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per backbone forward")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's log level")
-    return parser
 
 
 def _run_serve(args: argparse.Namespace) -> str:
@@ -561,18 +527,34 @@ def _run_serve(args: argparse.Namespace) -> str:
     return "mrm serve: stopped"
 
 
-SUBCOMMANDS: Dict[str, Tuple[Callable, Callable[[argparse.Namespace], str]]] = {
-    "demo": (_add_demo, _run_demo),
-    "embed": (_add_embed, _run_embed),
-    "to-user-major": (_add_to_user_major, _run_to_user_major),
-    "train": (_add_train, _run_train),
-    "eval": (_add_eval, _run_eval),
-    "baseline": (_add_baseline, _run_baseline),
-    "adapt": (_add_adapt, _run_adapt),
-    "score": (_add_score, _run_score),
-    "serve": (_add_serve, _run_serve),
+class Subcommand(NamedTuple):
+    """One ``mrm`` subcommand: its one-line help, its arguments and the call it makes. The
+    description under ``mrm NAME --help`` is the docstring of ``add_arguments``."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], str]
+    """Runs the subcommand and returns its one-line report."""
+    epilog: Optional[str] = None
+    formatter_class: type = argparse.HelpFormatter
+
+
+SUBCOMMANDS: Dict[str, Subcommand] = {
+    "demo": Subcommand("the main job: MovieLens-100K end to end, with baselines", _add_demo, _run_demo),
+    "embed": Subcommand("embed a dataset's texts once into the cache", _add_embed, _run_embed),
+    "to-user-major": Subcommand("a text dataset -> user-major Parquet logs of embeddings (for adapt/score)",
+                                _add_to_user_major, _run_to_user_major),
+    "train": Subcommand("meta-train a reward model on the seen users", _add_train, _run_train),
+    "eval": Subcommand("user-level accuracy of a checkpoint (seen / unseen / worst 10 %%, by shots)",
+                       _add_eval, _run_eval),
+    "baseline": Subcommand("the global Bradley-Terry baseline (no personalization), evaluated like `mrm eval`",
+                           _add_baseline, _run_baseline),
+    "adapt": Subcommand("fit each user's weights on their logged pairs -> user-weights table", _add_adapt, _run_adapt,
+                        epilog="With --warm-start, users absent from the logs are copied through unchanged."),
+    "score": Subcommand("personalised rewards for the logged responses", _add_score, _run_score),
+    "serve": Subcommand("HTTP reward service: OpenRLHF /get_reward, /score, /feedback (online adaptation)",
+                        _add_serve, _run_serve, formatter_class=argparse.ArgumentDefaultsHelpFormatter),
 }
-"""name -> (add its parser, run it and return a one-line report)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -592,9 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
         __version__ = "unknown"
     parser.add_argument("--version", action="version", version=f"mrm-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
-    for name, (add, run) in SUBCOMMANDS.items():
-        sub = add(subparsers)
-        sub.set_defaults(run=run)
+    for name, command in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=inspect.getdoc(command.add_arguments),
+                                    epilog=command.epilog, formatter_class=command.formatter_class)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
     return parser
 
 

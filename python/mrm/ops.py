@@ -538,14 +538,8 @@ def meta_backward(
     must not share memory with any input.
     """
     inner = inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
-    if inner.is_map:
-        return _map_backward(w0, eta, support, support_offsets, query, query_offsets, grad_losses, inner, first_order,
-                             num_threads, out, with_values=False)[0]
-    _no_map_arguments(eta=eta)
-    grads, _ = _backward(
-        w0, support, support_offsets, query, query_offsets, grad_losses,
-        _hyper(inner), first_order, num_threads, out, with_values=False,
-    )
+    grads, _ = _meta_gradients(w0, support, support_offsets, query, query_offsets, grad_losses, inner, eta,
+                               first_order, num_threads, out, with_values=False)
     return grads
 
 
@@ -576,20 +570,31 @@ def meta_value_and_grad(
     Arguments as in :func:`meta_backward`.
     """
     inner = inner_loop(inner, steps=steps, lr=lr, optimizer=optimizer, betas=betas, eps=eps)
+    grads, forward = _meta_gradients(w0, support, support_offsets, query, query_offsets, grad_losses, inner, eta,
+                                     first_order, num_threads, out, with_values=True)
+    return forward, grads
+
+
+def _meta_gradients(w0, support, support_offsets, query, query_offsets, grad_losses, inner: InnerLoop, eta,
+                    first_order, num_threads, out, *, with_values: bool) -> Tuple[tuple, Optional[MetaForward]]:
+    """``(grads, forward)`` of :func:`meta_value_and_grad` for either solver; ``forward`` is None
+    unless ``with_values``."""
     if inner.is_map:
         grads, values = _map_backward(w0, eta, support, support_offsets, query, query_offsets, grad_losses, inner,
-                                      first_order, num_threads, out, with_values=True)
+                                      first_order, num_threads, out, with_values=with_values)
     else:
         _no_map_arguments(eta=eta)
         grads, values = _backward(
             w0, support, support_offsets, query, query_offsets, grad_losses,
-            _hyper(inner), first_order, num_threads, out, with_values=True,
+            _hyper(inner), first_order, num_threads, out, with_values=with_values,
         )
+    if not with_values:
+        return grads, None
     if inner.is_map:
         weights, _, _, _, support_losses, losses, accuracy, _ = values
     else:
         weights, support_losses, losses, accuracy = values
-    return MetaForward(losses=losses, weights=weights, support_losses=support_losses, accuracy=accuracy), grads
+    return grads, MetaForward(losses=losses, weights=weights, support_losses=support_losses, accuracy=accuracy)
 
 
 def _grad_losses(grad_losses, dtype, n_users: int) -> np.ndarray:

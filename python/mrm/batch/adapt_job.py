@@ -15,15 +15,10 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mrm import ops
-from mrm._io import atomic_file
 from mrm.batch.arrow import PAIR_COLUMNS, USER, Features, as_checkpoint, batch_user_ids, check_unique, explained, pick_source
-from mrm.batch.parquet import (
-    DEFAULT_BATCH_USERS, WRITE_OPTIONS, check_batch_users, check_output, in_file, iter_batches, parquet_files,
-    progress_bar, read_ahead, read_schema, total_rows,
-)
+from mrm.batch.parquet import DEFAULT_BATCH_USERS, job_output, job_results, read_schema, start_job
 from mrm.batch.weights import WeightsTable, read_weights, warm_rows_batches, weights_batch, weights_schema
 from mrm.checkpoint import Checkpoint
 
@@ -128,10 +123,7 @@ def adapt_users(
     """
     started = time.perf_counter()
     checkpoint = as_checkpoint(checkpoint)
-    output = Path(output)
-    check_output(output, overwrite)
-    check_batch_users(batch_users)
-    files = parquet_files(logs)
+    output, files = start_job(logs, output, overwrite, batch_users)
     adapter = Adapter(checkpoint, read_schema(files), steps=steps, lr=lr, optimizer=optimizer,
                       threads=ops.resolve_threads(threads))
     warm = read_weights(warm_start, checkpoint.num_bases, adapter.dtype) if warm_start is not None else None
@@ -140,11 +132,8 @@ def adapt_users(
 
     n_users = n_pairs = 0
     seen_ids: List[pa.Array] = []
-    with atomic_file(output) as handle, pq.ParquetWriter(handle, adapter.schema, **WRITE_OPTIONS) as writer, \
-            progress_bar(total_rows(files), "adapt", progress) as bar:
-        for batch in read_ahead(iter_batches(files, adapter.columns, batch_users)):
-            with in_file(batch):
-                result, warm_rows = adapter(batch)
+    with job_output(output, adapter.schema, files, "adapt", progress) as (writer, bar):
+        for result, warm_rows in job_results(adapter, files, adapter.columns, batch_users):
             writer.write_batch(result)
             touched[warm_rows] = True
             seen_ids.append(result.column(0))

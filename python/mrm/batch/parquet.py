@@ -6,7 +6,8 @@ Internal API of :mod:`mrm.batch` (used by its jobs, :mod:`mrm.integrations.ray`,
 and :mod:`mrm.cli`): :func:`parquet_files`, :func:`parquet_files_or_none`, :func:`open_parquet`,
 :func:`read_schema`, :func:`iter_batches`, :func:`batch_source`, :func:`in_file`,
 :func:`read_ahead`, :func:`total_rows`, :func:`check_output`, :func:`check_batch_users`,
-:func:`progress_bar`, ``DEFAULT_BATCH_USERS`` and ``WRITE_OPTIONS``.
+:func:`progress_bar`, :func:`start_job`, :func:`job_output`, :func:`job_results`,
+``DEFAULT_BATCH_USERS`` and ``WRITE_OPTIONS``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import queue
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mrm._io import atomic_file
 
 PathLike = Union[str, Path]
 
@@ -176,3 +179,36 @@ def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="user", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+
+
+# ---- the frame of a local job (mrm.batch.adapt_users, mrm.batch.score) ---------------------------
+
+Result = TypeVar("Result")
+
+
+def start_job(logs: PathLike, output: PathLike, overwrite: bool, batch_users) -> Tuple[Path, List[Path]]:
+    """The checks a local job makes before it reads: ``output`` may be written, ``batch_users``
+    is valid, the logs have Parquet files. Returns ``(output, files)``."""
+    output = Path(output)
+    check_output(output, overwrite)
+    check_batch_users(batch_users)
+    return output, parquet_files(logs)
+
+
+@contextmanager
+def job_output(output: Path, schema: pa.Schema, files: Sequence[Path], desc: str, progress: bool):
+    """``(writer, bar)``: a Parquet writer of ``schema`` for ``output`` (replaced atomically, only
+    when the block succeeds) and a progress bar over the users of ``files``."""
+    with atomic_file(output) as handle, pq.ParquetWriter(handle, schema, **WRITE_OPTIONS) as writer, \
+            progress_bar(total_rows(files), desc, progress) as bar:
+        yield writer, bar
+
+
+def job_results(job: Callable[[pa.RecordBatch], Result], files: Sequence[Path], columns: Sequence[str],
+                batch_users: int) -> Iterator[Result]:
+    """``job(batch)`` for each batch of whole users of ``files`` (read ahead on a helper thread);
+    an error inside ``job`` names the batch's file and first row."""
+    for batch in read_ahead(iter_batches(files, columns, batch_users)):
+        with in_file(batch):
+            result = job(batch)
+        yield result

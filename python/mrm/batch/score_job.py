@@ -14,17 +14,12 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mrm import ops
-from mrm._io import atomic_file
 from mrm.batch.arrow import (
     CANDIDATE_COLUMNS, PAIR_COLUMNS, USER, Features, as_checkpoint, batch_user_ids, explained, list_array, pick_source,
 )
-from mrm.batch.parquet import (
-    DEFAULT_BATCH_USERS, WRITE_OPTIONS, check_batch_users, check_output, in_file, iter_batches, parquet_files,
-    progress_bar, read_ahead, read_schema, total_rows,
-)
+from mrm.batch.parquet import DEFAULT_BATCH_USERS, job_output, job_results, read_schema, start_job
 from mrm.batch.weights import WeightsTable, read_weights
 from mrm.checkpoint import Checkpoint
 
@@ -177,21 +172,15 @@ def score(
     """
     started = time.perf_counter()
     checkpoint = as_checkpoint(checkpoint)
-    output = Path(output)
-    check_output(output, overwrite)
-    check_batch_users(batch_users)
+    output, files = start_job(logs, output, overwrite, batch_users)
     threads = ops.resolve_threads(threads)
-    files = parquet_files(logs)
     scorer = Scorer(checkpoint, read_schema(files), None, threads)
     if weights is not None:
         scorer.weights = read_weights(weights, checkpoint.num_bases, scorer.dtype)
 
     n_users = n_pairs = n_candidates = n_fallback = 0
-    with atomic_file(output) as handle, pq.ParquetWriter(handle, scorer.schema, **WRITE_OPTIONS) as writer, \
-            progress_bar(total_rows(files), "score", progress) as bar:
-        for batch in read_ahead(iter_batches(files, scorer.columns, batch_users)):
-            with in_file(batch):
-                result, pairs, candidates = scorer(batch)
+    with job_output(output, scorer.schema, files, "score", progress) as (writer, bar):
+        for result, pairs, candidates in job_results(scorer, files, scorer.columns, batch_users):
             writer.write_batch(result)
             n_users += len(result)
             n_pairs += pairs

@@ -42,7 +42,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -294,15 +294,20 @@ def read_json_lines(path: Path) -> List[dict]:
     """The JSON objects of a JSON-lines file (blank lines skipped); a bad line is a ValueError
     naming the file and the line."""
     records = []
+    for line_number, raw in nonblank_lines(path):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: line {line_number} is not valid JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {line_number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def nonblank_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
+    """``(line number, line)`` of each line of ``path`` that is not blank (numbered from 1)."""
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as err:
-                raise ValueError(f"{path}: line {line_number} is not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {line_number} is not a JSON object")
-            records.append(record)
-    return records
+            if raw.strip():
+                yield line_number, raw

@@ -41,6 +41,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+from mrm.data.logs import nonblank_lines
 from mrm.data.pairs import PreferenceData, build_preference_data, split_seen_users, user_rng
 
 PathLike = Union[str, os.PathLike]
@@ -81,36 +82,33 @@ def load_tldr(
     counts = {"records_without_post": 0, "identical_summaries": 0, "other_splits": 0}
     sides: Dict[str, Dict[str, List[tuple]]] = {"train": {}, "test": {}}
     for path in _batch_files(directory):
-        with open(path, "rb") as handle:
-            for line, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                    split = str(record["split"])
-                    worker = str(record["worker"])
-                    choice = record["choice"]
-                    texts = [s["text"] for s in record["summaries"]]
-                    info = record["info"]
-                except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}: line {line} is not a comparison record ({err!r})") from None
-                if choice not in (0, 1) or len(texts) != 2 or not all(isinstance(t, str) for t in texts):
-                    raise ValueError(f"{path}: line {line}: expected two summaries and choice 0 or 1")
-                if split == "train":
-                    side = "train"
-                elif split.startswith("valid"):
-                    side = "test"
-                else:
-                    counts["other_splits"] += 1
-                    continue
-                prompt = _prompt(info, with_title)
-                if prompt is None:
-                    counts["records_without_post"] += 1
-                    continue
-                if texts[0] == texts[1]:
-                    counts["identical_summaries"] += 1
-                    continue
-                sides[side].setdefault(worker, []).append((prompt, texts[choice], texts[1 - choice]))
+        for line, raw in nonblank_lines(path):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                split = str(record["split"])
+                worker = str(record["worker"])
+                choice = record["choice"]
+                texts = [s["text"] for s in record["summaries"]]
+                info = record["info"]
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}: line {line} is not a comparison record ({err!r})") from None
+            if choice not in (0, 1) or len(texts) != 2 or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"{path}: line {line}: expected two summaries and choice 0 or 1")
+            if split == "train":
+                side = "train"
+            elif split.startswith("valid"):
+                side = "test"
+            else:
+                counts["other_splits"] += 1
+                continue
+            prompt = _prompt(info, with_title)
+            if prompt is None:
+                counts["records_without_post"] += 1
+                continue
+            if texts[0] == texts[1]:
+                counts["identical_summaries"] += 1
+                continue
+            sides[side].setdefault(worker, []).append((prompt, texts[choice], texts[1 - choice]))
 
     user_ids = sorted(set(sides["train"]) & set(sides["test"]))
     seen = split_seen_users(user_ids, seed)

@@ -131,6 +131,25 @@ def _start_job(checkpoint, logs, output, overwrite: bool, batch_users: int):
     return ray, started, output, checkpoint_dir, loaded, schema
 
 
+def _run_workers(ray, logs: PathLike, tmp: Path, worker: type, worker_args: tuple, job, batch_users: int,
+                 n_workers: int, cpus_per_worker: float) -> None:
+    """The logs' batches of whole users through ``n_workers`` actors of ``worker`` (built with
+    ``worker_args``), written as Parquet files into ``tmp``. ``job`` is the driver's own
+    :class:`Adapter` or :class:`Scorer`: the columns to read, the schema of the output."""
+    dataset = ray.data.read_parquet(str(logs)).select_columns(job.columns)
+    dataset = dataset.map_batches(
+        worker,
+        fn_constructor_args=worker_args,
+        batch_size=batch_users,
+        batch_format="pyarrow",
+        concurrency=n_workers,
+        num_cpus=cpus_per_worker,
+    )
+    dataset.write_parquet(str(tmp), **WRITE_OPTIONS)
+    if not parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
+        pq.write_table(job.schema.empty_table(), tmp / "empty.parquet")
+
+
 def adapt_users(
     checkpoint: Union[Checkpoint, PathLike],
     logs: PathLike,
@@ -158,19 +177,9 @@ def adapt_users(
     n_workers = _workers(ray, workers, cpus_per_worker)
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        dataset = ray.data.read_parquet(str(logs)).select_columns(adapter.columns)
-        dataset = dataset.map_batches(
-            _AdaptWorker,
-            fn_constructor_args=(str(checkpoint_dir), schema, steps, lr, optimizer, threads,
-                                 None if warm_start is None else str(warm_start)),
-            batch_size=batch_users,
-            batch_format="pyarrow",
-            concurrency=n_workers,
-            num_cpus=cpus_per_worker,
-        )
-        dataset.write_parquet(str(tmp), **WRITE_OPTIONS)
-        if not parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
-            pq.write_table(adapter.schema.empty_table(), tmp / "empty.parquet")
+        worker_args = (str(checkpoint_dir), schema, steps, lr, optimizer, threads,
+                       None if warm_start is None else str(warm_start))
+        _run_workers(ray, logs, tmp, _AdaptWorker, worker_args, adapter, batch_users, n_workers, cpus_per_worker)
         user_ids = _read_column(tmp, USER)
         check_unique(list(user_ids.chunks), str(logs))
         versions = _read_column(tmp, "version").to_numpy()
@@ -209,18 +218,8 @@ def score(
     n_workers = _workers(ray, workers, cpus_per_worker)
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        dataset = ray.data.read_parquet(str(logs)).select_columns(scorer.columns)
-        dataset = dataset.map_batches(
-            _ScoreWorker,
-            fn_constructor_args=(str(checkpoint_dir), schema, None if weights is None else str(weights), threads),
-            batch_size=batch_users,
-            batch_format="pyarrow",
-            concurrency=n_workers,
-            num_cpus=cpus_per_worker,
-        )
-        dataset.write_parquet(str(tmp), **WRITE_OPTIONS)
-        if not parquet_files_or_none(tmp):
-            pq.write_table(scorer.schema.empty_table(), tmp / "empty.parquet")
+        worker_args = (str(checkpoint_dir), schema, None if weights is None else str(weights), threads)
+        _run_workers(ray, logs, tmp, _ScoreWorker, worker_args, scorer, batch_users, n_workers, cpus_per_worker)
         fallback = _read_column(tmp, "fallback")
         n_pairs = n_candidates = 0
         if scorer.pairs:
