@@ -1,6 +1,6 @@
 //! Timing of MAP adaptation without Python: best of several runs.
-//! `cargo run --release -p mrm-core --example map_timing -- [users] [threads] [K] [linear 0|1]`
-//! (defaults 100000, 1, 8, 1): 32 support pairs per user, uniform values in [-1, 1].
+//! `cargo run --release -p mrm-core --example map_timing -- [users] [threads] [K] [linear 0|1] [max_iter]`
+//! (defaults 100000, 1, 8, 1, 100): 32 support pairs per user, uniform values in [-1, 1].
 
 use mrm_core::bench::{best_of as best, uniform_values};
 use mrm_core::{map_forward, Control, Csr, MapOutputs, MapSettings, Start, WeightMap};
@@ -30,7 +30,7 @@ fn main() {
     };
     let s = Csr::new("support", &support, &offsets, k).unwrap();
     let settings = MapSettings {
-        max_iter: 100,
+        max_iter: args.get(4).copied().unwrap_or(100),
         tol: 1e-6,
         weight_map,
     };

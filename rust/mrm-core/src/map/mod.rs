@@ -24,7 +24,7 @@ use crate::real::Real;
 use crate::simd::wide::{with_wide, Mask, Wide, WithWide};
 
 mod solver;
-use solver::{dot, from_lanes, jacobian_times, lanes, map_weights, pair_terms, Rows, Work, MAX_LANES};
+use solver::{from_lanes, jacobian_times, lanes, map_weights, padded, pair_terms, row_dot, Rows, Work, MAX_LANES};
 
 /// Largest K the solver takes (K × K matrices per user live on the stack of a workspace).
 pub const MAX_K: usize = 64;
@@ -222,7 +222,7 @@ impl<T: Real> Inputs<'_, T> {
             let mut bad = solved.failed;
             if let Some(cov) = out.covariance.as_deref_mut() {
                 // Laplace covariance: H⁻¹ (exact, else Gauss–Newton)
-                bad = bad.or(V::all_true().and_not(ws.factor_hessian(&rows, map, true)));
+                bad = bad.or(V::all_true().and_not(ws.factor_hessian(&rows, map, V::all_true())));
                 for col in 0..k {
                     for (j, x) in unit.iter_mut().enumerate() {
                         *x = V::splat((j == col) as u8 as f64);
@@ -281,7 +281,9 @@ impl<T: Real> Inputs<'_, T> {
         let zero = V::splat(0.0);
         let mut ws = Work::<V>::new(k);
         let (mut rows, mut qrows) = (Rows::new(k), Rows::new(k));
-        let (mut init, mut gq_p, mut v, mut mu) = (vec![zero; k], vec![zero; k], vec![zero; k], vec![zero; k]);
+        // gq_p and mu meet the rows: padded (see `solver`)
+        let kp = padded(k);
+        let (mut init, mut gq_p, mut v, mut mu) = (vec![zero; k], vec![zero; kp], vec![zero; k], vec![zero; kp]);
         let (mut qz, mut qs, mut curvature) = (Vec::new(), Vec::new(), Vec::new());
         let mut w0_part = vec![0.0; k];
         let mut eta_part = vec![0.0; k];
@@ -291,7 +293,7 @@ impl<T: Real> Inputs<'_, T> {
             self.load(g, m, &mut ws, &mut init, &mut rows, Some(&mut qrows));
             let solved = ws.solve(&rows, &init, settings);
             // back at w*: s and g_p of the support rows are there; H (exact)
-            let pd = ws.factor_hessian(&rows, map, false);
+            let pd = ws.factor_hessian(&rows, map, V::none_true());
             let (its, gns) = (lanes(solved.iterations), lanes(solved.grad_norm));
             for l in 0..m {
                 let u = g + l;
@@ -328,19 +330,14 @@ impl<T: Real> Inputs<'_, T> {
             qs.resize(qrows.n, zero);
             let (loss, correct) = pair_terms(&qrows, &ws.p, &mut qz, &mut qs);
             let scale = gather::<V>(m, |l| -grad_losses[g + l].to_f64() / qrows.count[l] as f64);
-            gq_p.iter_mut().for_each(|x| *x = zero);
-            for (q, &sj) in qrows.d.chunks_exact(k).zip(&qs) {
-                for (x, &qj) in gq_p.iter_mut().zip(q) {
-                    *x = sj.mul_add(qj, *x);
-                }
-            }
+            qrows.weighted_sum(&qs, &mut gq_p);
             gq_p.iter_mut().for_each(|x| *x = x.mul(scale));
             qrows.scatter(&mut gq[q_at..], |j, col| scale.mul(qs[j]).mul(ws.p[col]));
             q_at += qrows.count.iter().sum::<usize>() * k;
             // v = H⁻¹ ḡ with ḡ = J ∇_p (gl · L), μ = J v
-            jacobian_times(map, &ws.p, &gq_p, &mut v);
+            jacobian_times(map, &ws.p[..k], &gq_p[..k], &mut v);
             ws.solve_with_factor(&mut v);
-            jacobian_times(map, &ws.p, &v, &mut mu);
+            jacobian_times(map, &ws.p[..k], &v, &mut mu[..k]);
             let (lam, w, w0) = (self.lam, &ws.w, &ws.w0);
             for l in 0..m {
                 for j in 0..k {
@@ -354,13 +351,10 @@ impl<T: Real> Inputs<'_, T> {
                 }
             }
             // ∂/∂d_i = s_i μ − s_i (1 − s_i)(μ · d_i) p
-            curvature.clear();
-            curvature.extend(
-                rows.d
-                    .chunks_exact(k)
-                    .zip(&ws.s)
-                    .map(|(d, &si)| si.mul(V::splat(1.0).sub(si)).mul(dot(d, &mu))),
-            );
+            curvature.resize(rows.n, zero);
+            for ((c, d), &si) in curvature.iter_mut().zip(rows.pairs()).zip(&ws.s) {
+                *c = si.mul(V::splat(1.0).sub(si)).mul(row_dot(d, &mu));
+            }
             rows.scatter(&mut gs[s_at..], |j, col| {
                 curvature[j].neg_mul_add(ws.p[col], ws.s[j].mul(mu[col]))
             });

@@ -3,9 +3,12 @@
 //! masks for "still iterating" and "still searching a step"; a lane's arithmetic never mixes with
 //! another's, so a user gets the same bits alone or in any group.
 //!
-//! Rows are stored pair-major and transposed, `d[i k + j]` = lane values of pair `i`, component
-//! `j`; a group is padded to its longest user with zero rows, and `valid[i]` (1 or 0 per lane)
-//! keeps the padding out of the losses (a zero row adds nothing to gradients or curvature).
+//! Rows are stored pair-major and transposed, `d[i K' + j]` = lane values of pair `i`, component
+//! `j`, with `K'` = K rounded up to a multiple of 4 (zeros after K), so the passes over the rows
+//! run in fixed chunks of four components, their sums in registers. A group is padded to its
+//! longest user with zero rows, and `valid[i]` (1 or 0 per lane) keeps the padding out of the
+//! losses (a zero row adds nothing to gradients or curvature). Vectors that meet the rows (`p`,
+//! `g_p`) are K' long with zeros after K; the K × K algebra uses their first K values.
 
 use super::{MapSettings, WeightMap, ARMIJO, MAX_HALVINGS, PRECISION_FLOOR};
 use crate::real::Real;
@@ -28,56 +31,80 @@ pub(super) fn from_lanes<V: Wide>(x: &[f64; MAX_LANES]) -> V {
     V::load(x)
 }
 
+/// Components per stored pair: `k` rounded up to a multiple of 4.
+pub(super) fn padded(k: usize) -> usize {
+    k.div_ceil(CHUNK) * CHUNK
+}
+
+/// Components a row pass handles at a time.
+const CHUNK: usize = 4;
+
 /// One group's pairs (support or query), transposed into lanes.
 pub(super) struct Rows<V> {
     k: usize,
+    /// Stored components per pair ([`padded`] `k`).
+    kp: usize,
     /// Pairs per lane (padding not counted).
     pub count: [usize; MAX_LANES],
     /// Pairs stored per lane: the largest count.
     pub n: usize,
     pub d: Vec<V>,
     pub valid: Vec<V>,
+    /// Scratch for [`Rows::load`].
+    flat: Vec<f64>,
 }
 
 impl<V: Wide> Rows<V> {
     pub fn new(k: usize) -> Self {
         Rows {
             k,
+            kp: padded(k),
             count: [0; MAX_LANES],
             n: 0,
             d: Vec::new(),
             valid: Vec::new(),
+            flat: Vec::new(),
         }
     }
 
     /// Lane `l < users.len()` gets the rows `users[l]` (`count × K` values), the others none.
+    #[inline(always)]
     pub fn load<T: Real>(&mut self, users: &[&[T]]) {
-        let k = self.k;
+        let (k, kp, n_lanes) = (self.k, self.kp, V::N);
         self.count = [0; MAX_LANES];
         for (c, rows) in self.count.iter_mut().zip(users) {
             *c = rows.len() / k;
         }
         self.n = self.count.iter().copied().max().unwrap_or(0);
-        self.d.clear();
-        self.valid.clear();
-        let mut lane = [0.0; MAX_LANES];
-        for i in 0..self.n {
-            for j in 0..k {
-                for (l, x) in lane.iter_mut().enumerate() {
-                    *x = users.get(l).and_then(|r| r.get(i * k + j)).map_or(0.0, |v| v.to_f64());
+        // lane-interleaved f64 first (one plain pass per user), then N values at a time
+        self.flat.clear();
+        self.flat.resize(self.n * (kp + 1) * n_lanes, 0.0);
+        let (values, valid) = self.flat.split_at_mut(self.n * kp * n_lanes);
+        for (l, rows) in users.iter().enumerate().take(n_lanes) {
+            for (pair, row) in values.chunks_exact_mut(kp * n_lanes).zip(rows.chunks_exact(k)) {
+                for (j, v) in row.iter().enumerate() {
+                    pair[j * n_lanes + l] = v.to_f64();
                 }
-                self.d.push(from_lanes(&lane));
             }
-            for (l, x) in lane.iter_mut().enumerate() {
-                *x = if i < self.count[l] { 1.0 } else { 0.0 };
+            for x in valid[l..].iter_mut().step_by(n_lanes).take(self.count[l]) {
+                *x = 1.0;
             }
-            self.valid.push(from_lanes(&lane));
+        }
+        let zero = V::splat(0.0);
+        self.d.resize(self.n * kp, zero);
+        for (x, v) in self.d.iter_mut().zip(values.chunks_exact(n_lanes)) {
+            *x = V::load(v);
+        }
+        self.valid.resize(self.n, zero);
+        for (x, v) in self.valid.iter_mut().zip(valid.chunks_exact(n_lanes)) {
+            *x = V::load(v);
         }
     }
 
     /// Writes `value(i, j)` for every real pair `i` and component `j` of each lane `l` to
     /// `out[start_l + i K + j]`, where lane `l`'s rows start after those of the lanes before it
     /// (the group's users are consecutive in their CSR batch, and so are their rows).
+    #[inline(always)]
     pub fn scatter<T: Real>(&self, out: &mut [T], mut value: impl FnMut(usize, usize) -> V) {
         let k = self.k;
         let mut start = [0; MAX_LANES];
@@ -96,10 +123,45 @@ impl<V: Wide> Rows<V> {
         }
     }
 
-    /// The rows of pair `i`.
+    /// The stored pairs, [`padded`] K values each.
     #[inline(always)]
-    fn pair(&self, i: usize) -> &[V] {
-        &self.d[i * self.k..(i + 1) * self.k]
+    pub fn pairs(&self) -> std::slice::ChunksExact<'_, V> {
+        self.d.chunks_exact(self.kp)
+    }
+
+    /// `out[j] = Σ_i x_i d_ij` for every stored component `j` (`out` is K' long).
+    #[inline(always)]
+    pub fn weighted_sum(&self, x: &[V], out: &mut [V]) {
+        for (c, o) in out.chunks_exact_mut(CHUNK).enumerate() {
+            let mut acc = [V::splat(0.0); CHUNK];
+            for (d, &xi) in self.pairs().zip(x) {
+                for (a, &dj) in acc.iter_mut().zip(&d[c * CHUNK..(c + 1) * CHUNK]) {
+                    *a = xi.mul_add(dj, *a);
+                }
+            }
+            o.copy_from_slice(&acc);
+        }
+    }
+
+    /// The upper triangle of `A = Σ_i c_i d_i d_iᵀ` (and a few entries below it) into `a`
+    /// (K' × K'), in blocks of two rows by four columns held in registers over all pairs.
+    #[inline(always)]
+    fn curvature(&self, c: &[V], a: &mut [V]) {
+        let kp = self.kp;
+        for r in (0..kp).step_by(2) {
+            for col in (r / CHUNK * CHUNK..kp).step_by(CHUNK) {
+                let (mut acc0, mut acc1) = ([V::splat(0.0); CHUNK], [V::splat(0.0); CHUNK]);
+                for (d, &ci) in self.pairs().zip(c) {
+                    let (c0, c1) = (ci.mul(d[r]), ci.mul(d[r + 1]));
+                    for ((a0, a1), &dj) in acc0.iter_mut().zip(&mut acc1).zip(&d[col..col + CHUNK]) {
+                        *a0 = c0.mul_add(dj, *a0);
+                        *a1 = c1.mul_add(dj, *a1);
+                    }
+                }
+                a[r * kp + col..r * kp + col + CHUNK].copy_from_slice(&acc0);
+                a[(r + 1) * kp + col..(r + 1) * kp + col + CHUNK].copy_from_slice(&acc1);
+            }
+        }
     }
 }
 
@@ -127,6 +189,9 @@ pub(super) struct Work<V: Wide> {
     step: Vec<V>,
     h: Vec<V>,
     t: Vec<V>,
+    /// `A` in K' × K' (see [`Rows::curvature`]) and its per-pair weights `s_i (1 − s_i)`.
+    a: Vec<V>,
+    c: Vec<V>,
     chol: Vec<V>,
     inv_diag: Vec<V>,
     chol_gn: Vec<V>,
@@ -141,6 +206,7 @@ pub(super) struct Work<V: Wide> {
 impl<V: Wide> Work<V> {
     pub fn new(k: usize) -> Self {
         let zero = V::splat(0.0);
+        let kp = padded(k);
         let v = || vec![zero; k];
         let m = || vec![zero; k * k];
         Work {
@@ -149,13 +215,15 @@ impl<V: Wide> Work<V> {
             lam: v(),
             w: v(),
             trial: v(),
-            p: v(),
-            p_trial: v(),
-            gp: v(),
+            p: vec![zero; kp],
+            p_trial: vec![zero; kp],
+            gp: vec![zero; kp],
             grad: v(),
             step: v(),
             h: m(),
             t: m(),
+            a: vec![zero; kp * kp],
+            c: Vec::new(),
             chol: m(),
             inv_diag: v(),
             chol_gn: m(),
@@ -220,42 +288,9 @@ impl<V: Wide> Work<V> {
             if !active.any() {
                 break;
             }
-            // the step matrix: the exact Hessian where it is positive definite, else Gauss–Newton
-            hessian(
-                map,
-                rows,
-                &self.s,
-                &self.p,
-                &self.gp,
-                &self.lam,
-                true,
-                &mut self.t,
-                &mut self.h,
-            );
-            let exact = factor(k, &self.h, &mut self.chol, &mut self.inv_diag);
-            let need_gn = active.and_not(exact);
-            if need_gn.any() {
-                hessian(
-                    map,
-                    rows,
-                    &self.s,
-                    &self.p,
-                    &self.gp,
-                    &self.lam,
-                    false,
-                    &mut self.t,
-                    &mut self.h,
-                );
-                let ok = factor(k, &self.h, &mut self.chol_gn, &mut self.inv_diag_gn);
-                for (c, g) in self.chol.iter_mut().zip(&self.chol_gn) {
-                    *c = V::select(need_gn, *g, *c);
-                }
-                for (c, g) in self.inv_diag.iter_mut().zip(&self.inv_diag_gn) {
-                    *c = V::select(need_gn, *g, *c);
-                }
-                // neither factors (non-finite curvature): stop, not converged
-                active = active.and_not(need_gn.and_not(ok));
-            }
+            // the step matrix: the exact Hessian where it is positive definite, else Gauss–Newton;
+            // lanes where neither factors (non-finite curvature) stop, not converged
+            active = active.and(self.factor_hessian(rows, map, active));
             for (s, g) in self.step.iter_mut().zip(&self.grad) {
                 *s = g.neg();
             }
@@ -317,38 +352,25 @@ impl<V: Wide> Work<V> {
         }
     }
 
-    /// The exact Hessian at the current point (needs `p`, `s`, `g_p` there) into its Cholesky
-    /// factor, falling back to Gauss–Newton in the lanes where it is not positive definite
-    /// (`gauss_newton_fallback`). Returns the lanes with a factor.
-    pub fn factor_hessian(&mut self, rows: &Rows<V>, map: WeightMap, gauss_newton_fallback: bool) -> V::Mask {
+    /// The Cholesky factor of the exact Hessian at the current point (needs `p`, `s`, `g_p`
+    /// there), replaced by that of Gauss–Newton in the lanes of `fallback` where the Hessian is
+    /// not positive definite. Returns the lanes with a factor.
+    #[inline(always)]
+    pub fn factor_hessian(&mut self, rows: &Rows<V>, map: WeightMap, fallback: V::Mask) -> V::Mask {
         let k = self.k;
-        hessian(
-            map,
-            rows,
-            &self.s,
-            &self.p,
-            &self.gp,
-            &self.lam,
-            true,
-            &mut self.t,
-            &mut self.h,
-        );
+        let one = V::splat(1.0);
+        self.c.resize(rows.n, one);
+        for (c, &s) in self.c.iter_mut().zip(&self.s) {
+            *c = s.mul(one.sub(s));
+        }
+        rows.curvature(&self.c, &mut self.a);
+        self.step_matrix(map, true);
         let exact = factor(k, &self.h, &mut self.chol, &mut self.inv_diag);
-        let need_gn = V::all_true().and_not(exact);
-        if !(gauss_newton_fallback && need_gn.any()) {
+        let need_gn = fallback.and_not(exact);
+        if !need_gn.any() {
             return exact;
         }
-        hessian(
-            map,
-            rows,
-            &self.s,
-            &self.p,
-            &self.gp,
-            &self.lam,
-            false,
-            &mut self.t,
-            &mut self.h,
-        );
+        self.step_matrix(map, false);
         let ok = factor(k, &self.h, &mut self.chol_gn, &mut self.inv_diag_gn);
         for (c, g) in self.chol.iter_mut().zip(&self.chol_gn) {
             *c = V::select(need_gn, *g, *c);
@@ -356,7 +378,65 @@ impl<V: Wide> Work<V> {
         for (c, g) in self.inv_diag.iter_mut().zip(&self.inv_diag_gn) {
             *c = V::select(need_gn, *g, *c);
         }
-        exact.or(ok)
+        exact.or(need_gn.and(ok))
+    }
+
+    /// The step matrix into `h` from `A` (in `a`): with `exact`, `∇²F` (SPEC §2's HVP in sum
+    /// form plus Λ), else Gauss–Newton `J A J + Λ`. Needs `p` and `g_p` at `w`.
+    #[inline(always)]
+    fn step_matrix(&mut self, map: WeightMap, exact: bool) {
+        let (k, kp) = (self.k, padded(self.k));
+        let (p, gp, t, h) = (&self.p[..k], &self.gp[..k], &mut self.t, &mut self.h);
+        // A from its upper triangle
+        let full: &mut [V] = if map == WeightMap::Linear { &mut *h } else { &mut *t };
+        for r in 0..k {
+            for col in 0..k {
+                full[r * k + col] = self.a[r.min(col) * kp + r.max(col)];
+            }
+        }
+        if map == WeightMap::Simplex {
+            // h = J A J (J symmetric), then the softmax curvature J (diag(g_p − c) − g_p pᵀ)
+            for r in 0..k {
+                let ar = &mut t[r * k..(r + 1) * k];
+                let ap = dot(ar, p);
+                for (x, &pc) in ar.iter_mut().zip(p) {
+                    *x = x.sub(ap).mul(pc);
+                }
+            }
+            for col in 0..k {
+                let pt = (0..k).fold(V::splat(0.0), |acc, r| p[r].mul_add(t[r * k + col], acc));
+                for r in 0..k {
+                    h[r * k + col] = p[r].mul(t[r * k + col].sub(pt));
+                }
+            }
+            if exact {
+                let c = dot(p, gp);
+                // N = diag(g_p − c) − g_p pᵀ; J N = p ⊙ (N − 1 (pᵀ N)) row-wise, column by column
+                for col in 0..k {
+                    let mut pn = V::splat(0.0);
+                    for r in 0..k {
+                        let diag = if r == col { gp[r].sub(c) } else { V::splat(0.0) };
+                        let n = gp[r].neg_mul_add(p[col], diag);
+                        t[r * k + col] = n;
+                        pn = p[r].mul_add(n, pn);
+                    }
+                    for r in 0..k {
+                        h[r * k + col] = p[r].mul_add(t[r * k + col].sub(pn), h[r * k + col]);
+                    }
+                }
+                // symmetric in exact arithmetic: average out the rounding
+                for r in 0..k {
+                    for col in 0..r {
+                        let m = V::splat(0.5).mul(h[r * k + col].add(h[col * k + r]));
+                        h[r * k + col] = m;
+                        h[col * k + r] = m;
+                    }
+                }
+            }
+        }
+        for (j, &l) in self.lam.iter().enumerate() {
+            h[j * k + j] = h[j * k + j].add(l);
+        }
     }
 
     /// `x ← H⁻¹ x` with the factor of the last [`Work::factor_hessian`].
@@ -399,6 +479,18 @@ pub(super) fn jacobian_times<V: Wide>(map: WeightMap, p: &[V], v: &[V], out: &mu
     }
 }
 
+/// `d · p` for a stored pair and a K'-long `p`, four components at a time.
+#[inline(always)]
+pub(super) fn row_dot<V: Wide>(d: &[V], p: &[V]) -> V {
+    let mut acc = V::splat(0.0);
+    for (dc, pc) in d.chunks_exact(CHUNK).zip(p.chunks_exact(CHUNK)) {
+        for (&x, &y) in dc.iter().zip(pc) {
+            acc = x.mul_add(y, acc);
+        }
+    }
+    acc
+}
+
 #[inline(always)]
 pub(super) fn dot<V: Wide>(a: &[V], b: &[V]) -> V {
     a.iter().zip(b).fold(V::splat(0.0), |acc, (&x, &y)| x.mul_add(y, acc))
@@ -410,8 +502,8 @@ pub(super) fn dot<V: Wide>(a: &[V], b: &[V]) -> V {
 #[inline(always)]
 pub(super) fn pair_terms<V: Wide>(rows: &Rows<V>, p: &[V], z: &mut [V], s: &mut [V]) -> (V, V) {
     let (zero, one) = (V::splat(0.0), V::splat(1.0));
-    for (i, zi) in z[..rows.n].iter_mut().enumerate() {
-        *zi = dot(rows.pair(i), p);
+    for (zi, d) in z[..rows.n].iter_mut().zip(rows.pairs()) {
+        *zi = row_dot(d, p);
     }
     let mut total = zero;
     let mut correct = zero;
@@ -440,7 +532,7 @@ fn evaluate<V: Wide>(
     z: &mut [V],
     s: &mut [V],
 ) -> (V, V) {
-    map_weights(map, w, p);
+    map_weights(map, w, &mut p[..w.len()]);
     let (loss, _) = pair_terms(rows, p, z, s);
     let mut prior = V::splat(0.0);
     for ((&l, &a), &b) in lam.iter().zip(w).zip(w0) {
@@ -464,97 +556,12 @@ fn gradient<V: Wide>(
     gp: &mut [V],
     grad: &mut [V],
 ) {
-    gp.iter_mut().for_each(|g| *g = V::splat(0.0));
-    for (i, &si) in s[..rows.n].iter().enumerate() {
-        for (g, &x) in gp.iter_mut().zip(rows.pair(i)) {
-            *g = si.mul_add(x, *g);
-        }
-    }
+    rows.weighted_sum(s, gp);
     gp.iter_mut().for_each(|g| *g = g.neg());
-    jacobian_times(map, p, gp, grad);
+    let k = grad.len();
+    jacobian_times(map, &p[..k], &gp[..k], grad);
     for (((g, &l), &a), &b) in grad.iter_mut().zip(lam).zip(w).zip(w0) {
         *g = l.mul_add(a.sub(b), *g);
-    }
-}
-
-/// The step matrix into `h`: with `exact`, `∇²F` (SPEC §2's HVP in sum form plus Λ), else
-/// Gauss–Newton `J A J + Λ`, `A = Σ s_i (1 − s_i) d_i d_iᵀ`. Needs `p`, `s` and `g_p` at `w`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn hessian<V: Wide>(
-    map: WeightMap,
-    rows: &Rows<V>,
-    s: &[V],
-    p: &[V],
-    gp: &[V],
-    lam: &[V],
-    exact: bool,
-    t: &mut [V],
-    h: &mut [V],
-) {
-    let k = p.len();
-    let one = V::splat(1.0);
-    // A, upper triangle, into h (or t for the simplex, which transforms it into h)
-    let a: &mut [V] = if map == WeightMap::Linear { &mut *h } else { &mut *t };
-    a.iter_mut().for_each(|x| *x = V::splat(0.0));
-    for (i, &si) in s[..rows.n].iter().enumerate() {
-        let d = rows.pair(i);
-        let c = si.mul(one.sub(si));
-        for r in 0..k {
-            let cr = c.mul(d[r]);
-            let row = &mut a[r * k..(r + 1) * k];
-            for (x, &dc) in row[r..].iter_mut().zip(&d[r..]) {
-                *x = cr.mul_add(dc, *x);
-            }
-        }
-    }
-    for r in 0..k {
-        for col in 0..r {
-            a[r * k + col] = a[col * k + r];
-        }
-    }
-    if map == WeightMap::Simplex {
-        // h = J A J (J symmetric), then the softmax curvature J (diag(g_p − c) − g_p pᵀ)
-        for r in 0..k {
-            let ar = &mut t[r * k..(r + 1) * k];
-            let ap = dot(ar, p);
-            for (x, &pc) in ar.iter_mut().zip(p) {
-                *x = x.sub(ap).mul(pc);
-            }
-        }
-        for col in 0..k {
-            let pt = (0..k).fold(V::splat(0.0), |acc, r| p[r].mul_add(t[r * k + col], acc));
-            for r in 0..k {
-                h[r * k + col] = p[r].mul(t[r * k + col].sub(pt));
-            }
-        }
-        if exact {
-            let c = dot(p, gp);
-            // N = diag(g_p − c) − g_p pᵀ; J N = p ⊙ (N − 1 (pᵀ N)) row-wise, column by column
-            for col in 0..k {
-                let mut pn = V::splat(0.0);
-                for r in 0..k {
-                    let diag = if r == col { gp[r].sub(c) } else { V::splat(0.0) };
-                    let n = gp[r].neg_mul_add(p[col], diag);
-                    t[r * k + col] = n;
-                    pn = p[r].mul_add(n, pn);
-                }
-                for r in 0..k {
-                    h[r * k + col] = p[r].mul_add(t[r * k + col].sub(pn), h[r * k + col]);
-                }
-            }
-            // symmetric in exact arithmetic: average out the rounding
-            for r in 0..k {
-                for col in 0..r {
-                    let m = V::splat(0.5).mul(h[r * k + col].add(h[col * k + r]));
-                    h[r * k + col] = m;
-                    h[col * k + r] = m;
-                }
-            }
-        }
-    }
-    for j in 0..k {
-        h[j * k + j] = h[j * k + j].add(lam[j]);
     }
 }
 
