@@ -126,7 +126,16 @@ fn check_trajectory_budget<T: Real>(support: &Csr<'_, T>, inner: &InnerLoop, fir
     Ok(())
 }
 
-impl Control<'_> {
+impl<'a> Control<'a> {
+    /// Runs on `pool` in chunks of `chunk_users`, never stopped (`keep_going` always says go on).
+    pub fn new(pool: &'a rayon::ThreadPool, chunk_users: usize) -> Self {
+        Control {
+            pool,
+            chunk_users,
+            keep_going: &|| true,
+        }
+    }
+
     /// Calls `f(lo, hi)` for consecutive user ranges, checking `keep_going` in between.
     pub(crate) fn chunks(&self, n_users: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
         let step = self.chunk_users.max(1);
@@ -233,6 +242,16 @@ pub struct ForwardOutputs<'a, T> {
 }
 
 impl<'a, T: Real> ForwardOutputs<'a, T> {
+    /// The adapted weights alone (no per-user values).
+    pub fn weights_only(weights: &'a mut [T]) -> Self {
+        ForwardOutputs {
+            weights,
+            support_losses: None,
+            losses: None,
+            accuracy: None,
+        }
+    }
+
     fn check_lengths(&self, k: usize, n_users: usize) -> Result<()> {
         check_len("weights", self.weights, n_users * k)?;
         for (name, buf) in [
@@ -581,6 +600,28 @@ fn group_at<'d, T: Real>(
     (members, lo..hi)
 }
 
+/// Calls `f` with each group of up to [`LANES`] consecutive users of the block `users` (see
+/// [`group_at`]) and the group's user indices; returns whether every row of the block's users
+/// was finite, or the first error `f` returns.
+#[inline(always)]
+fn for_each_group<'d, T: Real>(
+    users: (usize, usize),
+    start: Start<'d, T>,
+    support: Csr<'d, T>,
+    query: Option<Csr<'d, T>>,
+    mut f: impl FnMut(&Members<'d, T>, std::ops::Range<usize>) -> Result<()>,
+) -> Result<bool> {
+    let mut inputs_finite = true;
+    let mut scan = Scan::default();
+    let mut lo = users.0;
+    while lo < users.1 {
+        let (members, range) = group_at(lo, users.1, start, support, query, &mut scan, &mut inputs_finite);
+        lo = range.end;
+        f(&members, range)?;
+    }
+    Ok(inputs_finite)
+}
+
 impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
     /// Whether every row of the block's users was finite (a user with a non-finite row is
     /// skipped: the call ends in an error naming it), or an interruption.
@@ -588,29 +629,14 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> Result<bool> {
-        let ForwardBlock {
-            users,
-            start,
-            support,
-            query,
-            inner,
-            mut values,
-            keep_going,
-        } = self;
-        let k = support.k;
+        let (k, first_user) = (self.support.k, self.users.0);
+        let (inner, keep_going, mut values) = (self.inner, self.keep_going, self.values);
         let mut group = Group::<T, R::Lanes>::new(k);
-        let mut inputs_finite = true;
-        let mut scan = Scan::default();
-        let mut lo = users.0;
-        while lo < users.1 {
-            let (members, range) = group_at(lo, users.1, start, support, query, &mut scan, &mut inputs_finite);
-            lo = range.end;
-            let members = &members;
+        for_each_group(self.users, self.start, self.support, self.query, |members, range| {
             group.adapt(ops, members, inner, false, keep_going)?;
-            let first = range.start - users.0;
-            values.write(ops, k, &mut group, members, first, false);
-        }
-        Ok(inputs_finite)
+            values.write(ops, k, &mut group, members, range.start - first_user, false);
+            Ok(())
+        })
     }
 }
 
@@ -745,13 +771,8 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
         // λ of the group's users, K rows of one value per lane.
         let mut lam = vec![[T::ZERO; LANES]; k];
         let (mut scratch_s, mut scratch_q) = (Vec::new(), Vec::new());
-        let (mut inputs_finite, mut outputs_finite) = (true, true);
-        let mut scan = Scan::default();
-        let mut lo = users.0;
-        while lo < users.1 {
-            let (members, range) = group_at(lo, users.1, start, support, Some(query), &mut scan, &mut inputs_finite);
-            lo = range.end;
-            let members = &members;
+        let mut outputs_finite = true;
+        let inputs_finite = for_each_group(users, start, support, Some(query), |members, range| {
             let first = range.start - users.0;
             let mut scale = [T::ZERO; LANES];
             scale[..members.len].copy_from_slice(&grad_losses[first..first + members.len]);
@@ -817,7 +838,8 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
         stream::fence();
         Ok(Flags(inputs_finite, outputs_finite))
     }
