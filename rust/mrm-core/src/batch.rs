@@ -600,26 +600,53 @@ fn group_at<'d, T: Real>(
     (members, lo..hi)
 }
 
-/// Calls `f` with each group of up to [`LANES`] consecutive users of the block `users` (see
-/// [`group_at`]) and the group's user indices; returns whether every row of the block's users
-/// was finite, or the first error `f` returns.
-#[inline(always)]
-fn for_each_group<'d, T: Real>(
-    users: (usize, usize),
+/// The groups of up to [`LANES`] consecutive users of a block, in order (see [`group_at`]).
+/// An iterator of its own rather than a callback: the caller's loop body stays in the caller,
+/// inlined into the kernels' target-feature context.
+struct Groups<'d, T> {
+    next: usize,
+    end: usize,
     start: Start<'d, T>,
     support: Csr<'d, T>,
     query: Option<Csr<'d, T>>,
-    mut f: impl FnMut(&Members<'d, T>, std::ops::Range<usize>) -> Result<()>,
-) -> Result<bool> {
-    let mut inputs_finite = true;
-    let mut scan = Scan::default();
-    let mut lo = users.0;
-    while lo < users.1 {
-        let (members, range) = group_at(lo, users.1, start, support, query, &mut scan, &mut inputs_finite);
-        lo = range.end;
-        f(&members, range)?;
+    scan: Scan,
+    /// Whether every row of the users so far was finite.
+    inputs_finite: bool,
+}
+
+impl<'d, T: Real> Groups<'d, T> {
+    #[inline(always)]
+    fn new(users: (usize, usize), start: Start<'d, T>, support: Csr<'d, T>, query: Option<Csr<'d, T>>) -> Self {
+        Groups {
+            next: users.0,
+            end: users.1,
+            start,
+            support,
+            query,
+            scan: Scan::default(),
+            inputs_finite: true,
+        }
     }
-    Ok(inputs_finite)
+
+    /// The next group's members and user indices.
+    #[inline(always)]
+    fn next_group(&mut self) -> Option<(Members<'d, T>, std::ops::Range<usize>)> {
+        if self.next >= self.end {
+            return None;
+        }
+        let (start, support, query) = (self.start, self.support, self.query);
+        let group = group_at(
+            self.next,
+            self.end,
+            start,
+            support,
+            query,
+            &mut self.scan,
+            &mut self.inputs_finite,
+        );
+        self.next = group.1.end;
+        Some(group)
+    }
 }
 
 impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
@@ -629,14 +656,14 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> Result<bool> {
-        let (k, first_user) = (self.support.k, self.users.0);
-        let (inner, keep_going, mut values) = (self.inner, self.keep_going, self.values);
+        let (k, first_user, mut values) = (self.support.k, self.users.0, self.values);
         let mut group = Group::<T, R::Lanes>::new(k);
-        for_each_group(self.users, self.start, self.support, self.query, |members, range| {
-            group.adapt(ops, members, inner, false, keep_going)?;
-            values.write(ops, k, &mut group, members, range.start - first_user, false);
-            Ok(())
-        })
+        let mut groups = Groups::new(self.users, self.start, self.support, self.query);
+        while let Some((members, range)) = groups.next_group() {
+            group.adapt(ops, &members, self.inner, false, self.keep_going)?;
+            values.write(ops, k, &mut group, &members, range.start - first_user, false);
+        }
+        Ok(groups.inputs_finite)
     }
 }
 
@@ -772,7 +799,9 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
         let mut lam = vec![[T::ZERO; LANES]; k];
         let (mut scratch_s, mut scratch_q) = (Vec::new(), Vec::new());
         let mut outputs_finite = true;
-        let inputs_finite = for_each_group(users, start, support, Some(query), |members, range| {
+        let mut groups = Groups::new(users, start, support, Some(query));
+        while let Some((members, range)) = groups.next_group() {
+            let members = &members;
             let first = range.start - users.0;
             let mut scale = [T::ZERO; LANES];
             scale[..members.len].copy_from_slice(&grad_losses[first..first + members.len]);
@@ -838,10 +867,9 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
                     }
                 }
             }
-            Ok(())
-        })?;
+        }
         stream::fence();
-        Ok(Flags(inputs_finite, outputs_finite))
+        Ok(Flags(groups.inputs_finite, outputs_finite))
     }
 }
 
