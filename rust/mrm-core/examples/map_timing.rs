@@ -2,18 +2,13 @@
 //! `cargo run --release -p mrm-core --example map_timing -- [users] [threads] [K] [linear 0|1] [max_iter]`
 //! (defaults 100000, 1, 8, 1, 100): 32 support pairs per user, uniform values in [-1, 1].
 
-use mrm_core::bench::{best_of as best, uniform_values};
+use mrm_core::bench::{args, best_of as best, uniform_values};
 use mrm_core::{map_forward, Control, Csr, MapOutputs, MapSettings, Start, WeightMap};
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("integer argument"))
-        .collect();
-    let users = args.first().copied().unwrap_or(100_000);
-    let threads = args.get(1).copied().unwrap_or(1);
-    let (k, per_user) = (args.get(2).copied().unwrap_or(8), 32usize);
-    let weight_map = if args.get(3).copied().unwrap_or(1) == 1 {
+    let [users, threads, k, linear] = args([100_000, 1, 8, 1]);
+    let per_user = 32usize;
+    let weight_map = if linear == 1 {
         WeightMap::Linear
     } else {
         WeightMap::Simplex
@@ -23,11 +18,7 @@ fn main() {
     let w0 = vec![0.1f32; k];
     let eta = vec![0.0f32; k];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    let ctl = Control {
-        pool: &pool,
-        chunk_users: 1 << 16,
-        keep_going: &|| true,
-    };
+    let ctl = Control::new(&pool, 1 << 16);
     let s = Csr::new("support", &support, &offsets, k).unwrap();
     let settings = MapSettings {
         max_iter: args.get(4).copied().unwrap_or(100),

@@ -126,7 +126,16 @@ fn check_trajectory_budget<T: Real>(support: &Csr<'_, T>, inner: &InnerLoop, fir
     Ok(())
 }
 
-impl Control<'_> {
+impl<'a> Control<'a> {
+    /// Runs on `pool` in chunks of `chunk_users`, never stopped (`keep_going` always says go on).
+    pub fn new(pool: &'a rayon::ThreadPool, chunk_users: usize) -> Self {
+        Control {
+            pool,
+            chunk_users,
+            keep_going: &|| true,
+        }
+    }
+
     /// Calls `f(lo, hi)` for consecutive user ranges, checking `keep_going` in between.
     pub(crate) fn chunks(&self, n_users: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
         let step = self.chunk_users.max(1);
@@ -233,6 +242,16 @@ pub struct ForwardOutputs<'a, T> {
 }
 
 impl<'a, T: Real> ForwardOutputs<'a, T> {
+    /// The adapted weights alone (no per-user values).
+    pub fn weights_only(weights: &'a mut [T]) -> Self {
+        ForwardOutputs {
+            weights,
+            support_losses: None,
+            losses: None,
+            accuracy: None,
+        }
+    }
+
     fn check_lengths(&self, k: usize, n_users: usize) -> Result<()> {
         check_len("weights", self.weights, n_users * k)?;
         for (name, buf) in [
@@ -581,6 +600,55 @@ fn group_at<'d, T: Real>(
     (members, lo..hi)
 }
 
+/// The groups of up to [`LANES`] consecutive users of a block, in order (see [`group_at`]).
+/// An iterator of its own rather than a callback: the caller's loop body stays in the caller,
+/// inlined into the kernels' target-feature context.
+struct Groups<'d, T> {
+    next: usize,
+    end: usize,
+    start: Start<'d, T>,
+    support: Csr<'d, T>,
+    query: Option<Csr<'d, T>>,
+    scan: Scan,
+    /// Whether every row of the users so far was finite.
+    inputs_finite: bool,
+}
+
+impl<'d, T: Real> Groups<'d, T> {
+    #[inline(always)]
+    fn new(users: (usize, usize), start: Start<'d, T>, support: Csr<'d, T>, query: Option<Csr<'d, T>>) -> Self {
+        Groups {
+            next: users.0,
+            end: users.1,
+            start,
+            support,
+            query,
+            scan: Scan::default(),
+            inputs_finite: true,
+        }
+    }
+
+    /// The next group's members and user indices.
+    #[inline(always)]
+    fn next_group(&mut self) -> Option<(Members<'d, T>, std::ops::Range<usize>)> {
+        if self.next >= self.end {
+            return None;
+        }
+        let (start, support, query) = (self.start, self.support, self.query);
+        let group = group_at(
+            self.next,
+            self.end,
+            start,
+            support,
+            query,
+            &mut self.scan,
+            &mut self.inputs_finite,
+        );
+        self.next = group.1.end;
+        Some(group)
+    }
+}
+
 impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
     /// Whether every row of the block's users was finite (a user with a non-finite row is
     /// skipped: the call ends in an error naming it), or an interruption.
@@ -588,29 +656,14 @@ impl<T: Real> WithRowOps<T> for ForwardBlock<'_, '_, T> {
 
     #[inline(always)]
     fn run<R: RowOps<T>>(self, ops: R) -> Result<bool> {
-        let ForwardBlock {
-            users,
-            start,
-            support,
-            query,
-            inner,
-            mut values,
-            keep_going,
-        } = self;
-        let k = support.k;
+        let (k, first_user, mut values) = (self.support.k, self.users.0, self.values);
         let mut group = Group::<T, R::Lanes>::new(k);
-        let mut inputs_finite = true;
-        let mut scan = Scan::default();
-        let mut lo = users.0;
-        while lo < users.1 {
-            let (members, range) = group_at(lo, users.1, start, support, query, &mut scan, &mut inputs_finite);
-            lo = range.end;
-            let members = &members;
-            group.adapt(ops, members, inner, false, keep_going)?;
-            let first = range.start - users.0;
-            values.write(ops, k, &mut group, members, first, false);
+        let mut groups = Groups::new(self.users, self.start, self.support, self.query);
+        while let Some((members, range)) = groups.next_group() {
+            group.adapt(ops, &members, self.inner, false, self.keep_going)?;
+            values.write(ops, k, &mut group, &members, range.start - first_user, false);
         }
-        Ok(inputs_finite)
+        Ok(groups.inputs_finite)
     }
 }
 
@@ -745,12 +798,9 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
         // λ of the group's users, K rows of one value per lane.
         let mut lam = vec![[T::ZERO; LANES]; k];
         let (mut scratch_s, mut scratch_q) = (Vec::new(), Vec::new());
-        let (mut inputs_finite, mut outputs_finite) = (true, true);
-        let mut scan = Scan::default();
-        let mut lo = users.0;
-        while lo < users.1 {
-            let (members, range) = group_at(lo, users.1, start, support, Some(query), &mut scan, &mut inputs_finite);
-            lo = range.end;
+        let mut outputs_finite = true;
+        let mut groups = Groups::new(users, start, support, Some(query));
+        while let Some((members, range)) = groups.next_group() {
             let members = &members;
             let first = range.start - users.0;
             let mut scale = [T::ZERO; LANES];
@@ -819,7 +869,7 @@ impl<T: Real> WithRowOps<T> for BackwardBlock<'_, '_, T> {
             }
         }
         stream::fence();
-        Ok(Flags(inputs_finite, outputs_finite))
+        Ok(Flags(groups.inputs_finite, outputs_finite))
     }
 }
 

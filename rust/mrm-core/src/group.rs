@@ -300,11 +300,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let c = self
-                        .adam
-                        .get(t)
-                        .copied()
-                        .unwrap_or_else(|| AdamStep::new(inner.lr, beta1, beta2, eps, t + 1));
+                    let c = AdamStep::at(&self.adam, inner.lr, beta1, beta2, eps, t);
                     let (b1, b2) = (V::splat(c.beta1), V::splat(c.beta2));
                     let (one_b1, one_b2) = (V::splat(T::ONE - c.beta1), V::splat(T::ONE - c.beta2));
                     let (c1, c2, e) = (V::splat(c.c1), V::splat(c.c2), V::splat(c.eps));
@@ -490,11 +486,7 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let c = self
-                        .adam
-                        .get(t)
-                        .copied()
-                        .unwrap_or_else(|| AdamStep::new(inner.lr, beta1, beta2, eps, t + 1));
+                    let c = AdamStep::at(&self.adam, inner.lr, beta1, beta2, eps, t);
                     let (b1, b2, one, two) = (
                         V::splat(c.beta1),
                         V::splat(c.beta2),
@@ -593,13 +585,8 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
 mod tests {
     use super::*;
     use crate::dispatch::{with_row_ops, WithRowOps};
-    use crate::reference::Workspace;
+    use crate::reference::{lcg, optimizers, Workspace};
     use crate::rows::Portable;
-
-    fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
 
     /// A group's adapted weights and all three gradients, lane by lane, against the one-user
     /// reference run on each user alone (f64 through the portable kernels, and f32 through
@@ -696,17 +683,9 @@ mod tests {
             w.into_iter().chain(gw).chain(gs).chain(gq).collect()
         }
         let mut seed = 17;
-        let optimizers = [
-            Optimizer::Sgd,
-            Optimizer::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            },
-        ];
         for k in [1, 3, 8, 16] {
             for (steps, first_order) in [(0, false), (1, false), (3, false), (3, true), (70, false)] {
-                for optimizer in optimizers {
+                for optimizer in optimizers() {
                     let inner = InnerLoop {
                         steps,
                         lr: 0.2,

@@ -80,6 +80,15 @@ impl<T: Real> AdamStep<T> {
             eps: T::of(eps),
         }
     }
+
+    /// The constants of step `t` (0-based): from `table` (steps 1, 2, ...) when it has them.
+    #[inline(always)]
+    pub(crate) fn at(table: &[AdamStep<T>], lr: f64, beta1: f64, beta2: f64, eps: f64, t: usize) -> Self {
+        match table.get(t) {
+            Some(&step) => step,
+            None => AdamStep::new(lr, beta1, beta2, eps, t + 1),
+        }
+    }
 }
 
 /// The share of values `> 0` (strict); 0 for none.

@@ -45,8 +45,8 @@ pub use real::Real;
 pub use rpo::rpo;
 pub use score::score;
 
-/// The row kernels, as `dispatch` picks them, and the scalar softmax: for the timing
-/// programs in `examples/` only, not part of the supported API.
+/// The row kernels, as `dispatch` picks them, the scalar softmax and a few helpers: for the
+/// timing programs in `examples/` and the integration tests only, not part of the supported API.
 #[doc(hidden)]
 pub mod bench {
     pub use crate::dispatch::{with_row_ops, WithRowOps};
@@ -63,6 +63,45 @@ pub mod bench {
                 t.elapsed().as_secs_f64()
             })
             .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Memory for all four forward outputs of `n_users` users, kept between calls.
+    pub struct Outputs<T> {
+        pub weights: Vec<T>,
+        pub support_losses: Vec<T>,
+        pub losses: Vec<T>,
+        pub accuracy: Vec<T>,
+    }
+
+    impl<T: crate::Real> Outputs<T> {
+        pub fn new(n_users: usize, k: usize) -> Self {
+            Outputs {
+                weights: vec![T::ZERO; n_users * k],
+                support_losses: vec![T::ZERO; n_users],
+                losses: vec![T::ZERO; n_users],
+                accuracy: vec![T::ZERO; n_users],
+            }
+        }
+
+        /// All four outputs, written by the next call.
+        pub fn all(&mut self) -> crate::ForwardOutputs<'_, T> {
+            crate::ForwardOutputs {
+                weights: &mut self.weights,
+                support_losses: Some(&mut self.support_losses),
+                losses: Some(&mut self.losses),
+                accuracy: Some(&mut self.accuracy),
+            }
+        }
+    }
+
+    /// The program's integer arguments, each missing one from `defaults` (a bad one panics:
+    /// these are timing programs, not tools).
+    pub fn args<const N: usize>(defaults: [usize; N]) -> [usize; N] {
+        let given: Vec<usize> = std::env::args()
+            .skip(1)
+            .map(|a| a.parse().expect("integer argument"))
+            .collect();
+        std::array::from_fn(|i| given.get(i).copied().unwrap_or(defaults[i]))
     }
 
     /// `n` pseudo-random values in [-1, 1) from a fixed linear congruential sequence (the same

@@ -10,6 +10,24 @@ use crate::inner::{mean, positive_share, AdamStep, InnerLoop, Optimizer};
 use crate::real::{dot, softmax_into, softmax_jvp, Real};
 use crate::rows::RowOps;
 
+/// Values in [-1, 1) from a fixed linear congruential sequence, for the tests.
+pub(crate) fn lcg(seed: &mut u64) -> f64 {
+    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}
+
+/// SGD, and Adam with torch's default constants, for the tests.
+pub(crate) fn optimizers() -> [Optimizer; 2] {
+    [
+        Optimizer::Sgd,
+        Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+    ]
+}
+
 /// Writes `g_p = −(1/n) Σ s_i d_i` of `rows` at `p` and every `s_i = σ(−z_i)` into `s`.
 /// The inner steps never need the loss itself, so none is computed here.
 #[inline(always)]
@@ -150,15 +168,6 @@ fn adam_adjoint<T: Real>(
 /// Steps whose Adam constants a workspace keeps (later ones are computed when needed).
 const ADAM_TABLE: usize = 64;
 
-/// Adam's constants of step `t` (0-based): from `table` when it has them.
-#[inline(always)]
-fn adam_constants<T: Real>(table: &[AdamStep<T>], lr: f64, betas: (f64, f64), eps: f64, t: usize) -> AdamStep<T> {
-    match table.get(t) {
-        Some(&step) => step,
-        None => AdamStep::new(lr, betas.0, betas.1, eps, t + 1),
-    }
-}
-
 impl<T: Real> Workspace<T> {
     fn prepare(&mut self, k: usize, steps: usize, n_support: usize, record: bool) {
         for b in [
@@ -245,7 +254,7 @@ impl<T: Real> Workspace<T> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let step = adam_constants(&self.adam, inner.lr, (beta1, beta2), eps, t);
+                    let step = AdamStep::at(&self.adam, inner.lr, beta1, beta2, eps, t);
                     adam_step(&step, w, m, v, g);
                     if record {
                         self.tr_m[t * k..(t + 1) * k].copy_from_slice(m);
@@ -326,7 +335,7 @@ impl<T: Real> Workspace<T> {
                     }
                 }
                 Optimizer::Adam { beta1, beta2, eps } => {
-                    let step = adam_constants(&self.adam, inner.lr, (beta1, beta2), eps, t);
+                    let step = AdamStep::at(&self.adam, inner.lr, beta1, beta2, eps, t);
                     let recorded = [&self.tr_m[r.clone()], &self.tr_v[r.clone()], &self.tr_g[r.clone()]];
                     adam_adjoint(
                         &step,
@@ -420,11 +429,6 @@ mod tests {
         let mut p = vec![0.0; k];
         softmax_into(w, &mut p);
         loss_and_accuracy(Portable::<0>, rows, k, &p, &mut Vec::new()).0
-    }
-
-    fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
     #[test]
@@ -553,17 +557,9 @@ mod tests {
             }
         }
         let mut seed = 11;
-        let optimizers = [
-            Optimizer::Sgd,
-            Optimizer::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            },
-        ];
         for k in [2, 8, 16, 64] {
             for n in [0, 1, 3, 7, 8, 9, 17, 40] {
-                for optimizer in optimizers {
+                for optimizer in optimizers() {
                     let inner = InnerLoop {
                         steps: 3,
                         lr: 0.3,

@@ -4,13 +4,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mrm_core::{
-    backward, forward, Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Start, MAX_STEPS,
-    TRAJECTORY_BUDGET_BYTES,
+    forward, Control, Csr, Error, ForwardOutputs, InnerLoop, Optimizer, Start, MAX_STEPS, TRAJECTORY_BUDGET_BYTES,
 };
 
-fn pool() -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
-}
+mod common;
+use common::{pool, shared_backward};
 
 fn sgd(steps: usize) -> InnerLoop {
     InnerLoop {
@@ -30,27 +28,14 @@ fn run_backward(
     let k = 8;
     let (support, query, w0) = (vec![0.5f64; n * k], vec![0.25f64; 3 * k], vec![0.0f64; k]);
     let (s_off, q_off) = ([0i64, n as i64], [0i64, 3]);
-    let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; support.len()], vec![0.0; query.len()]);
-    let p = pool();
+    let p = pool(2);
     let ctl = Control {
-        pool: &p,
-        chunk_users: 1 << 16,
         keep_going,
+        ..Control::new(&p, 1 << 16)
     };
     let s = Csr::new("support", &support, &s_off, k).unwrap();
     let q = Csr::new("query", &query, &q_off, k).unwrap();
-    backward(
-        Start::Shared(&w0),
-        s,
-        q,
-        &[1.0],
-        inner,
-        first_order,
-        &mut gw,
-        &mut gs,
-        &mut gq,
-        &ctl,
-    )
+    shared_backward(&w0, s, q, &[1.0], inner, first_order, &ctl).map(|_| ())
 }
 
 #[test]
@@ -97,29 +82,18 @@ fn keep_going_is_asked_inside_one_users_long_loop() {
     let support = vec![0.5f32; 10 * k];
     let (s_off, w0) = ([0i64, 10], vec![0.0f32; k]);
     let mut w = vec![0.0f32; k];
-    let p = pool();
+    let p = pool(2);
     let ctl = Control {
-        pool: &p,
-        chunk_users: 1 << 16,
         keep_going: &|| false,
+        ..Control::new(&p, 1 << 16)
     };
     let s = Csr::new("support", &support, &s_off, k).unwrap();
-    let out = ForwardOutputs {
-        weights: &mut w,
-        support_losses: None,
-        losses: None,
-        accuracy: None,
-    };
+    let out = ForwardOutputs::weights_only(&mut w);
     assert_eq!(
         forward(Start::Shared(&w0), s, None, &sgd(MAX_STEPS), out, &ctl),
         Err(Error::Interrupted)
     );
     // A short loop never asks.
-    let out = ForwardOutputs {
-        weights: &mut w,
-        support_losses: None,
-        losses: None,
-        accuracy: None,
-    };
+    let out = ForwardOutputs::weights_only(&mut w);
     assert_eq!(forward(Start::Shared(&w0), s, None, &sgd(3), out, &ctl), Ok(()));
 }

@@ -7,9 +7,9 @@ use mrm_core::{
 };
 use proptest::prelude::*;
 
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
-}
+mod common;
+use common::{pool, shared_backward, Grads};
+use mrm_core::bench::Outputs;
 
 struct Data {
     k: usize,
@@ -62,11 +62,7 @@ fn losses<T: Dtype>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &Inne
     let n = d.s_off.len() - 1;
     let (mut w, mut l) = (vec![T::ZERO; n * d.k], vec![T::ZERO; n]);
     let p = pool(threads);
-    let ctl = Control {
-        pool: &p,
-        chunk_users: 3,
-        keep_going: &|| true,
-    };
+    let ctl = Control::new(&p, 3);
     let out = ForwardOutputs {
         weights: &mut w,
         support_losses: None,
@@ -79,8 +75,6 @@ fn losses<T: Dtype>(d: &Data, w0: &[T], support: &[T], query: &[T], inner: &Inne
     l
 }
 
-type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
-
 fn grads<T: Dtype>(
     d: &Data,
     w0: &[T],
@@ -90,33 +84,10 @@ fn grads<T: Dtype>(
     inner: &InnerLoop,
     threads: usize,
 ) -> Grads<T> {
-    let (mut gw, mut gs, mut gq) = (
-        vec![T::ZERO; d.k],
-        vec![T::ZERO; support.len()],
-        vec![T::ZERO; query.len()],
-    );
     let p = pool(threads);
-    let ctl = Control {
-        pool: &p,
-        chunk_users: 3,
-        keep_going: &|| true,
-    };
     let s = Csr::new("support", support, &d.s_off, d.k).unwrap();
     let q = Csr::new("query", query, &d.q_off, d.k).unwrap();
-    backward(
-        Start::Shared(w0),
-        s,
-        q,
-        gl,
-        inner,
-        false,
-        &mut gw,
-        &mut gs,
-        &mut gq,
-        &ctl,
-    )
-    .unwrap();
-    (gw, gs, gq)
+    shared_backward(w0, s, q, gl, inner, false, &Control::new(&p, 3)).unwrap()
 }
 
 fn inner_loops() -> Vec<InnerLoop> {
@@ -247,21 +218,9 @@ fn value_and_grad_equals_forward_then_backward() {
         };
         let gl: Vec<T> = (0..n).map(|u| T::of(0.5 + (u % 5) as f64)).collect();
         let p = pool(threads);
-        let ctl = Control {
-            pool: &p,
-            chunk_users: 300,
-            keep_going: &|| true,
-        };
+        let ctl = Control::new(&p, 300);
         let s = Csr::new("support", &support, &d.s_off, k).unwrap();
         let q = Csr::new("query", &query, &d.q_off, k).unwrap();
-        let outputs = || {
-            (
-                vec![T::ZERO; n * k],
-                vec![T::ZERO; n],
-                vec![T::ZERO; n],
-                vec![T::ZERO; n],
-            )
-        };
         let grads = || {
             (
                 vec![T::ZERO; w0.len().min(if per_user { n * k } else { k })],
@@ -269,23 +228,11 @@ fn value_and_grad_equals_forward_then_backward() {
                 vec![T::ZERO; query.len()],
             )
         };
-        let (mut w, mut sl, mut l, mut a) = outputs();
-        let out = ForwardOutputs {
-            weights: &mut w,
-            support_losses: Some(&mut sl),
-            losses: Some(&mut l),
-            accuracy: Some(&mut a),
-        };
-        forward(start, s, Some(q), inner, out, &ctl).unwrap();
+        let mut separate = Outputs::new(n, k);
+        forward(start, s, Some(q), inner, separate.all(), &ctl).unwrap();
         let (mut gw, mut gs, mut gq) = grads();
         backward(start, s, q, &gl, inner, first_order, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
-        let (mut w2, mut sl2, mut l2, mut a2) = outputs();
-        let out = ForwardOutputs {
-            weights: &mut w2,
-            support_losses: Some(&mut sl2),
-            losses: Some(&mut l2),
-            accuracy: Some(&mut a2),
-        };
+        let mut fused = Outputs::new(n, k);
         let (mut gw2, mut gs2, mut gq2) = grads();
         value_and_grad(
             start,
@@ -294,13 +241,20 @@ fn value_and_grad_equals_forward_then_backward() {
             &gl,
             inner,
             first_order,
-            Some(out),
+            Some(fused.all()),
             &mut gw2,
             &mut gs2,
             &mut gq2,
             &ctl,
         )
         .unwrap();
+        let (w, sl, l, a) = (
+            separate.weights,
+            separate.support_losses,
+            separate.losses,
+            separate.accuracy,
+        );
+        let (w2, sl2, l2, a2) = (fused.weights, fused.support_losses, fused.losses, fused.accuracy);
         let case = format!("{inner:?} per-user {per_user} first-order {first_order} threads {threads}");
         for (name, x, y) in [
             ("weights", &w, &w2),
@@ -338,9 +292,8 @@ fn keep_going_false_interrupts() {
     let d = data(10, 2, 1);
     let p = pool(1);
     let ctl = Control {
-        pool: &p,
-        chunk_users: 3,
         keep_going: &|| false,
+        ..Control::new(&p, 3)
     };
     let s = Csr::new("support", &d.support, &d.s_off, 2).unwrap();
     let mut r = vec![0.0; s.n_rows()];
@@ -354,11 +307,7 @@ fn keep_going_false_interrupts() {
 fn deferred_value_checks_give_the_up_front_error() {
     let d = data(40, 3, 5);
     let p = pool(2);
-    let ctl = Control {
-        pool: &p,
-        chunk_users: 7,
-        keep_going: &|| true,
-    };
+    let ctl = Control::new(&p, 7);
     let last = d.support.len() - 1;
     for (bad_support, bad_query) in [
         (Some(5), None),
@@ -381,12 +330,7 @@ fn deferred_value_checks_give_the_up_front_error() {
             let qs = Csr::shaped("query", &q, &d.q_off, d.k).unwrap();
             let n = ss.n_users();
             let mut w = vec![0.0; n * d.k];
-            let out = ForwardOutputs {
-                weights: &mut w,
-                support_losses: None,
-                losses: None,
-                accuracy: None,
-            };
+            let out = ForwardOutputs::weights_only(&mut w);
             let query = bad_query.map(|_| qs);
             if bad_support.is_some() || query.is_some() {
                 assert_eq!(
@@ -394,19 +338,7 @@ fn deferred_value_checks_give_the_up_front_error() {
                     want
                 );
             }
-            let (mut gw, mut gs, mut gq) = (vec![0.0; d.k], vec![0.0; s.len()], vec![0.0; q.len()]);
-            let got = backward(
-                Start::Shared(&d.w0),
-                ss,
-                qs,
-                &vec![1.0; n],
-                &inner,
-                false,
-                &mut gw,
-                &mut gs,
-                &mut gq,
-                &ctl,
-            );
+            let got = shared_backward(&d.w0, ss, qs, &vec![1.0; n], &inner, false, &ctl);
             assert_eq!(got.unwrap_err(), want);
         }
     }
@@ -426,11 +358,7 @@ fn deferred_value_checks_with_large_users() {
     let mut seed = 3;
     let clean: Vec<f64> = (0..n_rows * k).map(|_| lcg(&mut seed)).collect();
     let p = pool(2);
-    let ctl = Control {
-        pool: &p,
-        chunk_users: 2,
-        keep_going: &|| true,
-    };
+    let ctl = Control::new(&p, 2);
     let inner = InnerLoop {
         steps: 2,
         lr: 0.1,
@@ -461,19 +389,7 @@ fn deferred_value_checks_with_large_users() {
             forward(Start::Shared(&w0), ss, Some(qs), &inner, out, &ctl).unwrap_err(),
             want
         );
-        let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; s.len()], vec![0.0; q.len()]);
-        let got = backward(
-            Start::Shared(&w0),
-            ss,
-            qs,
-            &[1.0; 5],
-            &inner,
-            false,
-            &mut gw,
-            &mut gs,
-            &mut gq,
-            &ctl,
-        );
+        let got = shared_backward(&w0, ss, qs, &[1.0; 5], &inner, false, &ctl);
         assert_eq!(got.unwrap_err(), want);
     }
 }
@@ -484,11 +400,7 @@ fn deferred_value_checks_with_large_users() {
 fn huge_adam_step_count_without_support_pairs_returns_the_start() {
     let (k, n) = (8, 3);
     let p = pool(2);
-    let ctl = Control {
-        pool: &p,
-        chunk_users: 2,
-        keep_going: &|| true,
-    };
+    let ctl = Control::new(&p, 2);
     let offsets = vec![0i64; n + 1];
     let s = Csr::new("support", &[] as &[f32], &offsets, k).unwrap();
     // Issue #15: more than MAX_STEPS is an error naming `steps` (it used to be accepted here),
@@ -505,20 +417,10 @@ fn huge_adam_step_count_without_support_pairs_returns_the_start() {
     };
     let w0: Vec<f32> = (0..k).map(|j| j as f32 * 0.25).collect();
     let mut w = vec![0.0f32; n * k];
-    let out = ForwardOutputs {
-        weights: &mut w,
-        support_losses: None,
-        losses: None,
-        accuracy: None,
-    };
+    let out = ForwardOutputs::weights_only(&mut w);
     forward(Start::Shared(&w0), s, None, &inner, out, &ctl).unwrap();
     assert!(w.chunks_exact(k).all(|row| row == w0.as_slice()));
-    let out = ForwardOutputs {
-        weights: &mut w,
-        support_losses: None,
-        losses: None,
-        accuracy: None,
-    };
+    let out = ForwardOutputs::weights_only(&mut w);
     let err = forward(
         Start::Shared(&w0),
         s,
@@ -545,7 +447,7 @@ proptest! {
         steps in 0usize..4,
     ) {
         let p = pool(1);
-        let ctl = Control { pool: &p, chunk_users: 2, keep_going: &|| true };
+        let ctl = Control::new(&p, 2);
         if let Ok(batch) = Csr::shaped("support", &values, &offsets, k) {
             let n = batch.n_users();
             let inner = InnerLoop { steps, lr: 0.3, optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 } };
@@ -578,11 +480,7 @@ fn gradients_same_bits_at_every_output_alignment() {
         let n = d.s_off.len() - 1;
         let gl: Vec<f32> = (0..n).map(|u| 0.5 + (u % 3) as f32).collect();
         let p = pool(2);
-        let ctl = Control {
-            pool: &p,
-            chunk_users: 1000,
-            keep_going: &|| true,
-        };
+        let ctl = Control::new(&p, 1000);
         let s = Csr::new("support", &support, &d.s_off, k).unwrap();
         let q = Csr::new("query", &query, &d.q_off, k).unwrap();
         let inner = InnerLoop {

@@ -204,6 +204,58 @@ fn start<'a, T: Real + Element>(w0: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<S
     }
 }
 
+/// An entry point's query rows and offsets: always given (`backward`, `map_backward`) or optional.
+trait QueryArg<'a, T> {
+    /// A [`Csr`], or an optional one.
+    type Checked;
+    /// Checked as [`csr`] checks them (the kernel scans the values).
+    fn checked(self, py: Python<'_>, threads: &rayon::ThreadPool) -> PyResult<Self::Checked>;
+}
+
+impl<'a, T: Real + Element> QueryArg<'a, T> for (&'a PyReadonlyArray2<'_, T>, &'a PyReadonlyArray1<'_, i64>) {
+    type Checked = Csr<'a, T>;
+    fn checked(self, py: Python<'_>, threads: &rayon::ThreadPool) -> PyResult<Csr<'a, T>> {
+        csr(py, "query", self.0, self.1, threads, false)
+    }
+}
+
+impl<'a, T: Real + Element> QueryArg<'a, T> for Option<(&'a PyReadonlyArray2<'_, T>, &'a PyReadonlyArray1<'_, i64>)> {
+    type Checked = Option<Csr<'a, T>>;
+    fn checked(self, py: Python<'_>, threads: &rayon::ThreadPool) -> PyResult<Option<Csr<'a, T>>> {
+        self.map(|query| query.checked(py, threads)).transpose()
+    }
+}
+
+/// The arguments the adaptation entry points share, checked: the pool, the support rows, the
+/// query rows (`Q`), then `w0` (in that order, so the first bad one is the one named).
+struct Inputs<'a, T, Q> {
+    threads: Arc<rayon::ThreadPool>,
+    start: Start<'a, T>,
+    /// The shape of `w0` (and of its gradient).
+    w0_shape: &'a [usize],
+    support: Csr<'a, T>,
+    query: Q,
+}
+
+fn inputs<'a, T: Real + Element, Q: QueryArg<'a, T>>(
+    py: Python<'_>,
+    num_threads: usize,
+    w0: &'a PyReadonlyArrayDyn<'_, T>,
+    support: (&'a PyReadonlyArray2<'_, T>, &'a PyReadonlyArray1<'_, i64>),
+    query: Q,
+) -> PyResult<Inputs<'a, T, Q::Checked>> {
+    let threads = pool(num_threads)?;
+    let support = csr(py, "support", support.0, support.1, &threads, false)?;
+    let query = query.checked(py, &threads)?;
+    Ok(Inputs {
+        start: start(w0)?,
+        w0_shape: w0.shape(),
+        threads,
+        support,
+        query,
+    })
+}
+
 fn matrix<T: Element>(values: Vec<T>, rows: usize, cols: usize) -> PyResult<Array2<T>> {
     Array2::from_shape_vec((rows, cols), values).map_err(|e| PyValueError::new_err(e.to_string()))
 }
@@ -222,26 +274,14 @@ type BackwardOut<'py, T> = (
     Bound<'py, PyArray2<T>>,
 );
 
-#[allow(clippy::too_many_arguments)]
 fn forward<'py, T: Dtype + Element>(
     py: Python<'py>,
-    w0: PyReadonlyArrayDyn<'py, T>,
-    support: PyReadonlyArray2<'py, T>,
-    support_offsets: PyReadonlyArray1<'py, i64>,
-    query: Option<(PyReadonlyArray2<'py, T>, PyReadonlyArray1<'py, i64>)>,
+    inputs: Inputs<'_, T, Option<Csr<'_, T>>>,
     inner: InnerLoop,
     with_support_loss: bool,
-    num_threads: usize,
 ) -> PyResult<Forward<'py>> {
-    let k = support.shape()[1];
-    let threads = pool(num_threads)?;
-    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
-    let query = query
-        .as_ref()
-        .map(|(q, qo)| csr(py, "query", q, qo, &threads, false))
-        .transpose()?;
-    let start = start(&w0)?;
-    let mut buffers = ForwardBuffers::new(support.n_users(), k, with_support_loss, query.is_some());
+    let (threads, start, support, query) = (inputs.threads, inputs.start, inputs.support, inputs.query);
+    let mut buffers = ForwardBuffers::new(support.n_users(), support.k, with_support_loss, query.is_some());
     run(py, &threads, |ctl| {
         mrm_core::forward(start, support, query, &inner, buffers.outputs(), ctl)
     })?;
@@ -293,32 +333,23 @@ impl<T: Real + Element> ForwardBuffers<T> {
 
 /// `backward`, and with `with_values` also `forward`'s four outputs from the same pass
 /// (`mrm_core::value_and_grad`); returns the gradients and those outputs.
-#[allow(clippy::too_many_arguments)]
 fn backward<'py, T: Dtype + Element>(
     py: Python<'py>,
-    w0: PyReadonlyArrayDyn<'py, T>,
-    support: PyReadonlyArray2<'py, T>,
-    support_offsets: PyReadonlyArray1<'py, i64>,
-    query: PyReadonlyArray2<'py, T>,
-    query_offsets: PyReadonlyArray1<'py, i64>,
+    inputs: Inputs<'_, T, Csr<'_, T>>,
     grad_losses: PyReadonlyArray1<'py, T>,
     inner: InnerLoop,
     first_order: bool,
-    num_threads: usize,
     out: Option<BackwardOut<'py, T>>,
     with_values: bool,
 ) -> PyResult<(Backward<'py>, Option<Forward<'py>>)> {
-    let k = support.shape()[1];
-    let threads = pool(num_threads)?;
-    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
-    let query = csr(py, "query", &query, &query_offsets, &threads, false)?;
-    let start = start(&w0)?;
+    let (threads, start, support, query) = (inputs.threads, inputs.start, inputs.support, inputs.query);
+    let k = support.k;
     let grad_losses = slice("grad_losses", &grad_losses)?;
     let (grad_w0, grad_support, grad_query) = match out {
         Some(buffers) => buffers,
         None => {
             // Every element is written by the kernel (rows of skipped users only when it fails).
-            let grad_w0 = cache::output::<T>(py, w0.shape())?;
+            let grad_w0 = cache::output::<T>(py, inputs.w0_shape)?;
             let grad_support = cache::output::<T>(py, &[support.n_rows(), k])?.cast_into::<PyArray2<T>>()?;
             let grad_query = cache::output::<T>(py, &[query.n_rows(), query.k])?.cast_into::<PyArray2<T>>()?;
             (grad_w0, grad_support, grad_query)
@@ -396,18 +427,21 @@ fn score<'py, T: Real + Element>(
     Ok(Array1::from_vec(rewards).into_pyarray(py).into_any())
 }
 
+/// The `chosen` and `rejected` row indices of the pairs.
+type PairIndices<'py> = (PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, i64>);
+
+fn pair_indices<'a>((chosen, rejected): &'a PairIndices<'_>) -> PyResult<(&'a [i64], &'a [i64])> {
+    Ok((slice("chosen", chosen)?, slice("rejected", rejected)?))
+}
+
 fn gather<'py, T: Real + Element>(
     py: Python<'py>,
     features: PyReadonlyArray2<'py, T>,
-    chosen: PyReadonlyArray1<'py, i64>,
-    rejected: PyReadonlyArray1<'py, i64>,
+    pairs: PairIndices<'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let k = features.shape()[1];
-    let (f, c, r) = (
-        slice("features", &features)?,
-        slice("chosen", &chosen)?,
-        slice("rejected", &rejected)?,
-    );
+    let f = slice("features", &features)?;
+    let (c, r) = pair_indices(&pairs)?;
     let mut out = vec![T::ZERO; c.len() * k];
     py.detach(|| mrm_core::pair_differences(f, k, c, r, &mut out)).py()?;
     Ok(matrix(out, c.len(), k)?.into_pyarray(py).into_any())
@@ -416,16 +450,12 @@ fn gather<'py, T: Real + Element>(
 fn gather_backward<'py, T: Real + Element>(
     py: Python<'py>,
     grad: PyReadonlyArray2<'py, T>,
-    chosen: PyReadonlyArray1<'py, i64>,
-    rejected: PyReadonlyArray1<'py, i64>,
+    pairs: PairIndices<'py>,
     n_rows: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     let k = grad.shape()[1];
-    let (g, c, r) = (
-        slice("grad", &grad)?,
-        slice("chosen", &chosen)?,
-        slice("rejected", &rejected)?,
-    );
+    let g = slice("grad", &grad)?;
+    let (c, r) = pair_indices(&pairs)?;
     // Indices first (an error must not wait for a large allocation), then the size: an
     // impossible one is an error, never an abort.
     mrm_core::check_pairs(c, r, n_rows).py()?;
@@ -544,27 +574,16 @@ impl<T: Real + Element> MapBuffers<T> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn map_forward<'py, T: Real + Element>(
     py: Python<'py>,
-    w0: PyReadonlyArrayDyn<'py, T>,
+    inputs: Inputs<'_, T, Option<Csr<'_, T>>>,
     eta: PyReadonlyArray1<'py, T>,
-    support: PyReadonlyArray2<'py, T>,
-    support_offsets: PyReadonlyArray1<'py, i64>,
-    query: Option<(PyReadonlyArray2<'py, T>, PyReadonlyArray1<'py, i64>)>,
     init: Option<PyReadonlyArray2<'py, T>>,
     settings: MapSettings,
     with_covariance: bool,
-    num_threads: usize,
 ) -> PyResult<MapForward<'py>> {
-    let k = support.shape()[1];
-    let threads = pool(num_threads)?;
-    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
-    let query = query
-        .as_ref()
-        .map(|(q, qo)| csr(py, "query", q, qo, &threads, false))
-        .transpose()?;
-    let start = start(&w0)?;
+    let (threads, start, support, query) = (inputs.threads, inputs.start, inputs.support, inputs.query);
+    let k = support.k;
     let eta = slice("eta", &eta)?;
     let init = init.as_ref().map(|i| slice("init", i)).transpose()?;
     let mut buffers = MapBuffers::new(support.n_users(), k, query.is_some(), with_covariance)?;
@@ -581,28 +600,19 @@ type MapBackward<'py> = (
     Bound<'py, PyAny>,
 );
 
-#[allow(clippy::too_many_arguments)]
 fn map_backward<'py, T: Real + Element>(
     py: Python<'py>,
-    w0: PyReadonlyArrayDyn<'py, T>,
+    inputs: Inputs<'_, T, Csr<'_, T>>,
     eta: PyReadonlyArray1<'py, T>,
-    support: PyReadonlyArray2<'py, T>,
-    support_offsets: PyReadonlyArray1<'py, i64>,
-    query: PyReadonlyArray2<'py, T>,
-    query_offsets: PyReadonlyArray1<'py, i64>,
     grad_losses: PyReadonlyArray1<'py, T>,
     settings: MapSettings,
-    num_threads: usize,
     with_values: bool,
 ) -> PyResult<(MapBackward<'py>, Option<MapForward<'py>>)> {
-    let k = support.shape()[1];
-    let threads = pool(num_threads)?;
-    let support = csr(py, "support", &support, &support_offsets, &threads, false)?;
-    let query = csr(py, "query", &query, &query_offsets, &threads, false)?;
-    let start = start(&w0)?;
+    let (threads, start, support, query) = (inputs.threads, inputs.start, inputs.support, inputs.query);
+    let k = support.k;
     let eta_values = slice("eta", &eta)?;
     let grad_losses = slice("grad_losses", &grad_losses)?;
-    let mut gw = vec![T::ZERO; w0.len()];
+    let mut gw = vec![T::ZERO; inputs.w0_shape.iter().product()];
     let mut ge = vec![T::ZERO; eta_values.len()];
     let mut gs = vec![T::ZERO; support.values.len()];
     let mut gq = vec![T::ZERO; query.values.len()];
@@ -631,7 +641,10 @@ fn map_backward<'py, T: Real + Element>(
             ctl,
         )
     })?;
-    let grad_w0 = Array1::from_vec(gw).into_pyarray(py).reshape(w0.shape())?.into_any();
+    let grad_w0 = Array1::from_vec(gw)
+        .into_pyarray(py)
+        .reshape(inputs.w0_shape)?
+        .into_any();
     let grads = (
         grad_w0,
         Array1::from_vec(ge).into_pyarray(py).into_any(),
@@ -720,7 +733,9 @@ macro_rules! entry_points {
             num_threads: usize,
         ) -> PyResult<MapForward<'py>> {
             let settings = map_settings(max_iter, tol, weight_map)?;
-            map_forward(py, w0, eta, support, support_offsets, query.zip(query_offsets), init, settings, with_covariance, num_threads)
+            let query = query.as_ref().zip(query_offsets.as_ref());
+            let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), query)?;
+            map_forward(py, inputs, eta, init, settings, with_covariance)
         }
 
         #[pyfunction]
@@ -742,7 +757,8 @@ macro_rules! entry_points {
             with_values: bool,
         ) -> PyResult<(MapBackward<'py>, Option<MapForward<'py>>)> {
             let settings = map_settings(max_iter, tol, weight_map)?;
-            map_backward(py, w0, eta, support, support_offsets, query, query_offsets, grad_losses, settings, num_threads, with_values)
+            let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), (&query, &query_offsets))?;
+            map_backward(py, inputs, eta, grad_losses, settings, with_values)
         }
 
         #[pyfunction]
@@ -779,7 +795,8 @@ macro_rules! entry_points {
             num_threads: usize,
         ) -> PyResult<Forward<'py>> {
             let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
-            forward(py, w0, support, support_offsets, query.zip(query_offsets), inner, with_support_loss, num_threads)
+            let query = query.as_ref().zip(query_offsets.as_ref());
+            forward(py, inputs(py, num_threads, &w0, (&support, &support_offsets), query)?, inner, with_support_loss)
         }
 
         #[pyfunction]
@@ -805,7 +822,8 @@ macro_rules! entry_points {
             with_values: bool,
         ) -> PyResult<(Backward<'py>, Option<Forward<'py>>)> {
             let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
-            backward(py, w0, support, support_offsets, query, query_offsets, grad_losses, inner, first_order, num_threads, out, with_values)
+            let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), (&query, &query_offsets))?;
+            backward(py, inputs, grad_losses, inner, first_order, out, with_values)
         }
 
         #[pyfunction]
@@ -831,7 +849,7 @@ macro_rules! entry_points {
             chosen: PyReadonlyArray1<'py, i64>,
             rejected: PyReadonlyArray1<'py, i64>,
         ) -> PyResult<Bound<'py, PyAny>> {
-            gather(py, features, chosen, rejected)
+            gather(py, features, (chosen, rejected))
         }
 
         #[pyfunction]
@@ -842,7 +860,7 @@ macro_rules! entry_points {
             rejected: PyReadonlyArray1<'py, i64>,
             n_rows: usize,
         ) -> PyResult<Bound<'py, PyAny>> {
-            gather_backward(py, grad, chosen, rejected, n_rows)
+            gather_backward(py, grad, (chosen, rejected), n_rows)
         }
     };
 }
