@@ -6,7 +6,7 @@ use mrm_core::bench::{args, best_of as best, uniform_values};
 use mrm_core::{map_forward, Control, Csr, MapOutputs, MapSettings, Start, WeightMap};
 
 fn main() {
-    let [users, threads, k, linear] = args([100_000, 1, 8, 1]);
+    let [users, threads, k, linear, max_iter] = args([100_000, 1, 8, 1, 100]);
     let per_user = 32usize;
     let weight_map = if linear == 1 {
         WeightMap::Linear
@@ -21,7 +21,7 @@ fn main() {
     let ctl = Control::new(&pool, 1 << 16);
     let s = Csr::new("support", &support, &offsets, k).unwrap();
     let settings = MapSettings {
-        max_iter: args.get(4).copied().unwrap_or(100),
+        max_iter,
         tol: 1e-6,
         weight_map,
     };
