@@ -828,3 +828,97 @@ pub fn predictive<T: Real>(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::lcg;
+
+    /// Users with 0 to 40 pairs (so groups mix lengths and padding), K = 5 (padded to 8).
+    fn batch(n_users: usize, k: usize, seed: u64) -> (Vec<f64>, Vec<i64>, Vec<f64>, Vec<i64>, Vec<f64>) {
+        let mut state = seed;
+        let (mut so, mut qo) = (vec![0i64], vec![0i64]);
+        for u in 0..n_users {
+            so.push(so[u] + ((u * 7 + 3) % 41) as i64);
+            qo.push(qo[u] + 1 + ((u * 5) % 9) as i64);
+        }
+        let mut values = |n: i64| -> Vec<f64> { (0..n as usize * k).map(|_| 1.5 * lcg(&mut state)).collect() };
+        let support = values(so[n_users]);
+        let query = values(qo[n_users]);
+        let w0: Vec<f64> = (0..n_users * k).map(|i| 0.3 * ((i % 7) as f64 - 3.0) / 3.0).collect();
+        (support, so, query, qo, w0)
+    }
+
+    /// Every output of one block, as bits.
+    fn run_block<V: Wide>(inputs: &Inputs<'_, f64>, n_users: usize, k: usize, grad_losses: &[f64]) -> Vec<u64> {
+        let mut weights = vec![0.0; n_users * k];
+        let (mut its, mut gn, mut conv) = (vec![0i64; n_users], vec![0.0; n_users], vec![false; n_users]);
+        let (mut sl, mut ql, mut qa) = (vec![0.0; n_users], vec![0.0; n_users], vec![0.0; n_users]);
+        let mut cov = vec![0.0; n_users * k * k];
+        let mut out = MapOutputs {
+            weights: &mut weights,
+            iterations: &mut its,
+            grad_norm: &mut gn,
+            converged: &mut conv,
+            support_losses: Some(&mut sl),
+            losses: Some(&mut ql),
+            accuracy: Some(&mut qa),
+            covariance: Some(&mut cov),
+        };
+        assert_eq!(inputs.forward_block::<V>((0, n_users), &mut out), None);
+        let (support, query) = (inputs.support, inputs.query.unwrap());
+        let (mut gs, mut gq, mut gw) = (
+            vec![0.0; support.values.len()],
+            vec![0.0; query.values.len()],
+            vec![0.0; n_users * k],
+        );
+        let (_, eta) = inputs
+            .backward_block::<V>((0, n_users), grad_losses, &mut gs, &mut gq, Some(&mut gw), None)
+            .unwrap();
+        let floats = weights.iter().chain(&gn).chain(&sl).chain(&ql).chain(&qa).chain(&cov);
+        let grads = gs.iter().chain(&gq).chain(&gw).chain(&eta);
+        let mut bits: Vec<u64> = floats.chain(grads).map(|x| x.to_bits()).collect();
+        bits.extend(its.iter().map(|&i| i as u64).chain(conv.iter().map(|&c| c as u64)));
+        bits
+    }
+
+    #[test]
+    fn four_lanes_give_each_user_the_bits_it_gets_alone() {
+        let (n_users, k) = (23, 5);
+        let (support, so, query, qo, w0) = batch(n_users, k, 7);
+        let grad_losses: Vec<f64> = (0..n_users).map(|u| 0.1 + u as f64 / 10.0).collect();
+        for weight_map in [WeightMap::Linear, WeightMap::Simplex] {
+            let settings = MapSettings {
+                max_iter: 100,
+                tol: 1e-10,
+                weight_map,
+            };
+            let lam: Vec<f64> = (0..k).map(|j| (0.2 * j as f64 - 0.3).exp()).collect();
+            let inputs = Inputs {
+                k,
+                start: Start::PerUser(&w0),
+                support: Csr::new("support", &support, &so, k).unwrap(),
+                query: Some(Csr::new("query", &query, &qo, k).unwrap()),
+                init: None,
+                lam: &lam,
+                settings: &settings,
+            };
+            let alone = run_block::<f64>(&inputs, n_users, k, &grad_losses);
+            // the scalar path converged (and so is a fair reference)
+            assert!(alone[alone.len() - n_users..].iter().all(|&c| c == 1), "{weight_map:?}");
+            #[cfg(target_arch = "x86_64")]
+            if crate::simd::avx2::Cpu::detect().is_some() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn four(inputs: &Inputs<'_, f64>, n: usize, k: usize, gl: &[f64]) -> Vec<u64> {
+                    run_block::<crate::simd::wide::avx2::F64x4>(inputs, n, k, gl)
+                }
+                // SAFETY: the CPU has AVX2 and FMA (just detected).
+                let grouped = unsafe { four(&inputs, n_users, k, &grad_losses) };
+                assert!(
+                    alone == grouped,
+                    "{weight_map:?}: four users per register changed some bits"
+                );
+            }
+        }
+    }
+}

@@ -50,8 +50,6 @@ pub(super) struct Rows<V> {
     pub n: usize,
     pub d: Vec<V>,
     pub valid: Vec<V>,
-    /// Scratch for [`Rows::load`].
-    flat: Vec<f64>,
 }
 
 impl<V: Wide> Rows<V> {
@@ -63,41 +61,38 @@ impl<V: Wide> Rows<V> {
             n: 0,
             d: Vec::new(),
             valid: Vec::new(),
-            flat: Vec::new(),
         }
     }
 
     /// Lane `l < users.len()` gets the rows `users[l]` (`count × K` values), the others none.
     #[inline(always)]
     pub fn load<T: Real>(&mut self, users: &[&[T]]) {
-        let (k, kp, n_lanes) = (self.k, self.kp, V::N);
+        let (k, kp) = (self.k, self.kp);
         self.count = [0; MAX_LANES];
         for (c, rows) in self.count.iter_mut().zip(users) {
             *c = rows.len() / k;
         }
         self.n = self.count.iter().copied().max().unwrap_or(0);
-        // lane-interleaved f64 first (one plain pass per user), then N values at a time
-        self.flat.clear();
-        self.flat.resize(self.n * (kp + 1) * n_lanes, 0.0);
-        let (values, valid) = self.flat.split_at_mut(self.n * kp * n_lanes);
-        for (l, rows) in users.iter().enumerate().take(n_lanes) {
-            for (pair, row) in values.chunks_exact_mut(kp * n_lanes).zip(rows.chunks_exact(k)) {
-                for (j, v) in row.iter().enumerate() {
-                    pair[j * n_lanes + l] = v.to_f64();
-                }
-            }
-            for x in valid[l..].iter_mut().step_by(n_lanes).take(self.count[l]) {
-                *x = 1.0;
-            }
-        }
         let zero = V::splat(0.0);
+        self.d.clear();
         self.d.resize(self.n * kp, zero);
-        for (x, v) in self.d.iter_mut().zip(values.chunks_exact(n_lanes)) {
-            *x = V::load(v);
-        }
+        self.valid.clear();
         self.valid.resize(self.n, zero);
-        for (x, v) in self.valid.iter_mut().zip(valid.chunks_exact(n_lanes)) {
-            *x = V::load(v);
+        let mut lane = [0.0; MAX_LANES];
+        for (i, (pair, valid)) in self.d.chunks_exact_mut(kp).zip(&mut self.valid).enumerate() {
+            // pair i of every lane that has one (empty for the others)
+            let rows: [&[T]; MAX_LANES] =
+                std::array::from_fn(|l| users.get(l).and_then(|r| r.get(i * k..(i + 1) * k)).unwrap_or(&[]));
+            for (l, x) in lane.iter_mut().enumerate() {
+                *x = if rows[l].is_empty() { 0.0 } else { 1.0 };
+            }
+            *valid = V::load(&lane);
+            for (j, x) in pair[..k].iter_mut().enumerate() {
+                for (l, y) in lane.iter_mut().enumerate() {
+                    *y = rows[l].get(j).map_or(0.0, |v| v.to_f64());
+                }
+                *x = V::load(&lane);
+            }
         }
     }
 
@@ -129,39 +124,70 @@ impl<V: Wide> Rows<V> {
         self.d.chunks_exact(self.kp)
     }
 
-    /// `out[j] = Σ_i x_i d_ij` for every stored component `j` (`out` is K' long).
+    /// `out[j] = Σ_i x_i d_ij` for every stored component `j` (`out` is K' long), eight
+    /// components per pass where there are (eight independent sums hide the FMA latency).
     #[inline(always)]
     pub fn weighted_sum(&self, x: &[V], out: &mut [V]) {
-        for (c, o) in out.chunks_exact_mut(CHUNK).enumerate() {
-            let mut acc = [V::splat(0.0); CHUNK];
-            for (d, &xi) in self.pairs().zip(x) {
-                for (a, &dj) in acc.iter_mut().zip(&d[c * CHUNK..(c + 1) * CHUNK]) {
-                    *a = xi.mul_add(dj, *a);
-                }
+        let mut col = 0;
+        while col < self.kp {
+            if col + 2 * CHUNK <= self.kp {
+                self.weighted_sum_block::<{ 2 * CHUNK }>(x, col, out);
+                col += 2 * CHUNK;
+            } else {
+                self.weighted_sum_block::<CHUNK>(x, col, out);
+                col += CHUNK;
             }
-            o.copy_from_slice(&acc);
         }
     }
 
-    /// The upper triangle of `A = Σ_i c_i d_i d_iᵀ` (and a few entries below it) into `a`
-    /// (K' × K'), in blocks of two rows by four columns held in registers over all pairs.
+    #[inline(always)]
+    fn weighted_sum_block<const W: usize>(&self, x: &[V], col: usize, out: &mut [V]) {
+        let mut acc = [V::splat(0.0); W];
+        for (d, &xi) in self.pairs().zip(x) {
+            for (a, &dj) in acc.iter_mut().zip(&d[col..col + W]) {
+                *a = xi.mul_add(dj, *a);
+            }
+        }
+        out[col..col + W].copy_from_slice(&acc);
+    }
+
+    /// The upper triangle of `A = Σ_i c_i d_i d_iᵀ` (and `A[r + 1][r]` for even `r`) into `a`
+    /// (K' × K'): rows two at a time, their columns from `r` on in blocks of six, four or two,
+    /// each block's sums held in registers over all pairs.
     #[inline(always)]
     fn curvature(&self, c: &[V], a: &mut [V]) {
         let kp = self.kp;
         for r in (0..kp).step_by(2) {
-            for col in (r / CHUNK * CHUNK..kp).step_by(CHUNK) {
-                let (mut acc0, mut acc1) = ([V::splat(0.0); CHUNK], [V::splat(0.0); CHUNK]);
-                for (d, &ci) in self.pairs().zip(c) {
-                    let (c0, c1) = (ci.mul(d[r]), ci.mul(d[r + 1]));
-                    for ((a0, a1), &dj) in acc0.iter_mut().zip(&mut acc1).zip(&d[col..col + CHUNK]) {
-                        *a0 = c0.mul_add(dj, *a0);
-                        *a1 = c1.mul_add(dj, *a1);
-                    }
+            let mut col = r;
+            while col < kp {
+                match kp - col {
+                    2 => self.curvature_block::<2>(c, r, col, a),
+                    4 | 8 => self.curvature_block::<4>(c, r, col, a),
+                    _ => self.curvature_block::<6>(c, r, col, a),
                 }
-                a[r * kp + col..r * kp + col + CHUNK].copy_from_slice(&acc0);
-                a[(r + 1) * kp + col..(r + 1) * kp + col + CHUNK].copy_from_slice(&acc1);
+                col += match kp - col {
+                    2 => 2,
+                    4 | 8 => 4,
+                    _ => 6,
+                };
             }
         }
+    }
+
+    /// Rows `r`, `r + 1`, columns `col..col + W` of `A`.
+    #[inline(always)]
+    fn curvature_block<const W: usize>(&self, c: &[V], r: usize, col: usize, a: &mut [V]) {
+        let kp = self.kp;
+        let (mut acc0, mut acc1) = ([V::splat(0.0); W], [V::splat(0.0); W]);
+        for (d, &ci) in self.pairs().zip(c) {
+            let (c0, c1) = (ci.mul(d[r]), ci.mul(d[r + 1]));
+            for ((a0, a1), &dj) in acc0.iter_mut().zip(&mut acc1).zip(&d[col..col + W]) {
+                *a0 = c0.mul_add(dj, *a0);
+                *a1 = c1.mul_add(dj, *a1);
+            }
+        }
+        a[r * kp + col..r * kp + col + W].copy_from_slice(&acc0);
+        a[(r + 1) * kp + col..(r + 1) * kp + col + W].copy_from_slice(&acc1);
     }
 }
 
@@ -440,6 +466,7 @@ impl<V: Wide> Work<V> {
     }
 
     /// `x ← H⁻¹ x` with the factor of the last [`Work::factor_hessian`].
+    #[inline(always)]
     pub fn solve_with_factor(&self, x: &mut [V]) {
         solve_in_place(self.k, &self.chol, &self.inv_diag, x);
     }
@@ -505,10 +532,15 @@ pub(super) fn pair_terms<V: Wide>(rows: &Rows<V>, p: &[V], z: &mut [V], s: &mut 
     for (zi, d) in z[..rows.n].iter_mut().zip(rows.pairs()) {
         *zi = row_dot(d, p);
     }
+    // the exponentials in a pass of their own too: each is a long chain, the pairs' chains
+    // are independent, and short loop bodies let the CPU run many of them at once
+    for (si, &zi) in s[..rows.n].iter_mut().zip(&z[..rows.n]) {
+        *si = exp(zi.abs().neg());
+    }
     let mut total = zero;
     let mut correct = zero;
     for ((si, &zi), &valid) in s[..rows.n].iter_mut().zip(&z[..rows.n]).zip(&rows.valid) {
-        let y = exp(zi.abs().neg());
+        let y = *si;
         let u = one.add(y);
         let inv = one.div(u);
         let softplus = zi.neg().max(zero).add(ln_1p(y, u, inv));
