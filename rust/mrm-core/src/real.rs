@@ -115,31 +115,59 @@ fn exp_poly_f32(x: f32) -> f32 {
     poly * f32::from_bits(((exponent + 127) as u32) << 23)
 }
 
-/// As [`exp_poly_f32`] with degree 13 (truncation error below 5e-18 relative).
+/// `1/k!` for k = 13 down to 0: the Taylor series of `e^r` to degree 13, highest first, for
+/// Horner's scheme (truncation error below 5e-18 relative for `|r| ≤ ln 2 / 2`).
+pub(crate) const EXP_TAYLOR_F64: [f64; 14] = [
+    1.0 / 6_227_020_800.0,
+    1.0 / 479_001_600.0,
+    1.0 / 39_916_800.0,
+    1.0 / 3_628_800.0,
+    1.0 / 362_880.0,
+    1.0 / 40_320.0,
+    1.0 / 5_040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
+/// `ln 2` in two parts, the first with its low bits clear (so `n · LN_2_HI` is exact for the `n`
+/// of an f64 range reduction), the second the rest.
+#[allow(clippy::excessive_precision)] // written to full precision
+pub(crate) const LN_2_SPLIT_F64: (f64, f64) = (6.931_471_803_691_238_2e-1, 1.908_214_929_270_587_7e-10);
+
+/// `1.5 · 2^52`: adding it to an f64 of magnitude below 2^51 rounds it to an integer held in
+/// the low mantissa bits.
+pub(crate) const SHIFTER_F64: f64 = 6_755_399_441_055_744.0;
+
+/// `1/(2j + 1)` for j = 10 down to 0: the odd series of `atanh(t)/t` in `t²`, highest first
+/// (to `t^21`: below 7e-19 relative for `|t| ≤ 0.172`).
+pub(crate) const ATANH_SERIES_F64: [f64; 11] = [
+    1.0 / 21.0,
+    1.0 / 19.0,
+    1.0 / 17.0,
+    1.0 / 15.0,
+    1.0 / 13.0,
+    1.0 / 11.0,
+    1.0 / 9.0,
+    1.0 / 7.0,
+    1.0 / 5.0,
+    1.0 / 3.0,
+    1.0,
+];
+
+/// As [`exp_poly_f32`] with degree 13 ([`EXP_TAYLOR_F64`]).
 #[inline(always)]
-#[allow(clippy::excessive_precision)] // the split of ln 2, written to full precision
 fn exp_poly_f64(x: f64) -> f64 {
-    const SHIFTER: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
     let x = clamp_keeping_nan(x, -708.0, 709.0);
-    let t = x * std::f64::consts::LOG2_E + SHIFTER;
-    let n = t - SHIFTER;
-    let r = (x - n * 6.931_471_803_691_238_2e-1) - n * 1.908_214_929_270_587_7e-10;
-    let mut poly = 1.0 / 6_227_020_800.0;
-    for c in [
-        1.0 / 479_001_600.0,
-        1.0 / 39_916_800.0,
-        1.0 / 3_628_800.0,
-        1.0 / 362_880.0,
-        1.0 / 40_320.0,
-        1.0 / 5_040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let t = x * std::f64::consts::LOG2_E + SHIFTER_F64;
+    let n = t - SHIFTER_F64;
+    let r = (x - n * LN_2_SPLIT_F64.0) - n * LN_2_SPLIT_F64.1;
+    let mut poly = EXP_TAYLOR_F64[0];
+    for c in &EXP_TAYLOR_F64[1..] {
         poly = poly * r + c;
     }
     let exponent = (t.to_bits() as i64).wrapping_sub(0x4338_0000_0000_0000);
@@ -150,7 +178,7 @@ fn exp_poly_f64(x: f64) -> f64 {
 /// for that rounding; `ln u = e ln 2 + ln m` with `m = u` or `u / 2` in `[1/√2, √2]`, and
 /// `ln m = 2 atanh(t)`, `t = (m − 1)/(m + 1)`, `|t| ≤ 0.172`, by its odd series.
 macro_rules! ln_1p_poly {
-    ($name:ident, $t:ty, $sqrt2:expr, $ln2:expr, [$($c:expr),*]) => {
+    ($name:ident, $t:ty, $sqrt2:expr, $ln2:expr, $series:expr) => {
         #[inline(always)]
         fn $name(y: $t) -> $t {
             let u = 1.0 + y;
@@ -161,7 +189,7 @@ macro_rules! ln_1p_poly {
             let t = (m - 1.0) / (m + 1.0);
             let t2 = t * t;
             let mut poly: $t = 0.0;
-            for c in [$($c),*] {
+            for c in $series {
                 poly = poly * t2 + c;
             }
             e + (2.0 * t * poly + correction)
@@ -182,19 +210,7 @@ ln_1p_poly!(
     f64,
     std::f64::consts::SQRT_2,
     std::f64::consts::LN_2,
-    [
-        1.0 / 21.0,
-        1.0 / 19.0,
-        1.0 / 17.0,
-        1.0 / 15.0,
-        1.0 / 13.0,
-        1.0 / 11.0,
-        1.0 / 9.0,
-        1.0 / 7.0,
-        1.0 / 5.0,
-        1.0 / 3.0,
-        1.0
-    ]
+    ATANH_SERIES_F64
 );
 
 /// Whether every value is finite, in a loop without an early exit (so that it vectorises).

@@ -10,6 +10,8 @@
 //! Unlike [`crate::lanes::Lanes`] (eight f32 or f64 users for the SGD/Adam loops, which all take
 //! the same path), these lanes carry masks: comparisons, selection and "is any lane still going".
 
+use crate::real::{ATANH_SERIES_F64, EXP_TAYLOR_F64, LN_2_SPLIT_F64, SHIFTER_F64};
+
 /// A computation written once over [`Wide`] lanes, run by [`with_wide`].
 pub(crate) trait WithWide {
     type Output;
@@ -84,19 +86,25 @@ pub(crate) trait Wide: Copy + Send + Sync + 'static {
     }
 }
 
+/// Methods `fn name(self, o: Self) -> Out { expr }` for each `name => |a, b| expr`.
+macro_rules! binary_methods {
+    ($out:ty; $($name:ident => |$a:ident, $b:ident| $e:expr),* $(,)?) => {
+        $(
+            #[inline(always)]
+            fn $name(self, o: Self) -> $out {
+                let ($a, $b) = (self, o);
+                $e
+            }
+        )*
+    };
+}
+
 impl Mask for bool {
-    #[inline(always)]
-    fn and(self, o: Self) -> Self {
-        self & o
-    }
-    #[inline(always)]
-    fn or(self, o: Self) -> Self {
-        self | o
-    }
-    #[inline(always)]
-    fn and_not(self, o: Self) -> Self {
-        self & !o
-    }
+    binary_methods!(Self;
+        and => |a, b| a & b,
+        or => |a, b| a | b,
+        and_not => |a, b| a & !b,
+    );
     #[inline(always)]
     fn any(self) -> bool {
         self
@@ -122,22 +130,19 @@ impl Wide for f64 {
     fn store(self, x: &mut [f64]) {
         x[0] = self;
     }
-    #[inline(always)]
-    fn add(self, o: Self) -> Self {
-        self + o
-    }
-    #[inline(always)]
-    fn sub(self, o: Self) -> Self {
-        self - o
-    }
-    #[inline(always)]
-    fn mul(self, o: Self) -> Self {
-        self * o
-    }
-    #[inline(always)]
-    fn div(self, o: Self) -> Self {
-        self / o
-    }
+    binary_methods!(Self;
+        add => |a, b| a + b,
+        sub => |a, b| a - b,
+        mul => |a, b| a * b,
+        div => |a, b| a / b,
+        max => |a, b| if a > b { a } else { b },
+    );
+    binary_methods!(bool;
+        gt => |a, b| a > b,
+        ge => |a, b| a >= b,
+        le => |a, b| a <= b,
+        lt => |a, b| a < b,
+    );
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         f64::mul_add(self, b, c)
@@ -157,30 +162,6 @@ impl Wide for f64 {
     #[inline(always)]
     fn neg(self) -> Self {
         -self
-    }
-    #[inline(always)]
-    fn max(self, o: Self) -> Self {
-        if self > o {
-            self
-        } else {
-            o
-        }
-    }
-    #[inline(always)]
-    fn gt(self, o: Self) -> bool {
-        self > o
-    }
-    #[inline(always)]
-    fn ge(self, o: Self) -> bool {
-        self >= o
-    }
-    #[inline(always)]
-    fn le(self, o: Self) -> bool {
-        self <= o
-    }
-    #[inline(always)]
-    fn lt(self, o: Self) -> bool {
-        self < o
     }
     #[inline(always)]
     fn finite(self) -> bool {
@@ -206,35 +187,20 @@ impl Wide for f64 {
 }
 
 /// `e^x = 2^n e^r`, `n = round(x / ln 2)`, `r = x − n ln 2` (ln 2 in two parts, fused), `e^r` by
-/// Horner on its Taylor series to degree 13 (truncation below 2e-17 relative). Within 4e-16 of
-/// the standard `exp`; NaN stays NaN; saturates below -708 and above 709.
+/// Horner on its Taylor series to degree 13 ([`EXP_TAYLOR_F64`]). Within 4e-16 of the standard
+/// `exp`; NaN stays NaN; saturates below -708 and above 709.
 #[inline(always)]
-#[allow(clippy::excessive_precision)] // the split of ln 2, written to full precision
 pub(crate) fn exp<V: Wide>(x: V) -> V {
     let (lo, hi) = (V::splat(-708.0), V::splat(709.0));
     // comparisons are false for NaN: it passes through both
     let x = V::select(x.lt(lo), lo, V::select(x.gt(hi), hi, x));
-    let shifter = V::splat(6_755_399_441_055_744.0); // 1.5 · 2^52: rounds to an integer
+    let shifter = V::splat(SHIFTER_F64);
     let t = x.mul_add(V::splat(std::f64::consts::LOG2_E), shifter);
     let n = t.sub(shifter);
-    let r = n.neg_mul_add(V::splat(6.931_471_803_691_238_2e-1), x);
-    let r = n.neg_mul_add(V::splat(1.908_214_929_270_587_7e-10), r);
-    let mut poly = V::splat(1.0 / 6_227_020_800.0);
-    for c in [
-        1.0 / 479_001_600.0,
-        1.0 / 39_916_800.0,
-        1.0 / 3_628_800.0,
-        1.0 / 362_880.0,
-        1.0 / 40_320.0,
-        1.0 / 5_040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let r = n.neg_mul_add(V::splat(LN_2_SPLIT_F64.0), x);
+    let r = n.neg_mul_add(V::splat(LN_2_SPLIT_F64.1), r);
+    let mut poly = V::splat(EXP_TAYLOR_F64[0]);
+    for &c in &EXP_TAYLOR_F64[1..] {
         poly = poly.mul_add(r, V::splat(c));
     }
     poly.mul(V::pow2_of_shifted(t))
@@ -242,7 +208,8 @@ pub(crate) fn exp<V: Wide>(x: V) -> V {
 
 /// `ln(u)` for `u = 1 + y` (`0 ≤ y ≤ 1`) given `u` and `1 / u`: `ln u` of the rounded `u` plus
 /// the correction `(y − (u − 1)) / u`; `ln u = e ln 2 + ln m`, `m ∈ [1/√2, √2]`,
-/// `ln m = 2 atanh(t)`, `t = (m − 1)/(m + 1)`, `|t| ≤ 0.172`, by its odd series to `t^21`.
+/// `ln m = 2 atanh(t)`, `t = (m − 1)/(m + 1)`, `|t| ≤ 0.172`, by its odd series to `t^21`
+/// ([`ATANH_SERIES_F64`]).
 #[inline(always)]
 pub(crate) fn ln_1p<V: Wide>(y: V, u: V, inv_u: V) -> V {
     let one = V::splat(1.0);
@@ -252,19 +219,8 @@ pub(crate) fn ln_1p<V: Wide>(y: V, u: V, inv_u: V) -> V {
     let e = V::select(big, V::splat(std::f64::consts::LN_2), V::splat(0.0));
     let t = m.sub(one).div(m.add(one));
     let t2 = t.mul(t);
-    let mut poly = V::splat(1.0 / 21.0);
-    for c in [
-        1.0 / 19.0,
-        1.0 / 17.0,
-        1.0 / 15.0,
-        1.0 / 13.0,
-        1.0 / 11.0,
-        1.0 / 9.0,
-        1.0 / 7.0,
-        1.0 / 5.0,
-        1.0 / 3.0,
-        1.0,
-    ] {
+    let mut poly = V::splat(ATANH_SERIES_F64[0]);
+    for &c in &ATANH_SERIES_F64[1..] {
         poly = poly.mul_add(t2, V::splat(c));
     }
     t.add(t).mul_add(poly, correction).add(e)
@@ -276,6 +232,7 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Mask, Wide};
+    // `binary_methods!` is defined above, before this module
 
     /// Four f64 lanes. Every method uses AVX2 and FMA instructions: only code entered through a
     /// function compiled for those features after [`crate::simd::avx2::Cpu::detect`] names
@@ -294,18 +251,11 @@ pub(crate) mod avx2 {
     // SAFETY (every `unsafe` block below): the intrinsics need AVX2 and FMA, which the CPU has
     // whenever an `F64x4` is in use (see the type); loads and stores stay inside checked slices.
     impl Mask for Mask4 {
-        #[inline(always)]
-        fn and(self, o: Self) -> Self {
-            unsafe { Mask4(_mm256_and_pd(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn or(self, o: Self) -> Self {
-            unsafe { Mask4(_mm256_or_pd(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn and_not(self, o: Self) -> Self {
-            unsafe { Mask4(_mm256_andnot_pd(o.0, self.0)) }
-        }
+        binary_methods!(Self;
+            and => |a, b| unsafe { Mask4(_mm256_and_pd(a.0, b.0)) },
+            or => |a, b| unsafe { Mask4(_mm256_or_pd(a.0, b.0)) },
+            and_not => |a, b| unsafe { Mask4(_mm256_andnot_pd(b.0, a.0)) },
+        );
         #[inline(always)]
         fn any(self) -> bool {
             unsafe { _mm256_movemask_pd(self.0) != 0 }
@@ -314,15 +264,6 @@ pub(crate) mod avx2 {
         fn lane(self, l: usize) -> bool {
             unsafe { (_mm256_movemask_pd(self.0) >> l) & 1 == 1 }
         }
-    }
-
-    macro_rules! cmp {
-        ($name:ident, $pred:ident) => {
-            #[inline(always)]
-            fn $name(self, o: Self) -> Mask4 {
-                unsafe { Mask4(_mm256_cmp_pd::<$pred>(self.0, o.0)) }
-            }
-        };
     }
 
     impl Wide for F64x4 {
@@ -342,22 +283,20 @@ pub(crate) mod avx2 {
             let x = &mut x[..4];
             unsafe { _mm256_storeu_pd(x.as_mut_ptr(), self.0) }
         }
-        #[inline(always)]
-        fn add(self, o: Self) -> Self {
-            unsafe { F64x4(_mm256_add_pd(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn sub(self, o: Self) -> Self {
-            unsafe { F64x4(_mm256_sub_pd(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn mul(self, o: Self) -> Self {
-            unsafe { F64x4(_mm256_mul_pd(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn div(self, o: Self) -> Self {
-            unsafe { F64x4(_mm256_div_pd(self.0, o.0)) }
-        }
+        // `max_pd(a, b)` is `a > b ? a : b`, as the scalar `max`
+        binary_methods!(Self;
+            add => |a, b| unsafe { F64x4(_mm256_add_pd(a.0, b.0)) },
+            sub => |a, b| unsafe { F64x4(_mm256_sub_pd(a.0, b.0)) },
+            mul => |a, b| unsafe { F64x4(_mm256_mul_pd(a.0, b.0)) },
+            div => |a, b| unsafe { F64x4(_mm256_div_pd(a.0, b.0)) },
+            max => |a, b| unsafe { F64x4(_mm256_max_pd(a.0, b.0)) },
+        );
+        binary_methods!(Mask4;
+            gt => |a, b| unsafe { Mask4(_mm256_cmp_pd::<_CMP_GT_OQ>(a.0, b.0)) },
+            ge => |a, b| unsafe { Mask4(_mm256_cmp_pd::<_CMP_GE_OQ>(a.0, b.0)) },
+            le => |a, b| unsafe { Mask4(_mm256_cmp_pd::<_CMP_LE_OQ>(a.0, b.0)) },
+            lt => |a, b| unsafe { Mask4(_mm256_cmp_pd::<_CMP_LT_OQ>(a.0, b.0)) },
+        );
         #[inline(always)]
         fn mul_add(self, b: Self, c: Self) -> Self {
             unsafe { F64x4(_mm256_fmadd_pd(self.0, b.0, c.0)) }
@@ -378,15 +317,6 @@ pub(crate) mod avx2 {
         fn neg(self) -> Self {
             unsafe { F64x4(_mm256_xor_pd(_mm256_set1_pd(-0.0), self.0)) }
         }
-        #[inline(always)]
-        fn max(self, o: Self) -> Self {
-            // `max_pd(a, b)` is `a > b ? a : b`, as the scalar `max` above
-            unsafe { F64x4(_mm256_max_pd(self.0, o.0)) }
-        }
-        cmp!(gt, _CMP_GT_OQ);
-        cmp!(ge, _CMP_GE_OQ);
-        cmp!(le, _CMP_LE_OQ);
-        cmp!(lt, _CMP_LT_OQ);
         #[inline(always)]
         fn finite(self) -> Mask4 {
             // x − x is 0 for finite x and NaN for ±∞ and NaN
