@@ -220,13 +220,13 @@ def test_arbitrary_offsets_never_panic(offsets, rows, k):
 def test_native_module_direct_calls_do_not_panic():
     """Calling the native module directly with inconsistent shapes still raises ValueError."""
     with pytest.raises(ValueError):
-        mrm._native.forward_f64(np.zeros(4), np.zeros((2, 3)), np.array([0, 2]), None, None,
-                                1, 0.1, "sgd", 0.9, 0.999, 1e-8, True, 1)
+        mrm._native.forward(np.zeros(4), np.zeros((2, 3)), np.array([0, 2]), None, None,
+                            1, 0.1, "sgd", 0.9, 0.999, 1e-8, True, 1)
     with pytest.raises(ValueError):
-        mrm._native.backward_f64(np.zeros(3), np.zeros((2, 3)), np.array([0, 2]), np.zeros((1, 3)),
-                                 np.array([0, 1]), np.ones(5), 1, 0.1, "sgd", 0.9, 0.999, 1e-8, False, 1)
+        mrm._native.backward(np.zeros(3), np.zeros((2, 3)), np.array([0, 2]), np.zeros((1, 3)),
+                             np.array([0, 1]), np.ones(5), 1, 0.1, "sgd", 0.9, 0.999, 1e-8, False, 1)
     with pytest.raises(ValueError):
-        mrm._native.score_f64(np.zeros((2, 3)), np.array([0, 2]), np.zeros((2, 3)), 1)
+        mrm._native.score(np.zeros((2, 3)), np.array([0, 2]), np.zeros((2, 3)), 1)
 
 
 def test_pair_differences_bad_input():

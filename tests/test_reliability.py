@@ -79,7 +79,7 @@ def test_the_native_pool_refuses_more_than_max_threads():
 
     args = (np.zeros(2), np.ones((1, 2)), np.array([0, 1]), None, None, 1, 0.1, "sgd", 0.9, 0.999, 1e-8, False)
     with pytest.raises(ValueError, match=f"num_threads must be <= {ops.MAX_THREADS}"):
-        _native.forward_f64(*args, ops.MAX_THREADS + 1)
+        _native.forward(*args, ops.MAX_THREADS + 1)
     assert 64 <= ops.max_threads() <= ops.MAX_THREADS
 
 

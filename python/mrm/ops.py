@@ -303,10 +303,6 @@ def _hyper(inner: InnerLoop) -> tuple:
     return int(inner.steps), float(inner.lr), inner.optimizer, *inner.betas, float(inner.eps)
 
 
-def _kernel(name: str, dtype: np.dtype):
-    return getattr(_native, f"{name}_{'f32' if dtype == np.float32 else 'f64'}")
-
-
 def _prepare(w0, support, support_offsets, query=None, query_offsets=None, *, need_query: bool = False):
     w0 = _float_array("w0", w0, (1, 2))
     support = _float_array("support", support, (2,))
@@ -362,7 +358,7 @@ def adapt(
         return (result.weights, result.support_losses) if return_support_losses else result.weights
     _no_map_arguments(eta=eta, init=init)
     dtype, w0, support, support_offsets, _, _ = _prepare(w0, support, support_offsets)
-    weights, support_losses, _, _ = _kernel("forward", dtype)(
+    weights, support_losses, _, _ = _native.forward(
         w0, support, support_offsets, None, None, *_hyper(inner), bool(return_support_losses), resolve_threads(num_threads)
     )
     return (weights, support_losses) if return_support_losses else weights
@@ -452,7 +448,7 @@ def map_adapt(
         _same_dtype(support=support, init=init)
         if init.shape != (len(support_offsets) - 1, k):
             raise ValueError(f"init must have shape ({len(support_offsets) - 1}, {k}), got {init.shape}")
-    weights, iterations, grad_norm, converged, support_losses, losses, accuracy, covariance = _kernel("map_forward", dtype)(
+    weights, iterations, grad_norm, converged, support_losses, losses, accuracy, covariance = _native.map_forward(
         w0, eta, support, support_offsets, query, query_offsets, init, int(inner.max_iter), float(inner.tol),
         inner.weight_map, bool(return_covariance), resolve_threads(num_threads),
     )
@@ -497,7 +493,7 @@ def meta_forward(
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(
         w0, support, support_offsets, query, query_offsets, need_query=True
     )
-    weights, support_losses, losses, accuracy = _kernel("forward", dtype)(
+    weights, support_losses, losses, accuracy = _native.forward(
         w0, support, support_offsets, query, query_offsets, *_hyper(inner), True, resolve_threads(num_threads)
     )
     return MetaForward(losses=losses, weights=weights, support_losses=support_losses, accuracy=accuracy)
@@ -616,7 +612,7 @@ def _map_backward(w0, eta, support, support_offsets, query, query_offsets, grad_
     dtype, w0, support, support_offsets, query, query_offsets = _prepare(w0, support, support_offsets, query, query_offsets)
     eta = _eta(eta, dtype, support.shape[1])
     grad_losses = _grad_losses(grad_losses, dtype, len(support_offsets) - 1)
-    (grad_w0, grad_eta, grad_support, grad_query), values = _kernel("map_backward", dtype)(
+    (grad_w0, grad_eta, grad_support, grad_query), values = _native.map_backward(
         w0, eta, support, support_offsets, query, query_offsets, grad_losses, int(inner.max_iter), float(inner.tol),
         inner.weight_map, resolve_threads(num_threads), bool(with_values),
     )
@@ -631,7 +627,7 @@ def _backward(w0, support, support_offsets, query, query_offsets, grad_losses, h
     grad_losses = _grad_losses(grad_losses, dtype, len(support_offsets) - 1)
     if out is not None:
         out = _gradient_buffers(out, dtype, w0=w0, support=support, query=query)
-    return _kernel("backward", dtype)(
+    return _native.backward(
         w0, support, support_offsets, query, query_offsets, grad_losses, *hyper, bool(first_order),
         resolve_threads(num_threads), out, bool(with_values),
     )
@@ -688,7 +684,7 @@ def rpo(losses, tail: float, gamma: float) -> Tuple[float, np.ndarray]:
     tail, gamma = _real("tail", tail), _real("gamma", gamma)
     if not (math.isfinite(tail) and 0.0 < tail <= 1.0):
         raise ValueError(f"tail must be in (0, 1], got {tail}")
-    return _kernel("rpo", losses.dtype)(losses, float(tail), float(gamma))
+    return _native.rpo(losses, float(tail), float(gamma))
 
 
 def score(features, feature_offsets, weights, *, weight_map: str = "simplex",
@@ -704,13 +700,13 @@ def score(features, feature_offsets, weights, *, weight_map: str = "simplex",
     features = _float_array("features", features, (2,))
     feature_offsets = _int_array("feature_offsets", feature_offsets)
     weights = _float_array("weights", weights, (2,))
-    dtype = _same_dtype(features=features, weights=weights)
+    _same_dtype(features=features, weights=weights)
     _same_k(features=features, weights=weights)
     if weights.shape[0] != len(feature_offsets) - 1:
         raise ValueError(
             f"weights has {weights.shape[0]} rows but feature_offsets describes {len(feature_offsets) - 1} users"
         )
-    return _kernel("score", dtype)(features, feature_offsets, weights, resolve_threads(num_threads))
+    return _native.score(features, feature_offsets, weights, resolve_threads(num_threads))
 
 
 def _index(name: str, value) -> np.ndarray:
@@ -721,7 +717,7 @@ def pair_differences(features, chosen, rejected) -> np.ndarray:
     """``features[chosen[i]] − features[rejected[i]]`` for every pair ``i``: (N, K) from
     ``features`` (rows, K) and two index arrays (N,)."""
     features = _float_array("features", features, (2,))
-    return _kernel("pair_differences", features.dtype)(features, _index("chosen", chosen), _index("rejected", rejected))
+    return _native.pair_differences(features, _index("chosen", chosen), _index("rejected", rejected))
 
 
 def pair_differences_backward(grad, chosen, rejected, n_rows: int) -> np.ndarray:
@@ -732,7 +728,7 @@ def pair_differences_backward(grad, chosen, rejected, n_rows: int) -> np.ndarray
         raise TypeError(f"n_rows must be an int, got {type(n_rows).__name__}")
     if n_rows < 0 or n_rows > np.iinfo(np.int64).max:
         raise ValueError(f"n_rows must be a non-negative int that fits int64, got {n_rows!r}")
-    return _kernel("pair_differences_backward", grad.dtype)(
+    return _native.pair_differences_backward(
         grad, _index("chosen", chosen), _index("rejected", rejected), int(n_rows)
     )
 
@@ -753,14 +749,14 @@ def predict(features, feature_offsets, weights, *, covariance=None, weight_map: 
     if covariance is not None:
         covariance = _float_array("covariance", covariance, (3,))
         arrays["covariance"] = covariance
-    dtype = _same_dtype(**arrays)
+    _same_dtype(**arrays)
     k = _same_k(**arrays)
     n_users = len(feature_offsets) - 1
     if weights.shape[0] != n_users:
         raise ValueError(f"weights has {weights.shape[0]} rows but feature_offsets describes {n_users} users")
     if covariance is not None and covariance.shape != (n_users, k, k):
         raise ValueError(f"covariance must have shape ({n_users}, {k}, {k}), got {covariance.shape}")
-    return _kernel("predictive", dtype)(features, feature_offsets, weights, covariance, weight_map,
+    return _native.predictive(features, feature_offsets, weights, covariance, weight_map,
                                         resolve_threads(num_threads))
 
 

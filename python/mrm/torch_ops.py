@@ -23,129 +23,100 @@ def _np(t: torch.Tensor):
     return t.detach().contiguous().numpy()
 
 
-@torch.library.custom_op("mrm::user_losses", mutates_args=())
-def _user_losses(
-    w0: torch.Tensor,
-    support: torch.Tensor,
-    support_offsets: torch.Tensor,
-    query: torch.Tensor,
-    query_offsets: torch.Tensor,
-    steps: int,
-    lr: float,
-    optimizer: str,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    first_order: bool,
-    num_threads: int,
-) -> torch.Tensor:
-    out = ops.meta_forward(
-        _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets),
-        steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps, num_threads=num_threads or None,
-    )
+# The schemas of the adaptation ops: each takes the rows, then its solver's settings, and its
+# backward op takes the same inputs after ``grad_losses``.
+_ROWS = "Tensor support, Tensor support_offsets, Tensor query, Tensor query_offsets"
+_LOOP = "int steps, float lr, str optimizer, float beta1, float beta2, float eps, bool first_order, int num_threads"
+_MAP = "int max_iter, float tol, str weight_map, int num_threads"
+torch.library.define("mrm::user_losses", f"(Tensor w0, {_ROWS}, {_LOOP}) -> Tensor")
+torch.library.define(
+    "mrm::user_losses_backward", f"(Tensor grad_losses, Tensor w0, {_ROWS}, {_LOOP}) -> (Tensor, Tensor, Tensor)"
+)
+torch.library.define("mrm::map_user_losses", f"(Tensor w0, Tensor eta, {_ROWS}, {_MAP}) -> Tensor")
+torch.library.define(
+    "mrm::map_user_losses_backward",
+    f"(Tensor grad_losses, Tensor w0, Tensor eta, {_ROWS}, {_MAP}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+def _loop(steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads):
+    """The ``_LOOP`` settings as ``mrm.ops`` keywords (validated there)."""
+    inner = ops.InnerLoop(optimizer, steps=steps, lr=lr, betas=(beta1, beta2), eps=eps)
+    return {"inner": inner, "num_threads": num_threads or None}, first_order
+
+
+def _map(max_iter, tol, weight_map, num_threads):
+    """The ``_MAP`` settings as ``mrm.ops`` keywords (validated there)."""
+    return {"inner": ops.InnerLoop("map", max_iter=max_iter, tol=tol, weight_map=weight_map),
+            "num_threads": num_threads or None}
+
+
+@torch.library.impl("mrm::user_losses", "CompositeExplicitAutograd")
+def _user_losses(w0, support, support_offsets, query, query_offsets, *settings):
+    options, _ = _loop(*settings)
+    out = ops.meta_forward(_np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets), **options)
     return torch.from_numpy(out.losses)
 
 
-@_user_losses.register_fake
-def _(w0, support, support_offsets, query, query_offsets, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads):
+@torch.library.register_fake("mrm::user_losses")
+def _(w0, support, support_offsets, query, query_offsets, *settings):
     return support.new_empty(support_offsets.shape[0] - 1)
 
 
-@torch.library.custom_op("mrm::user_losses_backward", mutates_args=())
-def _user_losses_backward(
-    grad_losses: torch.Tensor,
-    w0: torch.Tensor,
-    support: torch.Tensor,
-    support_offsets: torch.Tensor,
-    query: torch.Tensor,
-    query_offsets: torch.Tensor,
-    steps: int,
-    lr: float,
-    optimizer: str,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    first_order: bool,
-    num_threads: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.impl("mrm::user_losses_backward", "CompositeExplicitAutograd")
+def _user_losses_backward(grad_losses, w0, support, support_offsets, query, query_offsets, *settings):
+    options, first_order = _loop(*settings)
     grads = ops.meta_backward(
         _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets),
-        _np(grad_losses.to(support.dtype)),
-        steps=steps, lr=lr, optimizer=optimizer, betas=(beta1, beta2), eps=eps,
-        first_order=first_order, num_threads=num_threads or None,
+        _np(grad_losses.to(support.dtype)), first_order=first_order, **options,
     )
     return tuple(torch.from_numpy(g) for g in grads)
 
 
-@_user_losses_backward.register_fake
-def _(grad_losses, w0, support, support_offsets, query, query_offsets, *hyper):
+@torch.library.register_fake("mrm::user_losses_backward")
+def _(grad_losses, w0, support, support_offsets, query, query_offsets, *settings):
     return torch.empty_like(w0), torch.empty_like(support), torch.empty_like(query)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:5])
-    ctx.hyper = inputs[5:]
+    ctx.settings = inputs[5:]
 
 
 def _backward(ctx, grad_losses):
     w0, support, support_offsets, query, query_offsets = ctx.saved_tensors
-    grad_w0, grad_support, grad_query = _user_losses_backward(
-        grad_losses.contiguous(), w0, support, support_offsets, query, query_offsets, *ctx.hyper
+    grad_w0, grad_support, grad_query = torch.ops.mrm.user_losses_backward(
+        grad_losses.contiguous(), w0, support, support_offsets, query, query_offsets, *ctx.settings
     )
-    return (grad_w0, grad_support, None, grad_query, None) + (None,) * len(ctx.hyper)
+    return (grad_w0, grad_support, None, grad_query, None) + (None,) * len(ctx.settings)
 
 
-_user_losses.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("mrm::user_losses", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("mrm::map_user_losses", mutates_args=())
-def _map_user_losses(
-    w0: torch.Tensor,
-    eta: torch.Tensor,
-    support: torch.Tensor,
-    support_offsets: torch.Tensor,
-    query: torch.Tensor,
-    query_offsets: torch.Tensor,
-    max_iter: int,
-    tol: float,
-    weight_map: str,
-    num_threads: int,
-) -> torch.Tensor:
+@torch.library.impl("mrm::map_user_losses", "CompositeExplicitAutograd")
+def _map_user_losses(w0, eta, support, support_offsets, query, query_offsets, *settings):
     out = ops.meta_forward(
-        _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets), eta=_np(eta),
-        inner=ops.InnerLoop("map", max_iter=max_iter, tol=tol, weight_map=weight_map), num_threads=num_threads or None,
+        _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets), eta=_np(eta), **_map(*settings)
     )
     return torch.from_numpy(out.losses)
 
 
-@_map_user_losses.register_fake
-def _(w0, eta, support, support_offsets, query, query_offsets, max_iter, tol, weight_map, num_threads):
+@torch.library.register_fake("mrm::map_user_losses")
+def _(w0, eta, support, support_offsets, query, query_offsets, *settings):
     return support.new_empty(support_offsets.shape[0] - 1)
 
 
-@torch.library.custom_op("mrm::map_user_losses_backward", mutates_args=())
-def _map_user_losses_backward(
-    grad_losses: torch.Tensor,
-    w0: torch.Tensor,
-    eta: torch.Tensor,
-    support: torch.Tensor,
-    support_offsets: torch.Tensor,
-    query: torch.Tensor,
-    query_offsets: torch.Tensor,
-    max_iter: int,
-    tol: float,
-    weight_map: str,
-    num_threads: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.impl("mrm::map_user_losses_backward", "CompositeExplicitAutograd")
+def _map_user_losses_backward(grad_losses, w0, eta, support, support_offsets, query, query_offsets, *settings):
     grad_w0, grad_support, grad_query, grad_eta = ops.meta_backward(
         _np(w0), _np(support), _np(support_offsets), _np(query), _np(query_offsets), _np(grad_losses.to(support.dtype)),
-        eta=_np(eta), inner=ops.InnerLoop("map", max_iter=max_iter, tol=tol, weight_map=weight_map),
-        num_threads=num_threads or None,
+        eta=_np(eta), **_map(*settings),
     )
     return tuple(torch.from_numpy(g) for g in (grad_w0, grad_eta, grad_support, grad_query))
 
 
-@_map_user_losses_backward.register_fake
+@torch.library.register_fake("mrm::map_user_losses_backward")
 def _(grad_losses, w0, eta, support, support_offsets, query, query_offsets, *settings):
     return torch.empty_like(w0), torch.empty_like(eta), torch.empty_like(support), torch.empty_like(query)
 
@@ -157,13 +128,13 @@ def _map_setup_context(ctx, inputs, output):
 
 def _map_backward(ctx, grad_losses):
     w0, eta, support, support_offsets, query, query_offsets = ctx.saved_tensors
-    grad_w0, grad_eta, grad_support, grad_query = _map_user_losses_backward(
+    grad_w0, grad_eta, grad_support, grad_query = torch.ops.mrm.map_user_losses_backward(
         grad_losses.contiguous(), w0, eta, support, support_offsets, query, query_offsets, *ctx.settings
     )
     return (grad_w0, grad_eta, grad_support, None, grad_query, None) + (None,) * len(ctx.settings)
 
 
-_map_user_losses.register_autograd(_map_backward, setup_context=_map_setup_context)
+torch.library.register_autograd("mrm::map_user_losses", _map_backward, setup_context=_map_setup_context)
 
 
 @torch.library.custom_op("mrm::rpo", mutates_args=())
@@ -330,7 +301,7 @@ def user_losses(
         if first_order:
             raise ValueError("first_order does not apply to the 'map' solver (its gradient is implicit)")
         _check_cpu(eta=eta)
-        return _map_user_losses(
+        return torch.ops.mrm.map_user_losses(
             w0, eta, support, support_offsets, query, query_offsets, int(inner.max_iter), float(inner.tol),
             inner.weight_map, _threads_arg(num_threads),
         )
@@ -339,7 +310,7 @@ def user_losses(
     if inner.steps is None or inner.lr is None:
         raise TypeError("user_losses needs steps= and lr= (or inner=mrm.ops.InnerLoop(...))")
     beta1, beta2 = (float(b) for b in inner.betas)
-    return _user_losses(
+    return torch.ops.mrm.user_losses(
         w0, support, support_offsets, query, query_offsets, int(inner.steps), float(inner.lr), inner.optimizer,
         beta1, beta2, float(inner.eps), bool(first_order), _threads_arg(num_threads),
     )

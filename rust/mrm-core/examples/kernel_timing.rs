@@ -3,7 +3,7 @@
 //! (defaults 100000, 1, 8, 5); steps 0 leaves the part of each call that does not repeat per step.
 
 use mrm_core::bench::{args, best_of as best, uniform_values, Outputs};
-use mrm_core::{backward, forward, value_and_grad, Control, Csr, ForwardOutputs, InnerLoop, Optimizer, Start};
+use mrm_core::{forward, value_and_grad, Control, Csr, ForwardOutputs, InnerLoop, Optimizer, Start};
 
 fn main() {
     let [users, threads, k, steps] = args([100_000, 1, 8, 5]);
@@ -44,38 +44,30 @@ fn main() {
         });
         let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; support.len()], vec![0.0; query.len()]);
         let ones = vec![1.0f32; users];
-        let bwd = best(5, || {
-            backward(
-                Start::Shared(&w0),
-                s,
-                q,
-                &ones,
-                &inner,
-                false,
-                &mut gw,
-                &mut gs,
-                &mut gq,
-                &ctl,
-            )
-            .unwrap();
-        });
+        // Gradients alone (the backward pass), then with forward's outputs from the same pass.
+        let mut grads = |with_values: bool| {
+            best(5, || {
+                let values = with_values.then(|| out.all());
+                value_and_grad(
+                    Start::Shared(&w0),
+                    s,
+                    q,
+                    &ones,
+                    &inner,
+                    false,
+                    values,
+                    &mut gw,
+                    &mut gs,
+                    &mut gq,
+                    &ctl,
+                )
+                .unwrap();
+            })
+        };
+        let bwd = grads(false);
+        let fused = grads(true);
+        // The fused pass rewrites the same losses and gradients, bit for bit.
         let check: f64 = out.losses.iter().map(|&x| x as f64).sum::<f64>() + gw.iter().map(|&x| x as f64).sum::<f64>();
-        let fused = best(5, || {
-            value_and_grad(
-                Start::Shared(&w0),
-                s,
-                q,
-                &ones,
-                &inner,
-                false,
-                Some(out.all()),
-                &mut gw,
-                &mut gs,
-                &mut gq,
-                &ctl,
-            )
-            .unwrap();
-        });
         println!(
             "{name}: users {users} threads {threads} K {k} steps {steps}: adapt {adapt:.4} s  forward {fwd:.4} s  backward {bwd:.4} s  \
              value_and_grad {fused:.4} s  (checksum {check:.6})"

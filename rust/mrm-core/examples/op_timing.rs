@@ -8,7 +8,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use mrm_core::bench::{softmax_into, softmax_jvp, with_row_ops, RowOps, WithRowOps};
+use mrm_core::bench::{softmax_into, softmax_jvp, with_row_ops, Rank2Terms, RowOps, WithRowOps};
 
 struct Job;
 impl WithRowOps<f32> for Job {
@@ -66,18 +66,15 @@ impl WithRowOps<f32> for Job {
             black_box(&g);
         });
         time("rank2_sums", &mut || {
-            ops.rank2_sums(
-                &mut grad,
-                k,
-                1,
-                black_box(&z0),
-                black_box(&z0),
-                n,
-                black_box(&p),
-                black_box(&g),
-                k,
-                false,
-            );
+            let terms = Rank2Terms {
+                s: black_box(&z0),
+                c: black_box(&z0),
+                stride: n,
+                mu: black_box(&p),
+                p: black_box(&g),
+                row_stride: k,
+            };
+            ops.rank2_sums(&mut grad, k, 1, terms, false);
             black_box(&grad);
         });
         time("outer", &mut || {

@@ -372,39 +372,12 @@ pub fn forward<T: Dtype>(
 
 /// Exact gradient of `Σ_u grad_losses[u] · L_u` (SPEC §3) with respect to `w0` (into
 /// `grad_w0`: K values for a shared start, summed over users in a fixed order; U × K for a
-/// per-user start), every support row and every query row.
-#[allow(clippy::too_many_arguments)]
-pub fn backward<T: Dtype>(
-    start: Start<'_, T>,
-    support: Csr<'_, T>,
-    query: Csr<'_, T>,
-    grad_losses: &[T],
-    inner: &InnerLoop,
-    first_order: bool,
-    grad_w0: &mut [T],
-    grad_support: &mut [T],
-    grad_query: &mut [T],
-    ctl: &Control<'_>,
-) -> Result<()> {
-    value_and_grad(
-        start,
-        support,
-        query,
-        grad_losses,
-        inner,
-        first_order,
-        None,
-        grad_w0,
-        grad_support,
-        grad_query,
-        ctl,
-    )
-}
-
-/// [`backward`] and, with `values`, in the same pass what [`forward`] with query pairs gives:
-/// the adapted weights and each user's support loss, query loss and accuracy at them,
-/// bit-identical to [`forward`]'s. Reads every row once instead of twice, for callers that
-/// know `grad_losses` before the losses (a fixed weighting such as the mean).
+/// per-user start), every support row and every query row (the backward pass).
+///
+/// With `values`, also in the same pass what [`forward`] with query pairs gives: the adapted
+/// weights and each user's support loss, query loss and accuracy at them, bit-identical to
+/// [`forward`]'s. Reads every row once instead of twice, for callers that know `grad_losses`
+/// before the losses (a fixed weighting such as the mean).
 #[allow(clippy::too_many_arguments)]
 pub fn value_and_grad<T: Dtype>(
     start: Start<'_, T>,

@@ -33,7 +33,7 @@ impl<'a, T: Real> Csr<'a, T> {
     }
 
     /// A batch whose shape and offsets are checked but whose values are not scanned yet.
-    /// [`crate::forward`] and [`crate::backward`] check each user's rows as they read them
+    /// [`crate::forward`] and [`crate::value_and_grad`] check each user's rows as they read them
     /// (while they are in cache) and then give the same error as [`Csr::new`] would.
     pub fn shaped(name: &str, values: &'a [T], offsets: &'a [i64], k: usize) -> Result<Self> {
         if k == 0 {

@@ -134,6 +134,7 @@ unsafe fn run_with_features_512<T: Real, R: RowOps<T>, J: WithRowOps<T>>(ops: R,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rows::Rank2Terms;
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -208,28 +209,14 @@ mod tests {
             k: usize,
             n: usize,
             steps: usize,
-            s: &'a [f32],
-            c: &'a [f32],
-            mu: &'a [f32],
-            p: &'a [f32],
+            terms: Rank2Terms<'a, f32>,
         }
         const STRIDE_EXTRA: usize = 3;
         impl WithRowOps<f32> for Check<'_> {
             type Output = Vec<f32>;
             fn run<R: RowOps<f32>>(self, ops: R) -> Vec<f32> {
                 let mut out = vec![f32::NAN; self.n * self.k];
-                ops.rank2_sums(
-                    &mut out,
-                    self.k,
-                    self.steps,
-                    self.s,
-                    self.c,
-                    self.n + STRIDE_EXTRA,
-                    self.mu,
-                    self.p,
-                    2 * self.k,
-                    self.steps.is_multiple_of(2),
-                );
+                ops.rank2_sums(&mut out, self.k, self.steps, self.terms, self.steps.is_multiple_of(2));
                 out
             }
         }
@@ -242,18 +229,15 @@ mod tests {
                     let c: Vec<f32> = (0..steps * stride).map(|_| lcg(&mut seed)).collect();
                     let mu: Vec<f32> = (0..steps * 2 * k).map(|_| lcg(&mut seed)).collect();
                     let p: Vec<f32> = (0..steps * 2 * k).map(|_| lcg(&mut seed)).collect();
-                    let got = with_row_ops(
-                        k,
-                        Check {
-                            k,
-                            n,
-                            steps,
-                            s: &s,
-                            c: &c,
-                            mu: &mu,
-                            p: &p,
-                        },
-                    );
+                    let terms = Rank2Terms {
+                        s: &s,
+                        c: &c,
+                        stride,
+                        mu: &mu,
+                        p: &p,
+                        row_stride: 2 * k,
+                    };
+                    let got = with_row_ops(k, Check { k, n, steps, terms });
                     for i in 0..n {
                         for j in 0..k {
                             let want: f64 = (0..steps)
@@ -280,14 +264,14 @@ mod tests {
     /// non-finite values they write.
     #[test]
     fn row_writers_same_bits_at_every_alignment_and_report_non_finite() {
+        /// Writes `n` rows of `k` at `offset`: `outer` of `terms.s` and `terms.mu`, `rank2_sums` of
+        /// three steps of `terms`.
         struct Write<'a> {
             k: usize,
             n: usize,
             offset: usize,
             stream: bool,
-            s: &'a [f32],
-            c: &'a [f32],
-            mu: &'a [f32],
+            terms: Rank2Terms<'a, f32>,
         }
         impl WithRowOps<f32> for Write<'_> {
             type Output = (Vec<f32>, Vec<f32>, Vec<f32>, bool, bool);
@@ -298,19 +282,9 @@ mod tests {
                     vec![-7.0f32; n * k + 16],
                     vec![-7.0f32; n * k + 16],
                 ];
-                let ok_outer = ops.outer(&mut bufs[0][at..at + n * k], k, 0.75, self.s, self.mu, self.stream);
-                let ok_sums = ops.rank2_sums(
-                    &mut bufs[1][at..at + n * k],
-                    k,
-                    3,
-                    self.s,
-                    self.c,
-                    n,
-                    self.mu,
-                    &self.mu[1..],
-                    k,
-                    self.stream,
-                );
+                let (terms, stream) = (self.terms, self.stream);
+                let ok_outer = ops.outer(&mut bufs[0][at..at + n * k], k, 0.75, terms.s, terms.mu, stream);
+                let ok_sums = ops.rank2_sums(&mut bufs[1][at..at + n * k], k, 3, terms, stream);
                 ops.zero_rows(&mut bufs[2][at..at + n * k], self.stream);
                 crate::simd::stream::fence();
                 for b in &bufs {
@@ -336,33 +310,31 @@ mod tests {
                 let s: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
                 let c: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
                 let mu: Vec<f32> = (0..3 * k + 1).map(|_| lcg(&mut seed)).collect();
-                let want = with_row_ops(
-                    k,
-                    Write {
-                        k,
-                        n,
-                        offset: 0,
-                        stream: true,
-                        s: &s,
-                        c: &c,
-                        mu: &mu,
-                    },
-                );
-                assert!(want.3 && want.4, "K {k} n {n}: finite values reported as not finite");
-                assert!(want.2.iter().all(|&x| x.to_bits() == 0), "K {k} n {n}: zero_rows");
-                for (offset, stream) in (1..8).map(|o| (o, true)).chain([(0, false), (3, false)]) {
-                    let got = with_row_ops(
+                let terms = Rank2Terms {
+                    s: &s,
+                    c: &c,
+                    stride: n,
+                    mu: &mu,
+                    p: &mu[1..],
+                    row_stride: k,
+                };
+                let write = |offset, stream, terms: Rank2Terms<'_, f32>| {
+                    with_row_ops(
                         k,
                         Write {
                             k,
                             n,
                             offset,
                             stream,
-                            s: &s,
-                            c: &c,
-                            mu: &mu,
+                            terms,
                         },
-                    );
+                    )
+                };
+                let want = write(0, true, terms);
+                assert!(want.3 && want.4, "K {k} n {n}: finite values reported as not finite");
+                assert!(want.2.iter().all(|&x| x.to_bits() == 0), "K {k} n {n}: zero_rows");
+                for (offset, stream) in (1..8).map(|o| (o, true)).chain([(0, false), (3, false)]) {
+                    let got = write(offset, stream, terms);
                     for (name, x, y) in [
                         ("outer", &want.0, &got.0),
                         ("rank2_sums", &want.1, &got.1),
@@ -375,33 +347,11 @@ mod tests {
                     for bad in [f32::INFINITY, f32::NAN] {
                         let mut c_bad = c.clone();
                         c_bad[n + n / 2] = bad;
-                        let got = with_row_ops(
-                            k,
-                            Write {
-                                k,
-                                n,
-                                offset: 0,
-                                stream: true,
-                                s: &s,
-                                c: &c_bad,
-                                mu: &mu,
-                            },
-                        );
+                        let got = write(0, true, Rank2Terms { c: &c_bad, ..terms });
                         assert!(got.3 && !got.4, "K {k} n {n}: {bad} in rank2_sums not reported");
                         let mut s_bad = s.clone();
                         s_bad[n - 1] = bad;
-                        let got = with_row_ops(
-                            k,
-                            Write {
-                                k,
-                                n,
-                                offset: 0,
-                                stream: false,
-                                s: &s_bad,
-                                c: &c,
-                                mu: &mu,
-                            },
-                        );
+                        let got = write(0, false, Rank2Terms { s: &s_bad, ..terms });
                         assert!(!got.3, "K {k} n {n}: {bad} in outer not reported");
                     }
                 }

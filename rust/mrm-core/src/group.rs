@@ -19,7 +19,7 @@ use crate::error::{Error, Kind, Result};
 use crate::inner::{mean, positive_share, AdamStep, InnerLoop, Optimizer};
 use crate::lanes::{dot, softmax, softmax_jvp, Lanes, LANES};
 use crate::real::Real;
-use crate::rows::RowOps;
+use crate::rows::{Rank2Terms, RowOps};
 
 /// Steps whose Adam constants a group keeps (later ones are computed when needed).
 const ADAM_TABLE: usize = 64;
@@ -563,19 +563,15 @@ impl<T: Real, V: Lanes<T>> Group<T, V> {
             }
         }
         for (l, g) in grad_support.iter_mut().enumerate() {
-            let (s, c) = (&self.s[sup[l]..], &self.c[sup[l]..]);
-            finite &= ops.rank2_sums(
-                g,
-                k,
-                steps,
-                s,
-                c,
-                n_all,
-                &self.rank_mu[l * k..],
-                &self.rank_p[l * k..],
+            let terms = Rank2Terms {
+                s: &self.s[sup[l]..],
+                c: &self.c[sup[l]..],
+                stride: n_all,
+                mu: &self.rank_mu[l * k..],
+                p: &self.rank_p[l * k..],
                 row_stride,
-                stream,
-            );
+            };
+            finite &= ops.rank2_sums(g, k, steps, terms, stream);
         }
         Ok(finite)
     }

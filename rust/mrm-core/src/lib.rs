@@ -6,9 +6,9 @@
 //!
 //! - [`batch::forward`]: each user's inner loop (SGD or Adam) from a shared or per-user start,
 //!   with support/query loss and accuracy at the adapted weights;
-//! - [`batch::backward`]: the exact (or first-order) gradient of a weighted sum of query losses
-//!   with respect to the start and every support and query row;
-//! - [`batch::value_and_grad`]: both of the above in one pass over the rows;
+//! - [`batch::value_and_grad`]: the exact (or first-order) gradient of a weighted sum of query
+//!   losses with respect to the start and every support and query row, and optionally in the
+//!   same pass what [`batch::forward`] gives;
 //! - [`rpo::rpo`]: the Robust Personalization Objective and its gradient;
 //! - [`score::score`]: personalised rewards of feature rows;
 //! - [`map::map_forward`] / [`map::map_backward`]: MAP adaptation under a Gaussian prior, its
@@ -34,7 +34,7 @@ pub mod rpo;
 pub mod score;
 mod simd;
 
-pub use batch::{backward, forward, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
+pub use batch::{forward, value_and_grad, Control, ForwardOutputs, Start, MAX_THREADS};
 pub use csr::Csr;
 pub use dispatch::Dtype;
 pub use error::{Error, Kind, Result};
@@ -52,7 +52,7 @@ pub mod bench {
     pub use crate::dispatch::{with_row_ops, WithRowOps};
     pub use crate::lanes::Lanes;
     pub use crate::real::{softmax_into, softmax_jvp};
-    pub use crate::rows::RowOps;
+    pub use crate::rows::{Rank2Terms, RowOps};
 
     /// The best (smallest) wall-clock seconds of `runs` calls of `f`.
     pub fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {

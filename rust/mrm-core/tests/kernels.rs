@@ -2,8 +2,7 @@
 //! float32 against float64, bit-identical results for any thread count, no panics.
 
 use mrm_core::{
-    backward, forward, rpo, score, value_and_grad, Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, Optimizer,
-    Real, Start,
+    forward, rpo, score, value_and_grad, Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, Optimizer, Real, Start,
 };
 use proptest::prelude::*;
 
@@ -198,8 +197,8 @@ fn bit_identical_for_any_thread_count() {
     }
 }
 
-/// The fused pass gives, bit for bit, what `forward` (all four outputs) and `backward` give
-/// separately: f32 and f64, shared and per-user start, exact and first-order, ragged users
+/// The fused pass gives, bit for bit, what `forward` (all four outputs) and the gradients
+/// alone (`value_and_grad` without values) give separately: f32 and f64, shared and per-user start, exact and first-order, ragged users
 /// (some without support pairs), 1 and 2 threads, chunks that split blocks.
 #[test]
 fn value_and_grad_equals_forward_then_backward() {
@@ -221,33 +220,34 @@ fn value_and_grad_equals_forward_then_backward() {
         let ctl = Control::new(&p, 300);
         let s = Csr::new("support", &support, &d.s_off, k).unwrap();
         let q = Csr::new("query", &query, &d.q_off, k).unwrap();
-        let grads = || {
-            (
+        // The three gradients, with `values` also written in the same pass.
+        let grads = |values: Option<ForwardOutputs<'_, T>>| {
+            let (mut gw, mut gs, mut gq) = (
                 vec![T::ZERO; w0.len().min(if per_user { n * k } else { k })],
                 vec![T::ZERO; support.len()],
                 vec![T::ZERO; query.len()],
+            );
+            value_and_grad(
+                start,
+                s,
+                q,
+                &gl,
+                inner,
+                first_order,
+                values,
+                &mut gw,
+                &mut gs,
+                &mut gq,
+                &ctl,
             )
+            .unwrap();
+            (gw, gs, gq)
         };
         let mut separate = Outputs::new(n, k);
         forward(start, s, Some(q), inner, separate.all(), &ctl).unwrap();
-        let (mut gw, mut gs, mut gq) = grads();
-        backward(start, s, q, &gl, inner, first_order, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
+        let (gw, gs, gq) = grads(None);
         let mut fused = Outputs::new(n, k);
-        let (mut gw2, mut gs2, mut gq2) = grads();
-        value_and_grad(
-            start,
-            s,
-            q,
-            &gl,
-            inner,
-            first_order,
-            Some(fused.all()),
-            &mut gw2,
-            &mut gs2,
-            &mut gq2,
-            &ctl,
-        )
-        .unwrap();
+        let (gw2, gs2, gq2) = grads(Some(fused.all()));
         let (w, sl, l, a) = (
             separate.weights,
             separate.support_losses,
@@ -301,7 +301,7 @@ fn keep_going_false_interrupts() {
 }
 
 /// Rows whose values were not scanned up front (`Csr::shaped`) are checked by `forward` and
-/// `backward` as they read them, with the same error as a scan up front: the first bad row of
+/// `value_and_grad` as they read them, with the same error as a scan up front: the first bad row of
 /// support, else of query, whichever chunk it is in.
 #[test]
 fn deferred_value_checks_give_the_up_front_error() {
@@ -456,7 +456,7 @@ proptest! {
             let out = ForwardOutputs { weights: &mut w, support_losses: None, losses: None, accuracy: None };
             let _ = forward(Start::Shared(&w0), batch, None, &inner, out, &ctl);
             let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; values.len()], vec![0.0; values.len()]);
-            let _ = backward(Start::Shared(&w0), batch, batch, &vec![1.0; n], &inner, false, &mut gw, &mut gs, &mut gq, &ctl);
+            let _ = value_and_grad(Start::Shared(&w0), batch, batch, &vec![1.0; n], &inner, false, None, &mut gw, &mut gs, &mut gq, &ctl);
             let mut r = vec![0.0; batch.n_rows()];
             let _ = score(batch, &vec![0.0; n * k], &mut r, &ctl);
         }
@@ -496,13 +496,14 @@ fn gradients_same_bits_at_every_output_alignment() {
                     &mut gs[offset..offset + support.len()],
                     &mut gq[offset..offset + query.len()],
                 );
-                backward(
+                value_and_grad(
                     Start::Shared(&w0),
                     s,
                     q,
                     &gl,
                     &inner,
                     first_order,
+                    None,
                     &mut gw,
                     gs_out,
                     gq_out,

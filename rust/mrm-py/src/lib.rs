@@ -13,12 +13,12 @@ use mrm_core::{
     Control, Csr, Dtype, Error, ForwardOutputs, InnerLoop, Kind, MapGradients, MapOutputs, MapSettings, Optimizer,
     Real, Start, WeightMap, MAX_THREADS,
 };
-use numpy::ndarray::{Array1, Array2, Array3};
+use numpy::ndarray::{Array1, Array2, Array3, Dimension, Ix1, Ix2, Ix3, IxDyn};
 use numpy::{
     Element, IntoPyArray, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
     PyReadwriteArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 /// Users per chunk between two checks for Ctrl-C.
@@ -274,7 +274,7 @@ type BackwardOut<'py, T> = (
     Bound<'py, PyArray2<T>>,
 );
 
-fn forward<'py, T: Dtype + Element>(
+fn forward_arrays<'py, T: Dtype + Element>(
     py: Python<'py>,
     inputs: Inputs<'_, T, Option<Csr<'_, T>>>,
     inner: InnerLoop,
@@ -333,7 +333,7 @@ impl<T: Real + Element> ForwardBuffers<T> {
 
 /// `backward`, and with `with_values` also `forward`'s four outputs from the same pass
 /// (`mrm_core::value_and_grad`); returns the gradients and those outputs.
-fn backward<'py, T: Dtype + Element>(
+fn backward_arrays<'py, T: Dtype + Element>(
     py: Python<'py>,
     inputs: Inputs<'_, T, Csr<'_, T>>,
     grad_losses: PyReadonlyArray1<'py, T>,
@@ -398,79 +398,6 @@ fn slice_mut<'a, T: Element, D: numpy::ndarray::Dimension>(
     array
         .as_slice_mut()
         .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
-}
-
-fn rpo<'py, T: Real + Element>(
-    py: Python<'py>,
-    losses: PyReadonlyArray1<'py, T>,
-    tail: f64,
-    gamma: f64,
-) -> PyResult<(f64, Bound<'py, PyAny>)> {
-    let (objective, grad) = mrm_core::rpo(slice("losses", &losses)?, tail, gamma).py()?;
-    Ok((objective.to_f64(), Array1::from_vec(grad).into_pyarray(py).into_any()))
-}
-
-fn score<'py, T: Real + Element>(
-    py: Python<'py>,
-    features: PyReadonlyArray2<'py, T>,
-    feature_offsets: PyReadonlyArray1<'py, i64>,
-    weights: PyReadonlyArray2<'py, T>,
-    num_threads: usize,
-) -> PyResult<Bound<'py, PyAny>> {
-    let threads = pool(num_threads)?;
-    let features = csr(py, "features", &features, &feature_offsets, &threads, true)?;
-    let weights = slice("weights", &weights)?;
-    let mut rewards = vec![T::ZERO; features.n_rows()];
-    run(py, &threads, |ctl| {
-        mrm_core::score(features, weights, &mut rewards, ctl)
-    })?;
-    Ok(Array1::from_vec(rewards).into_pyarray(py).into_any())
-}
-
-/// The `chosen` and `rejected` row indices of the pairs.
-type PairIndices<'py> = (PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, i64>);
-
-fn pair_indices<'a>((chosen, rejected): &'a PairIndices<'_>) -> PyResult<(&'a [i64], &'a [i64])> {
-    Ok((slice("chosen", chosen)?, slice("rejected", rejected)?))
-}
-
-fn gather<'py, T: Real + Element>(
-    py: Python<'py>,
-    features: PyReadonlyArray2<'py, T>,
-    pairs: PairIndices<'py>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let k = features.shape()[1];
-    let f = slice("features", &features)?;
-    let (c, r) = pair_indices(&pairs)?;
-    let mut out = vec![T::ZERO; c.len() * k];
-    py.detach(|| mrm_core::pair_differences(f, k, c, r, &mut out)).py()?;
-    Ok(matrix(out, c.len(), k)?.into_pyarray(py).into_any())
-}
-
-fn gather_backward<'py, T: Real + Element>(
-    py: Python<'py>,
-    grad: PyReadonlyArray2<'py, T>,
-    pairs: PairIndices<'py>,
-    n_rows: usize,
-) -> PyResult<Bound<'py, PyAny>> {
-    let k = grad.shape()[1];
-    let g = slice("grad", &grad)?;
-    let (c, r) = pair_indices(&pairs)?;
-    // Indices first (an error must not wait for a large allocation), then the size: an
-    // impossible one is an error, never an abort.
-    mrm_core::check_pairs(c, r, n_rows).py()?;
-    let too_large = || {
-        PyValueError::new_err(format!(
-            "n_rows = {n_rows} is too large: cannot allocate the ({n_rows}, {k}) gradient"
-        ))
-    };
-    let len = n_rows.checked_mul(k).ok_or_else(too_large)?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(len).map_err(|_| too_large())?;
-    out.resize(len, T::ZERO);
-    py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out))
-        .py()?;
-    Ok(matrix(out, n_rows, k)?.into_pyarray(py).into_any())
 }
 
 fn map_settings(max_iter: usize, tol: f64, weight_map: &str) -> PyResult<MapSettings> {
@@ -574,7 +501,7 @@ impl<T: Real + Element> MapBuffers<T> {
     }
 }
 
-fn map_forward<'py, T: Real + Element>(
+fn map_forward_arrays<'py, T: Real + Element>(
     py: Python<'py>,
     inputs: Inputs<'_, T, Option<Csr<'_, T>>>,
     eta: PyReadonlyArray1<'py, T>,
@@ -600,7 +527,7 @@ type MapBackward<'py> = (
     Bound<'py, PyAny>,
 );
 
-fn map_backward<'py, T: Real + Element>(
+fn map_backward_arrays<'py, T: Real + Element>(
     py: Python<'py>,
     inputs: Inputs<'_, T, Csr<'_, T>>,
     eta: PyReadonlyArray1<'py, T>,
@@ -654,40 +581,6 @@ fn map_backward<'py, T: Real + Element>(
     Ok((grads, buffers.map(|b| b.into_arrays(py)).transpose()?))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn predictive<'py, T: Real + Element>(
-    py: Python<'py>,
-    rows: PyReadonlyArray2<'py, T>,
-    offsets: PyReadonlyArray1<'py, i64>,
-    weights: PyReadonlyArray2<'py, T>,
-    covariance: Option<numpy::PyReadonlyArray3<'py, T>>,
-    weight_map: &str,
-    num_threads: usize,
-) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
-    let settings = map_settings(1, 1.0, weight_map)?;
-    let threads = pool(num_threads)?;
-    let rows = csr(py, "features", &rows, &offsets, &threads, false)?;
-    let weights = slice("weights", &weights)?;
-    let covariance = covariance.as_ref().map(|c| slice("covariance", c)).transpose()?;
-    let mut mean = vec![T::ZERO; rows.n_rows()];
-    let mut variance = covariance.map(|_| vec![T::ZERO; rows.n_rows()]);
-    run(py, &threads, |ctl| {
-        mrm_core::predictive(
-            rows,
-            weights,
-            covariance,
-            settings.weight_map,
-            &mut mean,
-            variance.as_deref_mut(),
-            ctl,
-        )
-    })?;
-    Ok((
-        Array1::from_vec(mean).into_pyarray(py).into_any(),
-        variance.map(|v| Array1::from_vec(v).into_pyarray(py).into_any()),
-    ))
-}
-
 /// Validates the inner-loop settings with the core's rules (`mrm.ops.InnerLoop` calls it once).
 #[pyfunction]
 #[pyo3(signature = (optimizer, steps, lr, beta1, beta2, eps, max_iter, tol, weight_map))]
@@ -710,185 +603,315 @@ fn check_inner_loop(
     inner_loop(steps, lr, optimizer, beta1, beta2, eps)?.validate().py()
 }
 
-/// The Python entry points for one dtype; `mrm.ops` picks the dtype.
-macro_rules! entry_points {
-    ($t:ty, $forward:ident, $backward:ident, $rpo:ident, $score:ident, $gather:ident, $gather_backward:ident,
-     $map_forward:ident, $map_backward:ident, $predictive:ident) => {
-        #[pyfunction]
-        #[pyo3(signature = (w0, eta, support, support_offsets, query, query_offsets, init, max_iter, tol, weight_map, with_covariance, num_threads))]
-        #[allow(clippy::too_many_arguments)]
-        fn $map_forward<'py>(
-            py: Python<'py>,
-            w0: PyReadonlyArrayDyn<'py, $t>,
-            eta: PyReadonlyArray1<'py, $t>,
-            support: PyReadonlyArray2<'py, $t>,
-            support_offsets: PyReadonlyArray1<'py, i64>,
-            query: Option<PyReadonlyArray2<'py, $t>>,
-            query_offsets: Option<PyReadonlyArray1<'py, i64>>,
-            init: Option<PyReadonlyArray2<'py, $t>>,
-            max_iter: usize,
-            tol: f64,
-            weight_map: &str,
-            with_covariance: bool,
-            num_threads: usize,
-        ) -> PyResult<MapForward<'py>> {
-            let settings = map_settings(max_iter, tol, weight_map)?;
-            let query = query.as_ref().zip(query_offsets.as_ref());
-            let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), query)?;
-            map_forward(py, inputs, eta, init, settings, with_covariance)
-        }
+/// The float type of an entry point's arrays, read from one of them.
+#[derive(Clone, Copy)]
+enum Float {
+    F32,
+    F64,
+}
 
-        #[pyfunction]
-        #[pyo3(signature = (w0, eta, support, support_offsets, query, query_offsets, grad_losses, max_iter, tol, weight_map, num_threads, with_values=false))]
-        #[allow(clippy::too_many_arguments)]
-        fn $map_backward<'py>(
-            py: Python<'py>,
-            w0: PyReadonlyArrayDyn<'py, $t>,
-            eta: PyReadonlyArray1<'py, $t>,
-            support: PyReadonlyArray2<'py, $t>,
-            support_offsets: PyReadonlyArray1<'py, i64>,
-            query: PyReadonlyArray2<'py, $t>,
-            query_offsets: PyReadonlyArray1<'py, i64>,
-            grad_losses: PyReadonlyArray1<'py, $t>,
-            max_iter: usize,
-            tol: f64,
-            weight_map: &str,
-            num_threads: usize,
-            with_values: bool,
-        ) -> PyResult<(MapBackward<'py>, Option<MapForward<'py>>)> {
-            let settings = map_settings(max_iter, tol, weight_map)?;
-            let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), (&query, &query_offsets))?;
-            map_backward(py, inputs, eta, grad_losses, settings, with_values)
-        }
+/// The float type of `array` (named `name` in the error): float32 or float64.
+fn float_of(name: &str, array: &Bound<'_, PyAny>) -> PyResult<Float> {
+    if array.cast::<PyArrayDyn<f32>>().is_ok() {
+        Ok(Float::F32)
+    } else if array.cast::<PyArrayDyn<f64>>().is_ok() {
+        Ok(Float::F64)
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "{name} must be a float32 or float64 numpy array"
+        )))
+    }
+}
 
-        #[pyfunction]
-        #[pyo3(signature = (rows, offsets, weights, covariance, weight_map, num_threads))]
-        fn $predictive<'py>(
-            py: Python<'py>,
-            rows: PyReadonlyArray2<'py, $t>,
-            offsets: PyReadonlyArray1<'py, i64>,
-            weights: PyReadonlyArray2<'py, $t>,
-            covariance: Option<numpy::PyReadonlyArray3<'py, $t>>,
-            weight_map: &str,
-            num_threads: usize,
-        ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
-            predictive(py, rows, offsets, weights, covariance, weight_map, num_threads)
-        }
-
-        #[pyfunction]
-        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, steps, lr, optimizer, beta1, beta2, eps, with_support_loss, num_threads))]
-        #[allow(clippy::too_many_arguments)]
-        fn $forward<'py>(
-            py: Python<'py>,
-            w0: PyReadonlyArrayDyn<'py, $t>,
-            support: PyReadonlyArray2<'py, $t>,
-            support_offsets: PyReadonlyArray1<'py, i64>,
-            query: Option<PyReadonlyArray2<'py, $t>>,
-            query_offsets: Option<PyReadonlyArray1<'py, i64>>,
-            steps: usize,
-            lr: f64,
-            optimizer: &str,
-            beta1: f64,
-            beta2: f64,
-            eps: f64,
-            with_support_loss: bool,
-            num_threads: usize,
-        ) -> PyResult<Forward<'py>> {
-            let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
-            let query = query.as_ref().zip(query_offsets.as_ref());
-            forward(py, inputs(py, num_threads, &w0, (&support, &support_offsets), query)?, inner, with_support_loss)
-        }
-
-        #[pyfunction]
-        #[pyo3(signature = (w0, support, support_offsets, query, query_offsets, grad_losses, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads, out=None, with_values=false))]
-        #[allow(clippy::too_many_arguments)]
-        fn $backward<'py>(
-            py: Python<'py>,
-            w0: PyReadonlyArrayDyn<'py, $t>,
-            support: PyReadonlyArray2<'py, $t>,
-            support_offsets: PyReadonlyArray1<'py, i64>,
-            query: PyReadonlyArray2<'py, $t>,
-            query_offsets: PyReadonlyArray1<'py, i64>,
-            grad_losses: PyReadonlyArray1<'py, $t>,
-            steps: usize,
-            lr: f64,
-            optimizer: &str,
-            beta1: f64,
-            beta2: f64,
-            eps: f64,
-            first_order: bool,
-            num_threads: usize,
-            out: Option<BackwardOut<'py, $t>>,
-            with_values: bool,
-        ) -> PyResult<(Backward<'py>, Option<Forward<'py>>)> {
-            let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
-            let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), (&query, &query_offsets))?;
-            backward(py, inputs, grad_losses, inner, first_order, out, with_values)
-        }
-
-        #[pyfunction]
-        fn $rpo<'py>(py: Python<'py>, losses: PyReadonlyArray1<'py, $t>, tail: f64, gamma: f64) -> PyResult<(f64, Bound<'py, PyAny>)> {
-            rpo(py, losses, tail, gamma)
-        }
-
-        #[pyfunction]
-        fn $score<'py>(
-            py: Python<'py>,
-            features: PyReadonlyArray2<'py, $t>,
-            feature_offsets: PyReadonlyArray1<'py, i64>,
-            weights: PyReadonlyArray2<'py, $t>,
-            num_threads: usize,
-        ) -> PyResult<Bound<'py, PyAny>> {
-            score(py, features, feature_offsets, weights, num_threads)
-        }
-
-        #[pyfunction]
-        fn $gather<'py>(
-            py: Python<'py>,
-            features: PyReadonlyArray2<'py, $t>,
-            chosen: PyReadonlyArray1<'py, i64>,
-            rejected: PyReadonlyArray1<'py, i64>,
-        ) -> PyResult<Bound<'py, PyAny>> {
-            gather(py, features, (chosen, rejected))
-        }
-
-        #[pyfunction]
-        fn $gather_backward<'py>(
-            py: Python<'py>,
-            grad: PyReadonlyArray2<'py, $t>,
-            chosen: PyReadonlyArray1<'py, i64>,
-            rejected: PyReadonlyArray1<'py, i64>,
-            n_rows: usize,
-        ) -> PyResult<Bound<'py, PyAny>> {
-            gather_backward(py, grad, (chosen, rejected), n_rows)
+/// `$body` with the type `$t` standing for the float type of `$array` (named `$name`): the
+/// entry points take either dtype and pick the kernels for it here, at run time.
+macro_rules! with_float {
+    ($name:literal, $array:expr, $t:ident => $body:expr) => {
+        match float_of($name, $array)? {
+            Float::F32 => {
+                type $t = f32;
+                $body
+            }
+            Float::F64 => {
+                type $t = f64;
+                $body
+            }
         }
     };
 }
 
-entry_points!(
-    f32,
-    forward_f32,
-    backward_f32,
-    rpo_f32,
-    score_f32,
-    pair_differences_f32,
-    pair_differences_backward_f32,
-    map_forward_f32,
-    map_backward_f32,
-    predictive_f32
-);
-entry_points!(
-    f64,
-    forward_f64,
-    backward_f64,
-    rpo_f64,
-    score_f64,
-    pair_differences_f64,
-    pair_differences_backward_f64,
-    map_forward_f64,
-    map_backward_f64,
-    predictive_f64
-);
+/// `array` read-only with `T` values and `D` dimensions; else a `TypeError` naming it (its dtype
+/// must be the one the entry point took from its first float array).
+fn typed<'py, T: Element, D: Dimension>(
+    name: &str,
+    array: &Bound<'py, PyAny>,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
+    array.extract().map_err(|_| {
+        // Only float arrays are read this way: 4-byte values are float32.
+        let dtype = if std::mem::size_of::<T>() == 4 {
+            "float32"
+        } else {
+            "float64"
+        };
+        let ndim = D::NDIM.map_or("N".to_owned(), |n| n.to_string());
+        PyTypeError::new_err(format!(
+            "{name} must be a {ndim}-D {dtype} array like the other float arrays"
+        ))
+    })
+}
+
+/// `typed` for an optional argument.
+fn typed_opt<'py, T: Element, D: Dimension>(
+    name: &str,
+    array: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<numpy::PyReadonlyArray<'py, T, D>>> {
+    array.map(|a| typed(name, a)).transpose()
+}
+
+// The Python entry points: float32 or float64 arrays, picked by `with_float!`; `mrm.ops`
+// validates the arguments first and documents them.
+
+#[pyfunction]
+#[pyo3(signature = (w0, eta, support, support_offsets, query, query_offsets, init, max_iter, tol, weight_map, with_covariance, num_threads))]
+#[allow(clippy::too_many_arguments)]
+fn map_forward<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    eta: &Bound<'py, PyAny>,
+    support: &Bound<'py, PyAny>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: Option<&Bound<'py, PyAny>>,
+    query_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    init: Option<&Bound<'py, PyAny>>,
+    max_iter: usize,
+    tol: f64,
+    weight_map: &str,
+    with_covariance: bool,
+    num_threads: usize,
+) -> PyResult<MapForward<'py>> {
+    let settings = map_settings(max_iter, tol, weight_map)?;
+    with_float!("support", support, T => {
+        let (w0, support) = (typed::<T, IxDyn>("w0", w0)?, typed::<T, Ix2>("support", support)?);
+        let query = typed_opt::<T, Ix2>("query", query)?;
+        let query = query.as_ref().zip(query_offsets.as_ref());
+        let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), query)?;
+        let (eta, init) = (typed::<T, Ix1>("eta", eta)?, typed_opt::<T, Ix2>("init", init)?);
+        map_forward_arrays(py, inputs, eta, init, settings, with_covariance)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (w0, eta, support, support_offsets, query, query_offsets, grad_losses, max_iter, tol, weight_map, num_threads, with_values=false))]
+#[allow(clippy::too_many_arguments)]
+fn map_backward<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    eta: &Bound<'py, PyAny>,
+    support: &Bound<'py, PyAny>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: &Bound<'py, PyAny>,
+    query_offsets: PyReadonlyArray1<'py, i64>,
+    grad_losses: &Bound<'py, PyAny>,
+    max_iter: usize,
+    tol: f64,
+    weight_map: &str,
+    num_threads: usize,
+    with_values: bool,
+) -> PyResult<(MapBackward<'py>, Option<MapForward<'py>>)> {
+    let settings = map_settings(max_iter, tol, weight_map)?;
+    with_float!("support", support, T => {
+        let (w0, support) = (typed::<T, IxDyn>("w0", w0)?, typed::<T, Ix2>("support", support)?);
+        let query = typed::<T, Ix2>("query", query)?;
+        let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), (&query, &query_offsets))?;
+        let (eta, grad_losses) = (typed::<T, Ix1>("eta", eta)?, typed::<T, Ix1>("grad_losses", grad_losses)?);
+        map_backward_arrays(py, inputs, eta, grad_losses, settings, with_values)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (rows, offsets, weights, covariance, weight_map, num_threads))]
+fn predictive<'py>(
+    py: Python<'py>,
+    rows: &Bound<'py, PyAny>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    weights: &Bound<'py, PyAny>,
+    covariance: Option<&Bound<'py, PyAny>>,
+    weight_map: &str,
+    num_threads: usize,
+) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+    let settings = map_settings(1, 1.0, weight_map)?;
+    let threads = pool(num_threads)?;
+    with_float!("rows", rows, T => {
+        let rows = typed::<T, Ix2>("features", rows)?;
+        let rows = csr(py, "features", &rows, &offsets, &threads, false)?;
+        let weights = typed::<T, Ix2>("weights", weights)?;
+        let weights = slice("weights", &weights)?;
+        let covariance = typed_opt::<T, Ix3>("covariance", covariance)?;
+        let covariance = covariance.as_ref().map(|c| slice("covariance", c)).transpose()?;
+        let mut mean = vec![T::ZERO; rows.n_rows()];
+        let mut variance = covariance.map(|_| vec![T::ZERO; rows.n_rows()]);
+        run(py, &threads, |ctl| {
+            mrm_core::predictive(
+                rows,
+                weights,
+                covariance,
+                settings.weight_map,
+                &mut mean,
+                variance.as_deref_mut(),
+                ctl,
+            )
+        })?;
+        Ok((
+            Array1::from_vec(mean).into_pyarray(py).into_any(),
+            variance.map(|v| Array1::from_vec(v).into_pyarray(py).into_any()),
+        ))
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (w0, support, support_offsets, query, query_offsets, steps, lr, optimizer, beta1, beta2, eps, with_support_loss, num_threads))]
+#[allow(clippy::too_many_arguments)]
+fn forward<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    support: &Bound<'py, PyAny>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: Option<&Bound<'py, PyAny>>,
+    query_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    steps: usize,
+    lr: f64,
+    optimizer: &str,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    with_support_loss: bool,
+    num_threads: usize,
+) -> PyResult<Forward<'py>> {
+    let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
+    with_float!("support", support, T => {
+        let (w0, support) = (typed::<T, IxDyn>("w0", w0)?, typed::<T, Ix2>("support", support)?);
+        let query = typed_opt::<T, Ix2>("query", query)?;
+        let query = query.as_ref().zip(query_offsets.as_ref());
+        let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), query)?;
+        forward_arrays(py, inputs, inner, with_support_loss)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (w0, support, support_offsets, query, query_offsets, grad_losses, steps, lr, optimizer, beta1, beta2, eps, first_order, num_threads, out=None, with_values=false))]
+#[allow(clippy::too_many_arguments)]
+fn backward<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    support: &Bound<'py, PyAny>,
+    support_offsets: PyReadonlyArray1<'py, i64>,
+    query: &Bound<'py, PyAny>,
+    query_offsets: PyReadonlyArray1<'py, i64>,
+    grad_losses: &Bound<'py, PyAny>,
+    steps: usize,
+    lr: f64,
+    optimizer: &str,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    first_order: bool,
+    num_threads: usize,
+    out: Option<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)>,
+    with_values: bool,
+) -> PyResult<(Backward<'py>, Option<Forward<'py>>)> {
+    let inner = inner_loop(steps, lr, optimizer, beta1, beta2, eps)?;
+    with_float!("support", support, T => {
+        let (w0, support) = (typed::<T, IxDyn>("w0", w0)?, typed::<T, Ix2>("support", support)?);
+        let query = typed::<T, Ix2>("query", query)?;
+        let inputs = inputs(py, num_threads, &w0, (&support, &support_offsets), (&query, &query_offsets))?;
+        let grad_losses = typed::<T, Ix1>("grad_losses", grad_losses)?;
+        let out: Option<BackwardOut<'py, T>> = match out {
+            Some((gw, gs, gq)) => Some((gw.cast_into()?, gs.cast_into()?, gq.cast_into()?)),
+            None => None,
+        };
+        backward_arrays(py, inputs, grad_losses, inner, first_order, out, with_values)
+    })
+}
+
+#[pyfunction]
+fn rpo<'py>(py: Python<'py>, losses: &Bound<'py, PyAny>, tail: f64, gamma: f64) -> PyResult<(f64, Bound<'py, PyAny>)> {
+    with_float!("losses", losses, T => {
+        let losses = typed::<T, Ix1>("losses", losses)?;
+        let (objective, grad) = mrm_core::rpo(slice("losses", &losses)?, tail, gamma).py()?;
+        Ok((objective.to_f64(), Array1::from_vec(grad).into_pyarray(py).into_any()))
+    })
+}
+
+#[pyfunction]
+fn score<'py>(
+    py: Python<'py>,
+    features: &Bound<'py, PyAny>,
+    feature_offsets: PyReadonlyArray1<'py, i64>,
+    weights: &Bound<'py, PyAny>,
+    num_threads: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let threads = pool(num_threads)?;
+    with_float!("features", features, T => {
+        let features = typed::<T, Ix2>("features", features)?;
+        let features = csr(py, "features", &features, &feature_offsets, &threads, true)?;
+        let weights = typed::<T, Ix2>("weights", weights)?;
+        let weights = slice("weights", &weights)?;
+        let mut rewards = vec![T::ZERO; features.n_rows()];
+        run(py, &threads, |ctl| {
+            mrm_core::score(features, weights, &mut rewards, ctl)
+        })?;
+        Ok(Array1::from_vec(rewards).into_pyarray(py).into_any())
+    })
+}
+
+#[pyfunction]
+fn pair_differences<'py>(
+    py: Python<'py>,
+    features: &Bound<'py, PyAny>,
+    chosen: PyReadonlyArray1<'py, i64>,
+    rejected: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (c, r) = (slice("chosen", &chosen)?, slice("rejected", &rejected)?);
+    with_float!("features", features, T => {
+        let features = typed::<T, Ix2>("features", features)?;
+        let k = features.shape()[1];
+        let f = slice("features", &features)?;
+        let mut out = vec![T::ZERO; c.len() * k];
+        py.detach(|| mrm_core::pair_differences(f, k, c, r, &mut out)).py()?;
+        Ok(matrix(out, c.len(), k)?.into_pyarray(py).into_any())
+    })
+}
+
+#[pyfunction]
+fn pair_differences_backward<'py>(
+    py: Python<'py>,
+    grad: &Bound<'py, PyAny>,
+    chosen: PyReadonlyArray1<'py, i64>,
+    rejected: PyReadonlyArray1<'py, i64>,
+    n_rows: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (c, r) = (slice("chosen", &chosen)?, slice("rejected", &rejected)?);
+    with_float!("grad", grad, T => {
+        let grad = typed::<T, Ix2>("grad", grad)?;
+        let k = grad.shape()[1];
+        let g = slice("grad", &grad)?;
+        // Indices first (an error must not wait for a large allocation), then the size: an
+        // impossible one is an error, never an abort.
+        mrm_core::check_pairs(c, r, n_rows).py()?;
+        let too_large = || {
+            PyValueError::new_err(format!(
+                "n_rows = {n_rows} is too large: cannot allocate the ({n_rows}, {k}) gradient"
+            ))
+        };
+        let len = n_rows.checked_mul(k).ok_or_else(too_large)?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(len).map_err(|_| too_large())?;
+        out.resize(len, T::ZERO);
+        py.detach(|| mrm_core::pair_differences_backward(g, k, c, r, &mut out))
+            .py()?;
+        Ok(matrix(out, n_rows, k)?.into_pyarray(py).into_any())
+    })
+}
 
 /// Sets the output cache's limit in bytes (see `cache`); returns the bytes it still holds.
 #[pyfunction]
@@ -906,25 +929,16 @@ fn output_cache_limit() -> usize {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_output_cache_limit, m)?)?;
     m.add_function(wrap_pyfunction!(output_cache_limit, m)?)?;
-    m.add_function(wrap_pyfunction!(forward_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(forward_f64, m)?)?;
-    m.add_function(wrap_pyfunction!(backward_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(backward_f64, m)?)?;
-    m.add_function(wrap_pyfunction!(rpo_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(rpo_f64, m)?)?;
-    m.add_function(wrap_pyfunction!(score_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(score_f64, m)?)?;
     for f in [
-        wrap_pyfunction!(pair_differences_f32, m)?,
-        wrap_pyfunction!(pair_differences_f64, m)?,
-        wrap_pyfunction!(pair_differences_backward_f32, m)?,
-        wrap_pyfunction!(pair_differences_backward_f64, m)?,
-        wrap_pyfunction!(map_forward_f32, m)?,
-        wrap_pyfunction!(map_forward_f64, m)?,
-        wrap_pyfunction!(map_backward_f32, m)?,
-        wrap_pyfunction!(map_backward_f64, m)?,
-        wrap_pyfunction!(predictive_f32, m)?,
-        wrap_pyfunction!(predictive_f64, m)?,
+        wrap_pyfunction!(forward, m)?,
+        wrap_pyfunction!(backward, m)?,
+        wrap_pyfunction!(rpo, m)?,
+        wrap_pyfunction!(score, m)?,
+        wrap_pyfunction!(pair_differences, m)?,
+        wrap_pyfunction!(pair_differences_backward, m)?,
+        wrap_pyfunction!(map_forward, m)?,
+        wrap_pyfunction!(map_backward, m)?,
+        wrap_pyfunction!(predictive, m)?,
         wrap_pyfunction!(check_inner_loop, m)?,
     ] {
         m.add_function(f)?;

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::RowOps;
+use super::{Rank2Terms, RowOps};
 use crate::simd::avx2::{across_lanes, map_lanes, neg_sigmoid, neg_softplus, Cpu};
 
 /// Hand-vectorised kernels for f32 rows of `8 C` values (`C` registers per row); made from
@@ -61,28 +61,17 @@ impl<const C: usize> RowOps<f32> for F32Rows<C> {
     }
 
     #[inline(always)]
-    fn rank2_sums(
-        self,
-        out: &mut [f32],
-        k: usize,
-        steps: usize,
-        s: &[f32],
-        c: &[f32],
-        stride: usize,
-        mu: &[f32],
-        p: &[f32],
-        row_stride: usize,
-        stream: bool,
-    ) -> bool {
+    fn rank2_sums(self, out: &mut [f32], k: usize, steps: usize, terms: Rank2Terms<'_, f32>, stream: bool) -> bool {
         assert!(k == 8 * C);
         let n = out.len() / k;
         if steps == 0 {
             self.zero_rows(out, stream);
             return true;
         }
-        let last = (steps - 1) * stride + n;
-        let last_row = (steps - 1) * row_stride + k;
-        assert!(s.len() >= last && c.len() >= last && mu.len() >= last_row && p.len() >= last_row);
+        let last = (steps - 1) * terms.stride + n;
+        let last_row = (steps - 1) * terms.row_stride + k;
+        assert!(terms.s.len() >= last && terms.c.len() >= last);
+        assert!(terms.mu.len() >= last_row && terms.p.len() >= last_row);
         // SAFETY: the CPU has the features; writes stay inside the n rows of `out`, reads
         // inside `s`, `c` (checked above for the last step, the farthest) and `mu`, `p`.
         unsafe {
@@ -90,18 +79,8 @@ impl<const C: usize> RowOps<f32> for F32Rows<C> {
             // fit in registers.
             let blocked = if C <= 2 { n / 4 * 4 } else { 0 };
             let (head, tail) = out[..k * n].split_at_mut(k * blocked);
-            let ok = rank2_sums::<C, 4>(head, steps, s, c, stride, mu, p, row_stride, stream);
-            ok & rank2_sums::<C, 1>(
-                tail,
-                steps,
-                &s[blocked..],
-                &c[blocked..],
-                stride,
-                mu,
-                p,
-                row_stride,
-                stream,
-            )
+            let ok = rank2_sums::<C, 4>(head, steps, terms, stream);
+            ok & rank2_sums::<C, 1>(tail, steps, terms.skip_rows(blocked), stream)
         }
     }
 
@@ -287,20 +266,22 @@ unsafe fn outer<const C: usize>(out: &mut [f32], a: f32, s: &[f32], p: &[f32], s
 /// `out_i = Σ_t (c_{t,i} p_t − s_{t,i} μ_t)`, `t` from `steps − 1` down: each row's sums
 /// stay in registers through the steps (two fused multiply-adds per register and step),
 /// and the row is stored once.
-#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rank2_sums<const C: usize, const R: usize>(
     out: &mut [f32],
     steps: usize,
-    s: &[f32],
-    c: &[f32],
-    stride: usize,
-    mu: &[f32],
-    p: &[f32],
-    row_stride: usize,
+    terms: Rank2Terms<'_, f32>,
     stream: bool,
 ) -> bool {
+    let Rank2Terms {
+        s,
+        c,
+        stride,
+        mu,
+        p,
+        row_stride,
+    } = terms;
     let put = Put::of(out, stream);
     let mut check = _mm256_setzero_ps();
     let (o, sp, cp, mp, pp) = (out.as_mut_ptr(), s.as_ptr(), c.as_ptr(), mu.as_ptr(), p.as_ptr());

@@ -15,6 +15,32 @@
 //! 64 on CPUs with and without AVX2 agree to rounding, not to the bit.
 
 use crate::real::{all_finite, dot, Real};
+
+/// The recorded steps that [`RowOps::rank2_sums`] sums: at step `t`, row `i`'s scalars
+/// `s_{t,i} = s[t · stride + i]` (`c` alike), and the K values `μ_t`, `p_t` at `t · row_stride`
+/// of `mu`, `p`.
+#[derive(Clone, Copy, Debug)]
+pub struct Rank2Terms<'a, T> {
+    pub s: &'a [T],
+    pub c: &'a [T],
+    pub stride: usize,
+    pub mu: &'a [T],
+    pub p: &'a [T],
+    pub row_stride: usize,
+}
+
+impl<T> Rank2Terms<'_, T> {
+    /// The terms of the rows after the first `rows`.
+    #[inline(always)]
+    pub fn skip_rows(self, rows: usize) -> Self {
+        Rank2Terms {
+            s: &self.s[rows..],
+            c: &self.c[rows..],
+            ..self
+        }
+    }
+}
+
 /// The row kernels. `k` is the row width; an implementation may know it at compile time.
 pub trait RowOps<T: Real>: Copy {
     /// The lane vectors that go with these kernels (see `crate::lanes`).
@@ -65,28 +91,22 @@ pub trait RowOps<T: Real>: Copy {
     }
 
     /// `out_i = Σ_t (c_{t,i} p_t − s_{t,i} μ_t)` for every row `out_i` of `out`, summed from
-    /// the last step `t = steps − 1` down to 0, where `s_{t,i} = s[t · stride + i]` (`c`
-    /// alike) and `μ_t`, `p_t` are the `k` values at `t · row_stride` of `mu`, `p`. Returns
-    /// whether every value written is finite.
-    #[allow(clippy::too_many_arguments)]
+    /// the last step `t = steps − 1` down to 0 (the [`Rank2Terms`]). Returns whether every
+    /// value written is finite.
     #[inline(always)]
-    fn rank2_sums(
-        self,
-        out: &mut [T],
-        k: usize,
-        steps: usize,
-        s: &[T],
-        c: &[T],
-        stride: usize,
-        mu: &[T],
-        p: &[T],
-        row_stride: usize,
-        stream: bool,
-    ) -> bool {
+    fn rank2_sums(self, out: &mut [T], k: usize, steps: usize, terms: Rank2Terms<'_, T>, stream: bool) -> bool {
         let _ = stream;
         let k = self.width(k);
         let n = out.len() / k;
         out.fill(T::ZERO);
+        let Rank2Terms {
+            s,
+            c,
+            stride,
+            mu,
+            p,
+            row_stride,
+        } = terms;
         for t in (0..steps).rev() {
             let (s, c) = (&s[t * stride..t * stride + n], &c[t * stride..t * stride + n]);
             let (mu, p) = (

@@ -1,16 +1,16 @@
 //! Helpers shared by the integration tests (each test file uses its own part of them).
 #![allow(dead_code)]
 
-use mrm_core::{backward, Control, Csr, Dtype, Error, InnerLoop, Start};
+use mrm_core::{value_and_grad, Control, Csr, Dtype, Error, InnerLoop, Start};
 
 pub fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
 }
 
-/// The three gradients of `backward`: w0, support rows, query rows.
+/// The three gradients of `value_and_grad`: w0, support rows, query rows.
 pub type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
-/// `backward` from a shared start into fresh zeroed gradients.
+/// `value_and_grad` (gradients only) from a shared start into fresh zeroed gradients.
 pub fn shared_backward<T: Dtype>(
     w0: &[T],
     support: Csr<'_, T>,
@@ -25,13 +25,14 @@ pub fn shared_backward<T: Dtype>(
         vec![T::ZERO; support.values.len()],
         vec![T::ZERO; query.values.len()],
     );
-    backward(
+    value_and_grad(
         Start::Shared(w0),
         support,
         query,
         grad_losses,
         inner,
         first_order,
+        None,
         &mut gw,
         &mut gs,
         &mut gq,
