@@ -191,6 +191,23 @@ fn block_row_lengths<'b, T: Real>(
     blocks.iter().map(move |&(lo, hi)| batch.users(lo, hi).values.len())
 }
 
+/// The lengths of a forward pass's outputs: `weights` (U × K) and the optional per-user
+/// `support_losses`, `losses` and `accuracy` (U each).
+pub(crate) fn check_forward_lengths<T>(
+    k: usize,
+    n_users: usize,
+    weights: &[T],
+    per_user: [&Option<&mut [T]>; 3],
+) -> Result<()> {
+    check_len("weights", weights, n_users * k)?;
+    for (name, buf) in ["support_losses", "losses", "accuracy"].into_iter().zip(per_user) {
+        if let Some(b) = buf {
+            check_len(name, b, n_users)?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
     if buf.len() != expected {
         return shape(
@@ -253,17 +270,12 @@ impl<'a, T: Real> ForwardOutputs<'a, T> {
     }
 
     fn check_lengths(&self, k: usize, n_users: usize) -> Result<()> {
-        check_len("weights", self.weights, n_users * k)?;
-        for (name, buf) in [
-            ("support_losses", &self.support_losses),
-            ("losses", &self.losses),
-            ("accuracy", &self.accuracy),
-        ] {
-            if let Some(b) = buf {
-                check_len(name, b, n_users)?;
-            }
-        }
-        Ok(())
+        check_forward_lengths(
+            k,
+            n_users,
+            self.weights,
+            [&self.support_losses, &self.losses, &self.accuracy],
+        )
     }
 
     /// The outputs of users `lo..hi`, split into the given blocks (relative user ranges).

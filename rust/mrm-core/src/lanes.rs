@@ -12,6 +12,7 @@
 //! AVX2 and FMA, eight f32 lanes of one 256-bit register ([`avx2::F32x8`]).
 
 use crate::real::Real;
+use crate::simd::binary_methods;
 
 /// Users per group: lanes per vector.
 pub const LANES: usize = 8;
@@ -97,26 +98,13 @@ impl<T: Real> Lanes<T> for Portable<T> {
     fn store(self, x: &mut [T]) {
         x[..LANES].copy_from_slice(&self.0);
     }
-    #[inline(always)]
-    fn add(self, o: Self) -> Self {
-        self.zip(o, |a, b| a + b)
-    }
-    #[inline(always)]
-    fn sub(self, o: Self) -> Self {
-        self.zip(o, |a, b| a - b)
-    }
-    #[inline(always)]
-    fn mul(self, o: Self) -> Self {
-        self.zip(o, |a, b| a * b)
-    }
-    #[inline(always)]
-    fn div(self, o: Self) -> Self {
-        self.zip(o, |a, b| a / b)
-    }
-    #[inline(always)]
-    fn max(self, o: Self) -> Self {
-        self.zip(o, |a, b| if b > a { b } else { a })
-    }
+    binary_methods!(Self;
+        add => |a, b| a.zip(b, |x, y| x + y),
+        sub => |a, b| a.zip(b, |x, y| x - y),
+        mul => |a, b| a.zip(b, |x, y| x * y),
+        div => |a, b| a.zip(b, |x, y| x / y),
+        max => |a, b| a.zip(b, |x, y| if y > x { y } else { x }),
+    );
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         self.mul(b).add(c)
@@ -202,6 +190,7 @@ pub mod avx2 {
 
     use super::{Lanes, LANES};
     use crate::simd::avx2::exp;
+    use crate::simd::binary_methods;
 
     /// Eight f32 lanes. Every method uses AVX2 and FMA instructions. This module is private
     /// to the crate and only the hand-vectorised row kernels ([`crate::rows::avx2::F32Rows`],
@@ -230,27 +219,14 @@ pub mod avx2 {
             let x = &mut x[..LANES];
             unsafe { _mm256_storeu_ps(x.as_mut_ptr(), self.0) }
         }
-        #[inline(always)]
-        fn add(self, o: Self) -> Self {
-            unsafe { F32x8(_mm256_add_ps(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn sub(self, o: Self) -> Self {
-            unsafe { F32x8(_mm256_sub_ps(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn mul(self, o: Self) -> Self {
-            unsafe { F32x8(_mm256_mul_ps(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn div(self, o: Self) -> Self {
-            unsafe { F32x8(_mm256_div_ps(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn max(self, o: Self) -> Self {
-            // `max_ps` returns its second operand when either is NaN: NaN in `self` goes on.
-            unsafe { F32x8(_mm256_max_ps(o.0, self.0)) }
-        }
+        // `max_ps` returns its second operand when either is NaN: NaN in `self` goes on.
+        binary_methods!(Self;
+            add => |a, b| unsafe { F32x8(_mm256_add_ps(a.0, b.0)) },
+            sub => |a, b| unsafe { F32x8(_mm256_sub_ps(a.0, b.0)) },
+            mul => |a, b| unsafe { F32x8(_mm256_mul_ps(a.0, b.0)) },
+            div => |a, b| unsafe { F32x8(_mm256_div_ps(a.0, b.0)) },
+            max => |a, b| unsafe { F32x8(_mm256_max_ps(b.0, a.0)) },
+        );
         #[inline(always)]
         fn mul_add(self, b: Self, c: Self) -> Self {
             unsafe { F32x8(_mm256_fmadd_ps(self.0, b.0, c.0)) }

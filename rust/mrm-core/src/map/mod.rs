@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use crate::batch::{check_len, check_same_shape, Control, Start};
+use crate::batch::{check_forward_lengths, check_len, check_same_shape, Control, Start};
 use crate::csr::Csr;
 use crate::error::{non_finite, non_finite_result, shape, value, Error, Kind, Result};
 use crate::real::Real;
@@ -565,19 +565,15 @@ pub fn map_forward<T: Real>(
     } else if out.losses.is_some() || out.accuracy.is_some() {
         return value("query", "query losses and accuracy need query rows");
     }
-    check_len("weights", out.weights, n_users * k)?;
+    check_forward_lengths(
+        k,
+        n_users,
+        out.weights,
+        [&out.support_losses, &out.losses, &out.accuracy],
+    )?;
     check_len("iterations", out.iterations, n_users)?;
     check_len("grad_norm", out.grad_norm, n_users)?;
     check_len("converged", out.converged, n_users)?;
-    for (name, buf) in [
-        ("support_losses", &out.support_losses),
-        ("losses", &out.losses),
-        ("accuracy", &out.accuracy),
-    ] {
-        if let Some(b) = buf {
-            check_len(name, b, n_users)?;
-        }
-    }
     if let Some(c) = &out.covariance {
         check_len("covariance", c, n_users * k * k)?;
     }
@@ -834,8 +830,11 @@ mod tests {
     use super::*;
     use crate::reference::lcg;
 
-    /// Users with 0 to 40 pairs (so groups mix lengths and padding), K = 5 (padded to 8).
-    fn batch(n_users: usize, k: usize, seed: u64) -> (Vec<f64>, Vec<i64>, Vec<f64>, Vec<i64>, Vec<f64>) {
+    /// Support rows and offsets, query rows and offsets, per-user starts.
+    type Batch = (Vec<f64>, Vec<i64>, Vec<f64>, Vec<i64>, Vec<f64>);
+
+    /// Users with 3 to 40 pairs (so groups mix lengths and padding), K = 5 (padded to 8).
+    fn batch(n_users: usize, k: usize, seed: u64) -> Batch {
         let mut state = seed;
         let (mut so, mut qo) = (vec![0i64], vec![0i64]);
         for u in 0..n_users {

@@ -272,16 +272,7 @@ impl<V: Wide> Work<V> {
         self.s_trial.resize(rows.n, zero);
         self.z.resize(rows.n, zero);
         self.w.copy_from_slice(init);
-        let (loss, mut f) = evaluate(
-            map,
-            rows,
-            &self.w,
-            &self.w0,
-            &self.lam,
-            &mut self.p,
-            &mut self.z,
-            &mut self.s,
-        );
+        let (loss, mut f) = self.evaluate(map, rows, false);
         self.loss = loss;
         let mut failed = V::all_true().and_not(f.finite());
         let mut active = f.finite();
@@ -291,17 +282,7 @@ impl<V: Wide> Work<V> {
         let mut grad_norm = zero;
         let (tol, max_iter) = (V::splat(settings.tol), V::splat(settings.max_iter as f64));
         loop {
-            gradient(
-                map,
-                rows,
-                &self.s,
-                &self.p,
-                &self.w,
-                &self.w0,
-                &self.lam,
-                &mut self.gp,
-                &mut self.grad,
-            );
+            self.gradient(map, rows);
             let gn = self.grad.iter().fold(zero, |m, g| m.max(g.abs()));
             let stopping = active.or(finishing);
             grad_norm = V::select(stopping, gn, grad_norm);
@@ -331,16 +312,7 @@ impl<V: Wide> Work<V> {
                 for ((x, &w), &s) in self.trial.iter_mut().zip(&self.w).zip(&self.step) {
                     *x = t.mul_add(s, w);
                 }
-                let (loss_t, ft) = evaluate(
-                    map,
-                    rows,
-                    &self.trial,
-                    &self.w0,
-                    &self.lam,
-                    &mut self.p_trial,
-                    &mut self.z,
-                    &mut self.s_trial,
-                );
+                let (loss_t, ft) = self.evaluate(map, rows, true);
                 let armijo = ft.le(V::splat(ARMIJO).mul(t).mul_add(slope, f));
                 let accept = searching
                     .and(ft.finite())
@@ -375,6 +347,38 @@ impl<V: Wide> Work<V> {
             grad_norm,
             converged,
             failed,
+        }
+    }
+
+    /// `(Σ softplus(−z_i), F)` at `w` (or at `trial`), with `p`, `z` and `s` (or `p_trial`,
+    /// `z` and `s_trial`) left there.
+    #[inline(always)]
+    fn evaluate(&mut self, map: WeightMap, rows: &Rows<V>, trial: bool) -> (V, V) {
+        let k = self.k;
+        let (w, p, s) = if trial {
+            (&self.trial, &mut self.p_trial, &mut self.s_trial)
+        } else {
+            (&self.w, &mut self.p, &mut self.s)
+        };
+        map_weights(map, w, &mut p[..k]);
+        let (loss, _) = pair_terms(rows, p, &mut self.z, s);
+        let mut prior = V::splat(0.0);
+        for ((&l, &a), &b) in self.lam.iter().zip(w).zip(&self.w0) {
+            let d = a.sub(b);
+            prior = l.mul(d).mul_add(d, prior);
+        }
+        (loss, V::splat(0.5).mul_add(prior, loss))
+    }
+
+    /// `g_p = −Σ s_i d_i`, then `∇F = J g_p + Λ (w − w0)` into `grad`.
+    #[inline(always)]
+    fn gradient(&mut self, map: WeightMap, rows: &Rows<V>) {
+        let k = self.k;
+        rows.weighted_sum(&self.s, &mut self.gp);
+        self.gp.iter_mut().for_each(|g| *g = g.neg());
+        jacobian_times(map, &self.p[..k], &self.gp[..k], &mut self.grad);
+        for (((g, &l), &a), &b) in self.grad.iter_mut().zip(&self.lam).zip(&self.w).zip(&self.w0) {
+            *g = l.mul_add(a.sub(b), *g);
         }
     }
 
@@ -549,52 +553,6 @@ pub(super) fn pair_terms<V: Wide>(rows: &Rows<V>, p: &[V], z: &mut [V], s: &mut 
         *si = V::select(zi.ge(zero), y.mul(inv), inv);
     }
     (total, correct)
-}
-
-/// `(Σ softplus(−z_i), F)` at `w`, with `p`, `z` and `s` left at `w`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn evaluate<V: Wide>(
-    map: WeightMap,
-    rows: &Rows<V>,
-    w: &[V],
-    w0: &[V],
-    lam: &[V],
-    p: &mut [V],
-    z: &mut [V],
-    s: &mut [V],
-) -> (V, V) {
-    map_weights(map, w, &mut p[..w.len()]);
-    let (loss, _) = pair_terms(rows, p, z, s);
-    let mut prior = V::splat(0.0);
-    for ((&l, &a), &b) in lam.iter().zip(w).zip(w0) {
-        let d = a.sub(b);
-        prior = l.mul(d).mul_add(d, prior);
-    }
-    (loss, V::splat(0.5).mul_add(prior, loss))
-}
-
-/// `g_p = −Σ s_i d_i`, then `∇F = J g_p + Λ (w − w0)` into `grad`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn gradient<V: Wide>(
-    map: WeightMap,
-    rows: &Rows<V>,
-    s: &[V],
-    p: &[V],
-    w: &[V],
-    w0: &[V],
-    lam: &[V],
-    gp: &mut [V],
-    grad: &mut [V],
-) {
-    rows.weighted_sum(s, gp);
-    gp.iter_mut().for_each(|g| *g = g.neg());
-    let k = grad.len();
-    jacobian_times(map, &p[..k], &gp[..k], grad);
-    for (((g, &l), &a), &b) in grad.iter_mut().zip(lam).zip(w).zip(w0) {
-        *g = l.mul_add(a.sub(b), *g);
-    }
 }
 
 /// Cholesky factor of `h` into `chol` (lower) and the reciprocals of its diagonal; the lanes

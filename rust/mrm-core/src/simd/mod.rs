@@ -6,6 +6,21 @@
 //! - `avx2` (x86-64): the proof that the CPU has AVX2 and FMA, and the 256-bit exponential,
 //!   sigmoid and softplus and the register shuffles that the hand-vectorised kernels share.
 
+/// Methods `fn name(self, o: Self) -> Out { expr }` for each `name => |a, b| expr`: the
+/// lane-by-lane binary operations of the vector types, one line each.
+macro_rules! binary_methods {
+    ($out:ty; $($name:ident => |$a:ident, $b:ident| $e:expr),* $(,)?) => {
+        $(
+            #[inline(always)]
+            fn $name(self, o: Self) -> $out {
+                let ($a, $b) = (self, o);
+                $e
+            }
+        )*
+    };
+}
+pub(crate) use binary_methods;
+
 pub(crate) mod stream;
 pub(crate) mod wide;
 
