@@ -539,44 +539,49 @@ fn map_backward_arrays<'py, T: Real + Element>(
     let k = support.k;
     let eta_values = slice("eta", &eta)?;
     let grad_losses = slice("grad_losses", &grad_losses)?;
-    let mut gw = vec![T::ZERO; inputs.w0_shape.iter().product()];
+    // Every element is written by the kernel when it succeeds; the large ones reuse cached memory.
+    let grad_w0 = cache::output::<T>(py, inputs.w0_shape)?;
+    let grad_support = cache::output::<T>(py, &[support.n_rows(), k])?;
+    let grad_query = cache::output::<T>(py, &[query.n_rows(), k])?;
     let mut ge = vec![T::ZERO; eta_values.len()];
-    let mut gs = vec![T::ZERO; support.values.len()];
-    let mut gq = vec![T::ZERO; query.values.len()];
     let mut buffers = if with_values {
         Some(MapBuffers::new(support.n_users(), k, true, false)?)
     } else {
         None
     };
-    run(py, &threads, |ctl| {
-        let grads = MapGradients {
-            w0: &mut gw,
-            eta: &mut ge,
-            support: &mut gs,
-            query: &mut gq,
-        };
-        let values = buffers.as_mut().map(MapBuffers::outputs);
-        mrm_core::map_backward(
-            start,
-            eta_values,
-            support,
-            query,
-            grad_losses,
-            &settings,
-            grads,
-            values,
-            ctl,
-        )
-    })?;
-    let grad_w0 = Array1::from_vec(gw)
-        .into_pyarray(py)
-        .reshape(inputs.w0_shape)?
-        .into_any();
+    {
+        let (mut gw, mut gs, mut gq) = (grad_w0.readwrite(), grad_support.readwrite(), grad_query.readwrite());
+        let (gw, gs, gq) = (
+            slice_mut("grad_w0", &mut gw)?,
+            slice_mut("grad_support", &mut gs)?,
+            slice_mut("grad_query", &mut gq)?,
+        );
+        run(py, &threads, |ctl| {
+            let grads = MapGradients {
+                w0: gw,
+                eta: &mut ge,
+                support: gs,
+                query: gq,
+            };
+            let values = buffers.as_mut().map(MapBuffers::outputs);
+            mrm_core::map_backward(
+                start,
+                eta_values,
+                support,
+                query,
+                grad_losses,
+                &settings,
+                grads,
+                values,
+                ctl,
+            )
+        })?;
+    }
     let grads = (
-        grad_w0,
+        grad_w0.into_any(),
         Array1::from_vec(ge).into_pyarray(py).into_any(),
-        matrix(gs, support.n_rows(), k)?.into_pyarray(py).into_any(),
-        matrix(gq, query.n_rows(), k)?.into_pyarray(py).into_any(),
+        grad_support.into_any(),
+        grad_query.into_any(),
     );
     Ok((grads, buffers.map(|b| b.into_arrays(py)).transpose()?))
 }
