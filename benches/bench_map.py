@@ -108,7 +108,7 @@ def main():
             w0 = np.zeros(k, np.float32) if weight_map == "simplex" else np.full(k, 0.1, np.float32)
             eta = np.zeros(k, np.float32)
             inner = ops.InnerLoop("map", weight_map=weight_map)
-            repeats = 3 if users <= 100_000 else 1
+            repeats = 3 if users <= 100_000 else 2
             result = ops.map_adapt(w0, eta, support, so, inner=inner, num_threads=args.threads)
             t_adapt = best_of(lambda: ops.map_adapt(w0, eta, support, so, inner=inner, num_threads=args.threads), repeats)
             gl = np.full(users, 1.0 / users, np.float32)

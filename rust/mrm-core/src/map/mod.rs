@@ -6,8 +6,9 @@
 //! a warm start): the step matrix is the exact Hessian where it is positive definite, else
 //! Gauss–Newton `Jᵀ A J + Λ` (always positive definite); a backtracking (Armijo) line search on
 //! `F`; stop at `‖∇F‖_∞ ≤ tol` or after `max_iter` steps. Every user is solved in f64 whatever
-//! the input dtype (the K × K algebra is tiny next to the rows), independently of the others,
-//! so results do not depend on the thread count.
+//! the input dtype, independently of the others: [`solver`] runs four users per AVX2 register
+//! (one at a time on other CPUs), each lane on its own path, and a user gets the same bits
+//! alone or in any group, so results depend neither on the thread count nor on the CPU.
 //!
 //! Notation: `J = ∂p/∂w` (`diag(p) − p pᵀ` for softmax, `I` for the identity), `z_i = d_i · p`,
 //! `s_i = σ(−z_i)`, `g_p = −Σ s_i d_i`, `A = Σ s_i (1 − s_i) d_i d_iᵀ`.
