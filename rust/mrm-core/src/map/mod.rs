@@ -463,6 +463,7 @@ fn check_common<T: Real>(
     support: &Csr<'_, T>,
     init: Option<&[T]>,
     settings: &MapSettings,
+    pool: &rayon::ThreadPool,
 ) -> Result<()> {
     settings.validate()?;
     let (k, n_users) = (support.k, support.n_users());
@@ -470,7 +471,7 @@ fn check_common<T: Real>(
         return shape("support", format!("the MAP solver takes K <= {MAX_K}, got K = {k}"));
     }
     start.check(k, n_users)?;
-    support.check_values("support", None)?;
+    support.check_values("support", Some(pool))?;
     if let Some(init) = init {
         check_len("init", init, n_users * k)?;
         if let Some(pos) = init.iter().position(|x| !x.is_finite()) {
@@ -480,9 +481,14 @@ fn check_common<T: Real>(
     Ok(())
 }
 
-fn check_query<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>, require_rows: bool) -> Result<()> {
+fn check_query<T: Real>(
+    support: &Csr<'_, T>,
+    query: &Csr<'_, T>,
+    require_rows: bool,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
     check_same_shape(support, query)?;
-    query.check_values("query", None)?;
+    query.check_values("query", Some(pool))?;
     if require_rows {
         if let Some(u) = (0..query.n_users()).find(|&u| query.row_range(u).is_empty()) {
             return shape(
@@ -558,11 +564,11 @@ pub fn map_forward<T: Real>(
     mut out: MapOutputs<'_, T>,
     ctl: &Control<'_>,
 ) -> Result<()> {
-    check_common(&start, &support, init, settings)?;
+    check_common(&start, &support, init, settings, ctl.pool)?;
     let (k, n_users) = (support.k, support.n_users());
     let lam = precisions(eta, k)?;
     if let Some(q) = &query {
-        check_query(&support, q, false)?;
+        check_query(&support, q, false, ctl.pool)?;
     } else if out.losses.is_some() || out.accuracy.is_some() {
         return value("query", "query losses and accuracy need query rows");
     }
@@ -640,10 +646,10 @@ pub fn map_backward<T: Real>(
     mut values: Option<MapOutputs<'_, T>>,
     ctl: &Control<'_>,
 ) -> Result<()> {
-    check_common(&start, &support, None, settings)?;
+    check_common(&start, &support, None, settings, ctl.pool)?;
     let (k, n_users) = (support.k, support.n_users());
     let lam = precisions(eta, k)?;
-    check_query(&support, &query, true)?;
+    check_query(&support, &query, true, ctl.pool)?;
     check_len("grad_losses", grad_losses, n_users)?;
     if let Some(pos) = grad_losses.iter().position(|x| !x.is_finite()) {
         return non_finite(

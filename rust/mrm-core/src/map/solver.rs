@@ -425,7 +425,9 @@ impl<V: Wide> Work<V> {
             }
         }
         if map == WeightMap::Simplex {
-            // h = J A J (J symmetric), then the softmax curvature J (diag(g_p − c) − g_p pᵀ)
+            // J A J + (exact) J N, N = diag(g_p − c) − g_p pᵀ, c = p · g_p (the softmax
+            // curvature), as J M with M = A J + N: t = A J row by row, t += N, then
+            // h = p_r (M_rc − (pᵀ M)_c), its upper triangle mirrored (symmetric in exact arithmetic)
             for r in 0..k {
                 let ar = &mut t[r * k..(r + 1) * k];
                 let ap = dot(ar, p);
@@ -433,34 +435,21 @@ impl<V: Wide> Work<V> {
                     *x = x.sub(ap).mul(pc);
                 }
             }
-            for col in 0..k {
-                let pt = (0..k).fold(V::splat(0.0), |acc, r| p[r].mul_add(t[r * k + col], acc));
-                for r in 0..k {
-                    h[r * k + col] = p[r].mul(t[r * k + col].sub(pt));
-                }
-            }
             if exact {
                 let c = dot(p, gp);
-                // N = diag(g_p − c) − g_p pᵀ; J N = p ⊙ (N − 1 (pᵀ N)) row-wise, column by column
-                for col in 0..k {
-                    let mut pn = V::splat(0.0);
-                    for r in 0..k {
-                        let diag = if r == col { gp[r].sub(c) } else { V::splat(0.0) };
-                        let n = gp[r].neg_mul_add(p[col], diag);
-                        t[r * k + col] = n;
-                        pn = p[r].mul_add(n, pn);
-                    }
-                    for r in 0..k {
-                        h[r * k + col] = p[r].mul_add(t[r * k + col].sub(pn), h[r * k + col]);
-                    }
-                }
-                // symmetric in exact arithmetic: average out the rounding
                 for r in 0..k {
-                    for col in 0..r {
-                        let m = V::splat(0.5).mul(h[r * k + col].add(h[col * k + r]));
-                        h[r * k + col] = m;
-                        h[col * k + r] = m;
+                    for col in 0..k {
+                        t[r * k + col] = gp[r].neg_mul_add(p[col], t[r * k + col]);
                     }
+                    t[r * k + r] = t[r * k + r].add(gp[r].sub(c));
+                }
+            }
+            for col in 0..k {
+                let pm = (0..k).fold(V::splat(0.0), |acc, r| p[r].mul_add(t[r * k + col], acc));
+                for r in 0..=col {
+                    let x = p[r].mul(t[r * k + col].sub(pm));
+                    h[r * k + col] = x;
+                    h[col * k + r] = x;
                 }
             }
         }
