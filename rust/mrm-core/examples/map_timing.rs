@@ -35,16 +35,7 @@ fn main() {
         vec![false; users],
     );
     let seconds = best(5, || {
-        let out = MapOutputs {
-            weights: &mut w,
-            iterations: &mut it,
-            grad_norm: &mut gn,
-            converged: &mut conv,
-            support_losses: None,
-            losses: None,
-            accuracy: None,
-            covariance: None,
-        };
+        let out = MapOutputs::solution(&mut w, &mut it, &mut gn, &mut conv);
         map_forward(Start::Shared(&w0), &eta, s, None, None, &settings, out, &ctl).unwrap();
     });
     let mean_iterations = it.iter().sum::<i64>() as f64 / users as f64;

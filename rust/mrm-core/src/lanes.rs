@@ -239,24 +239,15 @@ pub mod avx2 {
         fn exp(self) -> Self {
             unsafe { F32x8(exp(self.0)) }
         }
-        #[inline(always)]
-        fn where_nonzero(self, v: Self) -> Self {
-            unsafe {
-                F32x8(_mm256_and_ps(
-                    _mm256_cmp_ps::<_CMP_NEQ_UQ>(self.0, _mm256_setzero_ps()),
-                    v.0,
-                ))
-            }
-        }
-        #[inline(always)]
-        fn where_positive(self, v: Self) -> Self {
-            unsafe {
-                F32x8(_mm256_and_ps(
-                    _mm256_cmp_ps::<_CMP_GT_OQ>(self.0, _mm256_setzero_ps()),
-                    v.0,
-                ))
-            }
-        }
+        // `v` where `self` compared with 0 holds, 0 elsewhere
+        binary_methods!(Self;
+            where_nonzero => |a, v| unsafe {
+                F32x8(_mm256_and_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(a.0, _mm256_setzero_ps()), v.0))
+            },
+            where_positive => |a, v| unsafe {
+                F32x8(_mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a.0, _mm256_setzero_ps()), v.0))
+            },
+        );
 
         /// Eight values at a time through an 8 × 8 transpose when K is a multiple of 8.
         #[inline(always)]

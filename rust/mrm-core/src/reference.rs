@@ -431,12 +431,17 @@ mod tests {
         loss_and_accuracy(Portable::<0>, rows, k, &p, &mut Vec::new()).0
     }
 
+    /// `n` rows of K values uniform in `[-scale, scale)`, then K weights in `[-1, 1)`.
+    fn rows_and_weights(k: usize, n: usize, scale: f64, seed: &mut u64) -> (Vec<f64>, Vec<f64>) {
+        let rows = (0..n * k).map(|_| scale * lcg(seed)).collect();
+        let w = (0..k).map(|_| lcg(seed)).collect();
+        (rows, w)
+    }
+
     #[test]
     fn gradient_matches_finite_differences() {
-        let (k, n) = (5, 7);
-        let mut seed = 1;
-        let rows: Vec<f64> = (0..n * k).map(|_| 2.0 * lcg(&mut seed)).collect();
-        let w: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
+        let (k, mut seed) = (5, 1);
+        let (rows, w) = rows_and_weights(k, 7, 2.0, &mut seed);
         let g = gradient(&w, &rows, k);
         let h = 1e-6;
         for j in 0..k {
@@ -450,10 +455,8 @@ mod tests {
 
     #[test]
     fn hvp_and_row_gradients_match_finite_differences() {
-        let (k, n) = (4, 6);
-        let mut seed = 7;
-        let rows: Vec<f64> = (0..n * k).map(|_| 1.5 * lcg(&mut seed)).collect();
-        let w: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
+        let (k, n, mut seed) = (4, 6, 7);
+        let (rows, w) = rows_and_weights(k, n, 1.5, &mut seed);
         let lam: Vec<f64> = (0..k).map(|_| lcg(&mut seed)).collect();
         let (mut p, mut gp, mut s) = (vec![0.0; k], vec![0.0; k], Vec::new());
         softmax_into(&w, &mut p);

@@ -120,6 +120,27 @@ pub struct MapOutputs<'a, T> {
     pub covariance: Option<&'a mut [T]>,
 }
 
+impl<'a, T> MapOutputs<'a, T> {
+    /// The per-user solution and its report, without the optional outputs.
+    pub fn solution(
+        weights: &'a mut [T],
+        iterations: &'a mut [i64],
+        grad_norm: &'a mut [T],
+        converged: &'a mut [bool],
+    ) -> Self {
+        MapOutputs {
+            weights,
+            iterations,
+            grad_norm,
+            converged,
+            support_losses: None,
+            losses: None,
+            accuracy: None,
+            covariance: None,
+        }
+    }
+}
+
 /// One block's partial sums of the shared gradients (w0, eta), or the error of its first bad user.
 type BlockSums = Result<(Vec<f64>, Vec<f64>)>;
 
