@@ -273,7 +273,7 @@ impl<T: Real> Inputs<'_, T> {
             if self.query.is_some() {
                 qz.resize(qrows.n, V::splat(0.0));
                 qs.resize(qrows.n, V::splat(0.0));
-                let (loss, correct) = pair_terms(&qrows, &ws.p, &mut qz, &mut qs);
+                let (loss, correct) = pair_terms::<V, true>(&qrows, &ws.p, &mut qz, &mut qs);
                 if let Some(ql) = out.losses.as_deref_mut() {
                     put(ql, i, m, 1, 0, from_lanes::<V>(&mean_lanes(loss, &qrows.count)));
                 }
@@ -350,7 +350,7 @@ impl<T: Real> Inputs<'_, T> {
             // query: L = mean softplus(−q·p), ∇_p (gl L) = −(gl/m) Σ σ(−z_j) q_j
             qz.resize(qrows.n, zero);
             qs.resize(qrows.n, zero);
-            let (loss, correct) = pair_terms(&qrows, &ws.p, &mut qz, &mut qs);
+            let (loss, correct) = pair_terms::<V, true>(&qrows, &ws.p, &mut qz, &mut qs);
             let scale = gather::<V>(m, |l| -grad_losses[g + l].to_f64() / qrows.count[l] as f64);
             qrows.weighted_sum(&qs, &mut gq_p);
             gq_p.iter_mut().for_each(|x| *x = x.mul(scale));

@@ -361,7 +361,7 @@ impl<V: Wide> Work<V> {
             (&self.w, &mut self.p, &mut self.s)
         };
         map_weights(map, w, &mut p[..k]);
-        let (loss, _) = pair_terms(rows, p, &mut self.z, s);
+        let (loss, _) = pair_terms::<V, false>(rows, p, &mut self.z, s);
         let mut prior = V::splat(0.0);
         for ((&l, &a), &b) in self.lam.iter().zip(w).zip(&self.w0) {
             let d = a.sub(b);
@@ -517,10 +517,11 @@ pub(super) fn dot<V: Wide>(a: &[V], b: &[V]) -> V {
 }
 
 /// Margins `z_i = d_i · p` into `z`, then `s_i = σ(−z_i)` into `s`; returns `Σ softplus(−z_i)`
-/// over the real pairs and how many of them have `z_i > 0`. One exponential per pair serves
-/// both; the margins go first, in a pass of their own, so that pairs overlap in the CPU.
+/// over the real pairs and (with `COUNT`, else 0) how many of them have `z_i > 0`. One
+/// exponential per pair serves both; the margins go first, in a pass of their own, so that
+/// pairs overlap in the CPU.
 #[inline(always)]
-pub(super) fn pair_terms<V: Wide>(rows: &Rows<V>, p: &[V], z: &mut [V], s: &mut [V]) -> (V, V) {
+pub(super) fn pair_terms<V: Wide, const COUNT: bool>(rows: &Rows<V>, p: &[V], z: &mut [V], s: &mut [V]) -> (V, V) {
     let (zero, one) = (V::splat(0.0), V::splat(1.0));
     for (zi, d) in z[..rows.n].iter_mut().zip(rows.pairs()) {
         *zi = row_dot(d, p);
@@ -538,7 +539,9 @@ pub(super) fn pair_terms<V: Wide>(rows: &Rows<V>, p: &[V], z: &mut [V], s: &mut 
         let inv = one.div(u);
         let softplus = zi.neg().max(zero).add(ln_1p(y, u, inv));
         total = valid.mul_add(softplus, total);
-        correct = correct.add(V::select(zi.gt(zero), valid, zero));
+        if COUNT {
+            correct = correct.add(V::select(zi.gt(zero), valid, zero));
+        }
         *si = V::select(zi.ge(zero), y.mul(inv), inv);
     }
     (total, correct)
