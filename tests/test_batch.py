@@ -608,3 +608,9 @@ def test_map_checkpoint_adapts_with_its_prior_and_scores_with_uncertainty(tmp_pa
                                    rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="adapt it with optimizer 'map'"):
         batch.adapt_users(directory, logs, tmp_path / "w2.parquet", steps=1, lr=1.0, optimizer="sgd", progress=False)
+    # without an optimizer, a checkpoint with a prior adapts with MAP (the same table)
+    default_path = tmp_path / "default.parquet"
+    batch.adapt_users(directory, logs, default_path, steps=1, lr=1.0, batch_users=7, progress=False)
+    default = batch.read_weights(default_path, K, np.float64)
+    np.testing.assert_array_equal(default.weights[default.lookup(pa.array(ids))], table.weights[order])
+    np.testing.assert_array_equal(default.covariance[default.lookup(pa.array(ids))], table.covariance[order])

@@ -45,8 +45,15 @@ def test_every_flag_has_help_and_shows_its_default():
                 no_default.append(flag)
     assert not missing, f"flags without help: {missing}"
     assert not no_default, f"flags whose help does not show the default: {no_default}"
-    train = build_parser().parse_args(["train", "--output-dir", "x"])
-    assert train.eval_every == 10
+    from mrm.cli import _train_config
+
+    def eval_every(*flags):
+        return _train_config(build_parser().parse_args(["train", "--output-dir", "x", *flags])).eval_every
+
+    # released: every 10 epochs; the recommended preset keeps its own (every epoch); a flag wins
+    assert eval_every() == 10
+    assert eval_every("--preset", "recommended") == 1
+    assert eval_every("--preset", "recommended", "--eval-every", "5") == 5
 
 
 @pytest.fixture(scope="module")

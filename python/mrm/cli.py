@@ -121,8 +121,9 @@ def _add_adapt(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
     parser.add_argument("--steps", type=_steps, default=1, metavar="T", help="inner steps per user (default 1)")
     parser.add_argument("--lr", type=_finite_float, default=1e-3, help="inner learning rate (default 1e-3)")
-    parser.add_argument("--optimizer", choices=("adam", "sgd", "map"), default="adam",
-                        help="inner optimiser, or map for checkpoints trained with a prior (default adam)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd", "map"), default=None,
+                        help="inner optimiser, or map for checkpoints trained with a prior (default: map for "
+                             "those, else adam)")
     parser.add_argument("--warm-start", default=None, metavar="PARQUET",
                         help="a previous user-weights table: its users start from their weights (online update)")
 
@@ -285,15 +286,16 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                         help="meta-objective: RPO or the plain mean of the users' query losses (default rpo)")
     parser.add_argument("--tail", type=_finite_float, default=None, help="RPO tail ratio rho (default 0.5)")
     parser.add_argument("--gamma", type=_finite_float, default=None, help="RPO smoothing, <= 0: hard mask (default 0.5)")
-    parser.add_argument("--eval-every", type=_positive_int, default=10, metavar="EPOCHS",
+    parser.add_argument("--eval-every", type=_positive_int, default=None, metavar="EPOCHS",
                         help="evaluate (and checkpoint the best epoch) every this many epochs, and at the last "
-                             "(default 10)")
+                             "(default 10, released; 1, recommended)")
     parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="kernel and torch threads (default: $MRM_NUM_THREADS, else every CPU)")
 
 
-def _run_train(args: argparse.Namespace) -> str:
-    from mrm.train import MetaTrainer, preset
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig of `mrm train`: the preset, with the flags given on top."""
+    from mrm.train import preset
 
     chosen = dict(
         num_bases=args.num_bases, hidden_sizes=list(args.hidden_sizes) or None, scale=args.scale,
@@ -301,11 +303,19 @@ def _run_train(args: argparse.Namespace) -> str:
         weight_map=args.weight_map, support_sizes=list(args.support_sizes) if args.support_sizes else None,
         first_order=args.first_order or None, meta_lr=args.meta_lr, epochs=args.epochs,
         tasks_per_batch=args.tasks_per_batch, objective=args.objective, tail=args.tail, gamma=args.gamma,
-        eval_every=args.eval_every,
+        # the command evaluates the released configuration every 10 epochs (its 200 epochs'
+        # evaluations would cost more than the training); presets that set it keep theirs
+        eval_every=args.eval_every if args.eval_every is not None else (10 if args.preset == "released" else None),
         seed=args.seed, num_threads=args.threads,
     )
     # options left out keep the preset's values (released: the paper's hyper-parameters)
-    config = preset(args.preset, **{k: v for k, v in chosen.items() if v is not None})
+    return preset(args.preset, **{k: v for k, v in chosen.items() if v is not None})
+
+
+def _run_train(args: argparse.Namespace) -> str:
+    from mrm.train import MetaTrainer
+
+    config = _train_config(args)
     _refuse_existing_dir(args.output_dir, args.overwrite or args.resume, "--overwrite", " or --resume to continue it")
     data, embeddings = _embeddings(args)
     trainer = MetaTrainer(config, embeddings, data, output_dir=args.output_dir, resume=args.resume)

@@ -43,15 +43,18 @@ class AdaptSummary:
 class Adapter:
     """Adapts one batch of user-major logs: the shared part of the local and Ray jobs."""
 
-    def __init__(self, checkpoint: Checkpoint, schema: pa.Schema, *, steps: int, lr: float, optimizer: str,
-                 threads: int, warm: Optional[WeightsTable] = None):
+    def __init__(self, checkpoint: Checkpoint, schema: pa.Schema, *, steps: int, lr: float,
+                 optimizer: Optional[str], threads: int, warm: Optional[WeightsTable] = None):
         kind = pick_source(schema, PAIR_COLUMNS, "preference-pair")
         self.reader = Features(checkpoint, schema, kind, PAIR_COLUMNS[kind])
         self.dtype = self.reader.dtype
         self.num_bases = checkpoint.num_bases
         self.w0 = checkpoint.w0.astype(self.dtype)
         self.threads = threads
-        # one settings value, checked once before any output exists
+        # one settings value, checked once before any output exists; by default the checkpoint's
+        # own solver: MAP under its prior when it was trained with one
+        if optimizer is None:
+            optimizer = "map" if checkpoint.eta is not None else "adam"
         if optimizer == "map":
             if checkpoint.eta is None:
                 raise ValueError("optimizer 'map' needs a checkpoint trained with a prior (inner_optimizer='map')")
@@ -107,7 +110,7 @@ def adapt_users(
     *,
     steps: int,
     lr: float,
-    optimizer: str = "adam",
+    optimizer: Optional[str] = None,
     threads: Optional[int] = None,
     warm_start: Optional[PathLike] = None,
     overwrite: bool = False,
@@ -116,6 +119,8 @@ def adapt_users(
 ) -> AdaptSummary:
     """Adapt every user of the user-major ``logs`` on its pairs; write a user-weights table.
 
+    ``optimizer`` (``adam``, ``sgd`` or ``map``; default: ``map`` for a checkpoint trained with a
+    prior, else ``adam``) with ``steps`` and ``lr`` (not used by ``map``).
     Each user starts from the checkpoint's w0, or, with ``warm_start`` (a user-weights table),
     from its previous weights when it has some. Users of ``warm_start`` without rows in ``logs``
     are copied to ``output`` unchanged (online update). ``output`` may be the ``warm_start`` path

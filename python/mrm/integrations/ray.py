@@ -157,7 +157,7 @@ def adapt_users(
     *,
     steps: int,
     lr: float,
-    optimizer: str = "adam",
+    optimizer: Optional[str] = None,
     threads: Optional[int] = None,
     warm_start: Optional[PathLike] = None,
     overwrite: bool = False,
