@@ -25,7 +25,7 @@ use crate::real::Real;
 use crate::simd::wide::{with_wide, Mask, Wide, WithWide};
 
 mod solver;
-use solver::{from_lanes, jacobian_times, lanes, map_weights, padded, pair_terms, row_dot, Rows, Work, MAX_LANES};
+use solver::{jacobian_times, lanes, map_weights, padded, pair_terms, row_dot, Rows, Solved, Work, MAX_LANES};
 
 /// Largest K the solver takes (K × K matrices per user live on the stack of a workspace).
 pub const MAX_K: usize = 64;
@@ -172,15 +172,49 @@ fn gather<V: Wide>(m: usize, f: impl Fn(usize) -> f64) -> V {
     for (l, x) in lane.iter_mut().enumerate().take(m) {
         *x = f(l);
     }
-    from_lanes(&lane)
+    V::load(&lane)
 }
 
-/// `out[(i + l) stride + offset]` = lane `l` of `v`, for the group's `m` users from block index `i`.
+/// `out[(i + l) stride + offset]` = `x[l]`, for the group's `m` users from block index `i`.
 #[inline(always)]
-fn put<T: Real, V: Wide>(out: &mut [T], i: usize, m: usize, stride: usize, offset: usize, v: V) {
-    let x = lanes(v);
+fn put<T: Real>(out: &mut [T], i: usize, m: usize, stride: usize, offset: usize, x: [f64; MAX_LANES]) {
     for l in 0..m {
         out[(i + l) * stride + offset] = T::of(x[l]);
+    }
+}
+
+/// A group's forward values into `out` (from block index `i`, `m` users): the solution and its
+/// report, the mean support loss, and with `query` (its loss and correct-pair sums and pairs)
+/// the mean query loss and accuracy.
+#[inline(always)]
+fn put_values<T: Real, V: Wide>(
+    out: &mut MapOutputs<'_, T>,
+    (i, m): (usize, usize),
+    ws: &Work<V>,
+    solved: &Solved<V>,
+    support: &Rows<V>,
+    query: Option<(V, V, &Rows<V>)>,
+) {
+    let k = ws.w.len();
+    for (j, &w) in ws.w.iter().enumerate() {
+        put(out.weights, i, m, k, j, lanes(w));
+    }
+    let its = lanes(solved.iterations);
+    for l in 0..m {
+        out.iterations[i + l] = its[l] as i64;
+        out.converged[i + l] = solved.converged.lane(l);
+    }
+    put(out.grad_norm, i, m, 1, 0, lanes(solved.grad_norm));
+    if let Some(sl) = out.support_losses.as_deref_mut() {
+        put(sl, i, m, 1, 0, mean_lanes(ws.loss, &support.count));
+    }
+    if let Some((loss, correct, rows)) = query {
+        if let Some(ql) = out.losses.as_deref_mut() {
+            put(ql, i, m, 1, 0, mean_lanes(loss, &rows.count));
+        }
+        if let Some(qa) = out.accuracy.as_deref_mut() {
+            put(qa, i, m, 1, 0, mean_lanes(correct, &rows.count));
+        }
     }
 }
 
@@ -251,36 +285,20 @@ impl<T: Real> Inputs<'_, T> {
                     }
                     ws.solve_with_factor(&mut unit);
                     for (r, &x) in unit.iter().enumerate() {
-                        put(cov, i, m, k * k, r * k + col, x);
+                        put(cov, i, m, k * k, r * k + col, lanes(x));
                     }
                 }
             }
             if let Some(l) = (0..m).find(|&l| bad.lane(l)) {
                 return Some(g + l);
             }
-            for (j, &w) in ws.w.iter().enumerate() {
-                put(out.weights, i, m, k, j, w);
-            }
-            let its = lanes(solved.iterations);
-            for l in 0..m {
-                out.iterations[i + l] = its[l] as i64;
-                out.converged[i + l] = solved.converged.lane(l);
-            }
-            put(out.grad_norm, i, m, 1, 0, solved.grad_norm);
-            if let Some(sl) = out.support_losses.as_deref_mut() {
-                put(sl, i, m, 1, 0, from_lanes::<V>(&mean_lanes(ws.loss, &rows.count)));
-            }
-            if self.query.is_some() {
+            let query = self.query.is_some().then(|| {
                 qz.resize(qrows.n, V::splat(0.0));
                 qs.resize(qrows.n, V::splat(0.0));
                 let (loss, correct) = pair_terms::<V, true>(&qrows, &ws.p, &mut qz, &mut qs);
-                if let Some(ql) = out.losses.as_deref_mut() {
-                    put(ql, i, m, 1, 0, from_lanes::<V>(&mean_lanes(loss, &qrows.count)));
-                }
-                if let Some(qa) = out.accuracy.as_deref_mut() {
-                    put(qa, i, m, 1, 0, from_lanes::<V>(&mean_lanes(correct, &qrows.count)));
-                }
-            }
+                (loss, correct, &qrows)
+            });
+            put_values(out, (i, m), &ws, &solved, &rows, query);
         }
         None
     }
@@ -360,16 +378,16 @@ impl<T: Real> Inputs<'_, T> {
             jacobian_times(map, &ws.p[..k], &gq_p[..k], &mut v);
             ws.solve_with_factor(&mut v);
             jacobian_times(map, &ws.p[..k], &v, &mut mu[..k]);
-            let (lam, w, w0) = (self.lam, &ws.w, &ws.w0);
-            for l in 0..m {
-                for j in 0..k {
-                    let (vj, wj, w0j) = (lanes(v[j])[l], lanes(w[j])[l], lanes(w0[j])[l]);
-                    let gj = lam[j] * vj;
+            // ∂/∂w0 = Λ v, ∂/∂η = −Λ (w* − w0) v, summed over users in user order
+            for j in 0..k {
+                let (vj, wj, w0j, lam) = (lanes(v[j]), lanes(ws.w[j]), lanes(ws.w0[j]), self.lam[j]);
+                for l in 0..m {
+                    let gj = lam * vj[l];
                     match gw.as_deref_mut() {
                         Some(gw) => gw[(i + l) * k + j] = T::of(gj),
                         None => w0_part[j] += gj,
                     }
-                    eta_part[j] -= lam[j] * (wj - w0j) * vj;
+                    eta_part[j] -= lam * (wj[l] - w0j[l]) * vj[l];
                 }
             }
             // ∂/∂d_i = s_i μ − s_i (1 − s_i)(μ · d_i) p
@@ -382,23 +400,8 @@ impl<T: Real> Inputs<'_, T> {
             });
             s_at += rows.count.iter().sum::<usize>() * k;
             if let Some(out) = values.as_deref_mut() {
-                for (j, &x) in ws.w.iter().enumerate() {
-                    put(out.weights, i, m, k, j, x);
-                }
-                for l in 0..m {
-                    out.iterations[i + l] = its[l] as i64;
-                    out.converged[i + l] = true;
-                }
-                put(out.grad_norm, i, m, 1, 0, solved.grad_norm);
-                if let Some(sl) = out.support_losses.as_deref_mut() {
-                    put(sl, i, m, 1, 0, from_lanes::<V>(&mean_lanes(ws.loss, &rows.count)));
-                }
-                if let Some(ql) = out.losses.as_deref_mut() {
-                    put(ql, i, m, 1, 0, from_lanes::<V>(&mean_lanes(loss, &qrows.count)));
-                }
-                if let Some(qa) = out.accuracy.as_deref_mut() {
-                    put(qa, i, m, 1, 0, from_lanes::<V>(&mean_lanes(correct, &qrows.count)));
-                }
+                // every lane converged here (the others are errors above)
+                put_values(out, (i, m), &ws, &solved, &rows, Some((loss, correct, &qrows)));
             }
         }
         Ok((w0_part, eta_part))

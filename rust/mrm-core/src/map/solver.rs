@@ -25,12 +25,6 @@ pub(super) fn lanes<V: Wide>(v: V) -> [f64; MAX_LANES] {
     out
 }
 
-/// A value with `x[l]` in lane `l`.
-#[inline(always)]
-pub(super) fn from_lanes<V: Wide>(x: &[f64; MAX_LANES]) -> V {
-    V::load(x)
-}
-
 /// Components per stored pair: `k` rounded up to a multiple of 4.
 pub(super) fn padded(k: usize) -> usize {
     k.div_ceil(CHUNK) * CHUNK
