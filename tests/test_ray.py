@@ -103,3 +103,18 @@ def test_ray_warm_start_and_embeddings_equal_local(data):
         np.testing.assert_allclose(a.pop("weights"), b.pop("weights"), rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(a.pop("support_loss"), b.pop("support_loss"), rtol=1e-6)
         assert a == b
+
+
+def test_ray_jobs_take_the_local_jobs_arguments():
+    """The Ray jobs have the local jobs' parameters and defaults (less ``progress``), plus the
+    two Ray ones; a wrong argument is a TypeError that names it, before any work starts."""
+    import inspect
+
+    for remote, local in [(mrm_ray.adapt_users, batch.adapt_users), (mrm_ray.score, batch.score)]:
+        theirs = {n: p.default for n, p in inspect.signature(local).parameters.items() if n != "progress"}
+        ours = dict((n, p.default) for n, p in inspect.signature(remote).parameters.items())
+        assert ours == {**theirs, "workers": None, "cpus_per_worker": 1.0}
+    with pytest.raises(TypeError, match="progress"):
+        mrm_ray.score("model", None, "logs", "out", progress=False)
+    with pytest.raises(TypeError, match="steps"):
+        mrm_ray.adapt_users("model", "logs", "out", lr=0.1)

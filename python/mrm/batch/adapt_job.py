@@ -18,22 +18,16 @@ import pyarrow.compute as pc
 
 from mrm import ops
 from mrm.batch.arrow import PAIR_COLUMNS, USER, Features, as_checkpoint, batch_user_ids, check_unique, explained, pick_source
-from mrm.batch.parquet import DEFAULT_BATCH_USERS, job_output, job_results, read_schema, start_job
+from mrm.batch.parquet import DEFAULT_BATCH_USERS, JobSummary, job_output, job_results, read_schema, start_job
 from mrm.batch.weights import WeightsTable, read_weights, warm_rows_batches, weights_batch, weights_schema
 from mrm.checkpoint import Checkpoint
 
 PathLike = Union[str, Path]
 
 @dataclass(frozen=True)
-class AdaptSummary:
-    """What :func:`adapt_users` did."""
+class AdaptSummary(JobSummary):
+    """What :func:`adapt_users` did: the users adapted from the logs, and"""
 
-    users: int
-    """Users adapted from the logs."""
-    pairs: int
-    """Pairs read from the logs."""
-    seconds: float
-    output: Path
     warm_started: int = 0
     """Users that started from their previous weights (warm start) instead of w0."""
     copied: int = 0

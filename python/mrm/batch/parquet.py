@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -184,6 +185,18 @@ def progress_bar(total: int, desc: str, enabled: bool):
 # ---- the frame of a local job (mrm.batch.adapt_users, mrm.batch.score) ---------------------------
 
 Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What a batch job did (local or Ray): the fields both jobs report."""
+
+    users: int
+    """Users read from the logs."""
+    pairs: int
+    """Pairs read from the logs."""
+    seconds: float
+    output: Path
 
 
 def start_job(logs: PathLike, output: PathLike, overwrite: bool, batch_users) -> Tuple[Path, List[Path]]:

@@ -19,23 +19,20 @@ from mrm import ops
 from mrm.batch.arrow import (
     CANDIDATE_COLUMNS, PAIR_COLUMNS, USER, Features, as_checkpoint, batch_user_ids, explained, list_array, pick_source,
 )
-from mrm.batch.parquet import DEFAULT_BATCH_USERS, job_output, job_results, read_schema, start_job
+from mrm.batch.parquet import DEFAULT_BATCH_USERS, JobSummary, job_output, job_results, read_schema, start_job
 from mrm.batch.weights import WeightsTable, read_weights
 from mrm.checkpoint import Checkpoint
 
 PathLike = Union[str, Path]
 
 @dataclass(frozen=True)
-class ScoreSummary:
-    """What :func:`score` did."""
+class ScoreSummary(JobSummary):
+    """What :func:`score` did: the users and pairs scored, and"""
 
-    users: int
-    pairs: int
-    candidates: int
-    fallback_users: int
+    candidates: int = 0
+    """Candidate responses scored."""
+    fallback_users: int = 0
     """Users absent from the weights table, scored with the shared start w0."""
-    seconds: float
-    output: Path
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

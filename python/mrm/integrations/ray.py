@@ -13,18 +13,22 @@ directory of Parquet files, which the local jobs also accept as input).
 from __future__ import annotations
 
 import time
+import functools
+import inspect
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mrm.batch import adapt_job, score_job
 from mrm.batch.adapt_job import Adapter, AdaptSummary
 from mrm.batch.arrow import USER, check_unique
 from mrm.batch.parquet import (
-    DEFAULT_BATCH_USERS, WRITE_OPTIONS, check_batch_users, parquet_files, parquet_files_or_none, read_schema,
+    WRITE_OPTIONS, check_batch_users, parquet_files, parquet_files_or_none, read_schema,
 )
 from mrm.batch.score_job import Scorer, ScoreSummary
 from mrm.batch.weights import read_weights, warm_rows_batches
@@ -116,75 +120,97 @@ def _read_column(directory: Path, column: str) -> pa.ChunkedArray:
                             type=pq.read_schema(files[0]).field(column).type)
 
 
-def _start_job(checkpoint, logs, output, overwrite: bool, batch_users: int):
-    """Checks shared by both jobs, in the driver, before Ray starts any work: Ray, the output
-    path, the batch size, the checkpoint and the logs' schema."""
-    ray = _import_ray()
-    started = time.perf_counter()
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists (pass overwrite=True / --overwrite to replace it)")
-    check_batch_users(batch_users)
-    checkpoint_dir = _checkpoint_dir(checkpoint)
-    loaded = Checkpoint.load(checkpoint_dir)
-    schema = read_schema(parquet_files(logs))
-    return ray, started, output, checkpoint_dir, loaded, schema
+class _Job:
+    """One Ray job. Built in the driver, it checks what both jobs share before Ray starts any work
+    (Ray, the output path, the batch size, the checkpoint and the logs' schema); :meth:`run` then
+    sends the logs' batches of whole users through the worker actors."""
+
+    def __init__(self, checkpoint, logs: PathLike, output: PathLike, overwrite: bool, batch_users: int,
+                 workers: Optional[int], cpus_per_worker: float):
+        self.ray = _import_ray()
+        self.started = time.perf_counter()
+        self.output = Path(output)
+        if self.output.exists() and not overwrite:
+            raise FileExistsError(f"{self.output} already exists (pass overwrite=True / --overwrite to replace it)")
+        check_batch_users(batch_users)
+        self.checkpoint_dir = _checkpoint_dir(checkpoint)
+        self.checkpoint = Checkpoint.load(self.checkpoint_dir)
+        self.schema = read_schema(parquet_files(logs))
+        self.logs, self.overwrite, self.batch_users = logs, overwrite, batch_users
+        self.workers, self.cpus_per_worker = workers, cpus_per_worker
+
+    @contextmanager
+    def run(self, worker: type, worker_args: tuple, job) -> Iterator[Path]:
+        """Yields the temporary directory holding the Parquet files that the actors of ``worker``
+        (built with ``worker_args``) wrote; it becomes ``output`` when the block succeeds. ``job``
+        is the driver's own :class:`Adapter` or :class:`Scorer`: the columns to read, the schema of
+        the output."""
+        n_workers = _workers(self.ray, self.workers, self.cpus_per_worker)
+        with atomic_dir(self.output, overwrite=self.overwrite) as tmp:
+            dataset = self.ray.data.read_parquet(str(self.logs)).select_columns(job.columns)
+            dataset = dataset.map_batches(
+                worker,
+                fn_constructor_args=(str(self.checkpoint_dir), self.schema, *worker_args),
+                batch_size=self.batch_users,
+                batch_format="pyarrow",
+                concurrency=n_workers,
+                num_cpus=self.cpus_per_worker,
+            )
+            dataset.write_parquet(str(tmp), **WRITE_OPTIONS)
+            if not parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
+                pq.write_table(job.schema.empty_table(), tmp / "empty.parquet")
+            yield tmp
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
-def _run_workers(ray, logs: PathLike, tmp: Path, worker: type, worker_args: tuple, job, batch_users: int,
-                 n_workers: int, cpus_per_worker: float) -> None:
-    """The logs' batches of whole users through ``n_workers`` actors of ``worker`` (built with
-    ``worker_args``), written as Parquet files into ``tmp``. ``job`` is the driver's own
-    :class:`Adapter` or :class:`Scorer`: the columns to read, the schema of the output."""
-    dataset = ray.data.read_parquet(str(logs)).select_columns(job.columns)
-    dataset = dataset.map_batches(
-        worker,
-        fn_constructor_args=worker_args,
-        batch_size=batch_users,
-        batch_format="pyarrow",
-        concurrency=n_workers,
-        num_cpus=cpus_per_worker,
-    )
-    dataset.write_parquet(str(tmp), **WRITE_OPTIONS)
-    if not parquet_files_or_none(tmp):  # no users at all: still write a valid empty table
-        pq.write_table(job.schema.empty_table(), tmp / "empty.parquet")
+def _on_ray(local: Callable):
+    """Gives a Ray job the signature of the local job ``local``, less ``progress``, plus
+    ``workers`` and ``cpus_per_worker``: one place for the parameters, their defaults and their
+    order. A call is bound and defaulted against it (an unknown or missing argument is a
+    TypeError that names it), and the body receives every argument by name."""
+    parameters = [p for name, p in inspect.signature(local).parameters.items() if name != "progress"]
+    parameters += [
+        inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Optional[int]"),
+        inspect.Parameter("cpus_per_worker", inspect.Parameter.KEYWORD_ONLY, default=1.0, annotation="float"),
+    ]
+
+    def wrap(body: Callable) -> Callable:
+        signature = inspect.signature(local).replace(parameters=parameters,
+                                                     return_annotation=inspect.signature(body).return_annotation)
+
+        @functools.wraps(body)
+        def job(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return body(**bound.arguments)
+
+        job.__signature__ = signature
+        return job
+
+    return wrap
 
 
-def adapt_users(
-    checkpoint: Union[Checkpoint, PathLike],
-    logs: PathLike,
-    output: PathLike,
-    *,
-    steps: int,
-    lr: float,
-    optimizer: Optional[str] = None,
-    threads: Optional[int] = None,
-    warm_start: Optional[PathLike] = None,
-    overwrite: bool = False,
-    batch_users: int = DEFAULT_BATCH_USERS,
-    workers: Optional[int] = None,
-    cpus_per_worker: float = 1.0,
-) -> AdaptSummary:
+@_on_ray(adapt_job.adapt_users)
+def adapt_users(checkpoint, logs, output, *, steps, lr, optimizer, threads, warm_start, overwrite, batch_users,
+                workers, cpus_per_worker) -> AdaptSummary:
     """:func:`mrm.batch.adapt_users` on Ray Data; ``output`` is a directory of Parquet files.
 
     ``workers`` actors (default: (the cluster's CPUs − 1) / ``cpus_per_worker``, keeping one CPU
     for reading and writing) each run the kernel with ``threads`` threads (default: the CPUs Ray
     assigned to the actor, ``cpus_per_worker``).
     """
-    ray, started, output, checkpoint_dir, loaded, schema = _start_job(checkpoint, logs, output, overwrite, batch_users)
-    adapter = Adapter(loaded, schema, steps=steps, lr=lr, optimizer=optimizer, threads=1)  # checks inputs
-    warm = read_weights(warm_start, loaded.num_bases, adapter.dtype) if warm_start is not None else None
-    n_workers = _workers(ray, workers, cpus_per_worker)
-
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        worker_args = (str(checkpoint_dir), schema, steps, lr, optimizer, threads,
-                       None if warm_start is None else str(warm_start))
-        _run_workers(ray, logs, tmp, _AdaptWorker, worker_args, adapter, batch_users, n_workers, cpus_per_worker)
+    job = _Job(checkpoint, logs, output, overwrite, batch_users, workers, cpus_per_worker)
+    adapter = Adapter(job.checkpoint, job.schema, steps=steps, lr=lr, optimizer=optimizer, threads=1)  # checks inputs
+    warm = read_weights(warm_start, job.checkpoint.num_bases, adapter.dtype) if warm_start is not None else None
+    warm_path = None if warm_start is None else str(warm_start)
+    copied = 0
+    with job.run(_AdaptWorker, (steps, lr, optimizer, threads, warm_path), adapter) as tmp:
         user_ids = _read_column(tmp, USER)
         check_unique(list(user_ids.chunks), str(logs))
         versions = _read_column(tmp, "version").to_numpy()
         n_pairs = int(pc.sum(_read_column(tmp, "n_pairs")).as_py() or 0)
-        copied = 0
         if warm is not None:
             untouched = np.flatnonzero(~pc.is_in(warm.user_ids, value_set=user_ids.combine_chunks())
                                        .to_numpy(zero_copy_only=False))
@@ -194,41 +220,26 @@ def adapt_users(
                 with pq.ParquetWriter(unchanged, adapter.schema, **WRITE_OPTIONS) as writer:
                     for result in warm_rows_batches(adapter.schema, warm, untouched, batch_users):
                         writer.write_batch(result)
-    return AdaptSummary(users=len(user_ids), pairs=n_pairs, seconds=time.perf_counter() - started,
-                        output=output, warm_started=int((versions > 1).sum()), copied=copied)
+    return AdaptSummary(users=len(user_ids), pairs=n_pairs, seconds=job.seconds(), output=job.output,
+                        warm_started=int((versions > 1).sum()), copied=copied)
 
 
-def score(
-    checkpoint: Union[Checkpoint, PathLike],
-    weights: Optional[PathLike],
-    logs: PathLike,
-    output: PathLike,
-    *,
-    threads: Optional[int] = None,
-    overwrite: bool = False,
-    batch_users: int = DEFAULT_BATCH_USERS,
-    workers: Optional[int] = None,
-    cpus_per_worker: float = 1.0,
-) -> ScoreSummary:
+@_on_ray(score_job.score)
+def score(checkpoint, weights, logs, output, *, threads, overwrite, batch_users, workers, cpus_per_worker) -> ScoreSummary:
     """:func:`mrm.batch.score` on Ray Data; ``output`` is a directory of Parquet files."""
-    ray, started, output, checkpoint_dir, loaded, schema = _start_job(checkpoint, logs, output, overwrite, batch_users)
-    scorer = Scorer(loaded, schema, None, 1)  # checks the logs' columns before Ray starts
+    job = _Job(checkpoint, logs, output, overwrite, batch_users, workers, cpus_per_worker)
+    scorer = Scorer(job.checkpoint, job.schema, None, 1)  # checks the logs' columns before Ray starts
     if weights is not None:
-        read_weights(weights, loaded.num_bases, scorer.dtype)  # checks the table once, in the driver
-    n_workers = _workers(ray, workers, cpus_per_worker)
-
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        worker_args = (str(checkpoint_dir), schema, None if weights is None else str(weights), threads)
-        _run_workers(ray, logs, tmp, _ScoreWorker, worker_args, scorer, batch_users, n_workers, cpus_per_worker)
+        read_weights(weights, job.checkpoint.num_bases, scorer.dtype)  # checks the table once, in the driver
+    n_pairs = n_candidates = 0
+    with job.run(_ScoreWorker, (None if weights is None else str(weights), threads), scorer) as tmp:
         fallback = _read_column(tmp, "fallback")
-        n_pairs = n_candidates = 0
         if scorer.pairs:
             n_pairs = int(pc.sum(pc.list_value_length(_read_column(tmp, "chosen_rewards"))).as_py() or 0)
         if scorer.candidates:
             n_candidates = int(pc.sum(pc.list_value_length(_read_column(tmp, "candidate_rewards"))).as_py() or 0)
     return ScoreSummary(users=len(fallback), pairs=n_pairs, candidates=n_candidates,
-                        fallback_users=int(pc.sum(fallback).as_py() or 0),
-                        seconds=time.perf_counter() - started, output=output)
+                        fallback_users=int(pc.sum(fallback).as_py() or 0), seconds=job.seconds(), output=job.output)
 
 
 # ---- embeddings at scale ---------------------------------------------------------------------------

@@ -43,25 +43,12 @@ fn main() {
             forward(Start::Shared(&w0), s, Some(q), &inner, out.all(), &ctl).unwrap();
         });
         let (mut gw, mut gs, mut gq) = (vec![0.0; k], vec![0.0; support.len()], vec![0.0; query.len()]);
-        let ones = vec![1.0f32; users];
+        let (start, gl) = (Start::Shared(&w0), vec![1.0f32; users]);
         // Gradients alone (the backward pass), then with forward's outputs from the same pass.
         let mut grads = |with_values: bool| {
             best(5, || {
                 let values = with_values.then(|| out.all());
-                value_and_grad(
-                    Start::Shared(&w0),
-                    s,
-                    q,
-                    &ones,
-                    &inner,
-                    false,
-                    values,
-                    &mut gw,
-                    &mut gs,
-                    &mut gq,
-                    &ctl,
-                )
-                .unwrap();
+                value_and_grad(start, s, q, &gl, &inner, false, values, &mut gw, &mut gs, &mut gq, &ctl).unwrap();
             })
         };
         let bwd = grads(false);

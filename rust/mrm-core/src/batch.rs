@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::csr::{check_output_finite, check_rows_finite, Csr};
 use crate::dispatch::{with_row_ops, Dtype, WithRowOps};
-use crate::error::{non_finite, shape, value, Error, Result};
+use crate::error::{non_finite, shape, shape_unless, value, Error, Result};
 use crate::group::{lane_values, Group, Members};
 use crate::inner::{InnerLoop, TRAJECTORY_BUDGET_BYTES};
 use crate::lanes::LANES;
@@ -35,12 +35,9 @@ impl<'a, T: Real> Start<'a, T> {
             Start::Shared(w) => (*w, k, format!("shape ({k},)")),
             Start::PerUser(w) => (*w, n_users * k, format!("shape ({n_users}, {k})")),
         };
-        if values.len() != expected {
-            return shape(
-                "w0",
-                format!("w0 must have {what} to match the data, got {} values", values.len()),
-            );
-        }
+        shape_unless(values.len() == expected, "w0", || {
+            format!("w0 must have {what} to match the data, got {} values", values.len())
+        })?;
         if let Some(pos) = values.iter().position(|x| !x.is_finite()) {
             return match self {
                 Start::Shared(_) => non_finite("w0", "w0 contains a non-finite value"),
@@ -209,34 +206,20 @@ pub(crate) fn check_forward_lengths<T>(
 }
 
 pub(crate) fn check_len<T>(name: &str, buf: &[T], expected: usize) -> Result<()> {
-    if buf.len() != expected {
-        return shape(
-            name.to_owned(),
-            format!("{name} must have {expected} values, got {}", buf.len()),
-        );
-    }
-    Ok(())
+    shape_unless(buf.len() == expected, name.to_owned(), || {
+        format!("{name} must have {expected} values, got {}", buf.len())
+    })
 }
 
 /// Support and query describe the same users with the same K.
 pub(crate) fn check_same_shape<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {
-    if support.k != query.k {
-        return shape(
-            "query",
-            format!("support has K = {} columns but query has K = {}", support.k, query.k),
-        );
-    }
-    if support.n_users() != query.n_users() {
-        return shape(
-            "query_offsets",
-            format!(
-                "support_offsets describes {} users but query_offsets describes {}",
-                support.n_users(),
-                query.n_users()
-            ),
-        );
-    }
-    Ok(())
+    shape_unless(support.k == query.k, "query", || {
+        format!("support has K = {} columns but query has K = {}", support.k, query.k)
+    })?;
+    let (s, q) = (support.n_users(), query.n_users());
+    shape_unless(s == q, "query_offsets", || {
+        format!("support_offsets describes {s} users but query_offsets describes {q}")
+    })
 }
 
 fn check_same_users<T: Real>(support: &Csr<'_, T>, query: &Csr<'_, T>) -> Result<()> {

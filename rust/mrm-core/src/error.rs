@@ -104,6 +104,20 @@ impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `Err` of a [`Kind::Shape`] error about `argument` unless `holds`; the message is built only
+/// for the error.
+pub(crate) fn shape_unless(
+    holds: bool,
+    argument: impl Into<Cow<'static, str>>,
+    message: impl FnOnce() -> String,
+) -> Result<()> {
+    if holds {
+        Ok(())
+    } else {
+        shape(argument, message())
+    }
+}
+
 /// `Err` of a [`Kind::Shape`] error about `argument`.
 pub(crate) fn shape<T>(argument: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Result<T> {
     Err(Error::new(Kind::Shape, argument, message))

@@ -1,7 +1,7 @@
 //! Pair differences `d_i = f[chosen_i] − f[rejected_i]` of feature rows picked by index, and
 //! their adjoint (the scatter of each `∂/∂d_i` back onto the two rows it came from).
 
-use crate::error::{shape, value, Error, Kind, Result};
+use crate::error::{shape_unless, value, Error, Kind, Result};
 use crate::real::Real;
 
 /// Checks that every index is in `0..n_rows`; the error names the argument and the pair.
@@ -29,18 +29,35 @@ fn check_finite<T: Real>(values: &[T], k: usize, what: impl Fn(usize, usize) -> 
 /// Checks that `chosen` and `rejected` have one entry per pair, each in `0..n_rows` (callers
 /// check before allocating `n_rows` rows of output).
 pub fn check_pairs(chosen: &[i64], rejected: &[i64], n_rows: usize) -> Result<()> {
-    if chosen.len() != rejected.len() {
-        return shape(
-            "rejected",
-            format!(
-                "chosen has {} entries but rejected has {}: one of each per pair",
-                chosen.len(),
-                rejected.len()
-            ),
-        );
-    }
+    shape_unless(chosen.len() == rejected.len(), "rejected", || {
+        format!(
+            "chosen has {} entries but rejected has {}: one of each per pair",
+            chosen.len(),
+            rejected.len()
+        )
+    })?;
     check_indices("chosen", chosen, n_rows)?;
     check_indices("rejected", rejected, n_rows)
+}
+
+/// Checks the shapes of a map between `rows` (a name and a length: rows of width `k`, which
+/// the pairs index) and `per_pair` (one row of width `k` per pair).
+fn check_shapes(
+    k: usize,
+    rows: (&'static str, usize),
+    chosen: &[i64],
+    rejected: &[i64],
+    per_pair: (&'static str, usize),
+) -> Result<()> {
+    let ((rows_name, rows_len), (pair_name, pair_len)) = (rows, per_pair);
+    shape_unless(k > 0 && rows_len.is_multiple_of(k), rows_name, || {
+        format!("{rows_name} must have K >= 1 columns and a whole number of rows (K = {k})")
+    })?;
+    check_pairs(chosen, rejected, rows_len / k)?;
+    let want = chosen.len() * k;
+    shape_unless(pair_len == want, pair_name, || {
+        format!("{pair_name} must have {want} values (pairs × K), got {pair_len}")
+    })
 }
 
 /// Writes `out[i] = features[chosen[i]] − features[rejected[i]]` (rows of width `k`).
@@ -51,19 +68,7 @@ pub fn pair_differences<T: Real>(
     rejected: &[i64],
     out: &mut [T],
 ) -> Result<()> {
-    if k == 0 || !features.len().is_multiple_of(k) {
-        return shape(
-            "features",
-            format!("features must have K >= 1 columns and a whole number of rows (K = {k})"),
-        );
-    }
-    check_pairs(chosen, rejected, features.len() / k)?;
-    if out.len() != chosen.len() * k {
-        return shape(
-            "out",
-            format!("the output must have {} values, got {}", chosen.len() * k, out.len()),
-        );
-    }
+    check_shapes(k, ("features", features.len()), chosen, rejected, ("out", out.len()))?;
     for ((d, &c), &r) in out.chunks_exact_mut(k).zip(chosen).zip(rejected) {
         let (c, r) = (c as usize * k, r as usize * k);
         for ((o, &a), &b) in d.iter_mut().zip(&features[c..c + k]).zip(&features[r..r + k]) {
@@ -99,23 +104,7 @@ pub fn pair_differences_backward<T: Real>(
     rejected: &[i64],
     out: &mut [T],
 ) -> Result<()> {
-    if k == 0 || !out.len().is_multiple_of(k) {
-        return shape(
-            "out",
-            format!("the output must have K >= 1 columns and a whole number of rows (K = {k})"),
-        );
-    }
-    check_pairs(chosen, rejected, out.len() / k)?;
-    if grad.len() != chosen.len() * k {
-        return shape(
-            "grad",
-            format!(
-                "grad must have {} values (pairs × K), got {}",
-                chosen.len() * k,
-                grad.len()
-            ),
-        );
-    }
+    check_shapes(k, ("out", out.len()), chosen, rejected, ("grad", grad.len()))?;
     check_finite(grad, k, |i, col| {
         Error::new(
             Kind::NonFinite,

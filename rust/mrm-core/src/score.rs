@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::batch::{block_bounds, check_len, split_lengths, Control};
 use crate::csr::{check_rows_finite, Csr};
-use crate::error::{non_finite, shape, Result};
+use crate::error::{non_finite, shape_unless, Result};
 use crate::real::{dot, softmax_into, Real};
 
 /// Per-user weights (U × K) must be finite; the error names the first bad user.
@@ -22,15 +22,12 @@ fn check_weights<T: Real>(weights: &[T], k: usize) -> Result<()> {
 /// Personalised rewards `r = f · softmax(w_u)` for every row `f` of user `u`.
 pub fn score<T: Real>(features: Csr<'_, T>, weights: &[T], rewards: &mut [T], ctl: &Control<'_>) -> Result<()> {
     let (k, n_users) = (features.k, features.n_users());
-    if weights.len() != n_users * k {
-        return shape(
-            "weights",
-            format!(
-                "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
-                weights.len()
-            ),
-        );
-    }
+    shape_unless(weights.len() == n_users * k, "weights", || {
+        format!(
+            "weights must have shape ({n_users}, {k}) to match feature_offsets and features, got {} values",
+            weights.len()
+        )
+    })?;
     check_weights(weights, k)?;
     check_len("rewards", rewards, features.n_rows())?;
     ctl.chunks(n_users, |lo, hi| {
