@@ -25,7 +25,7 @@ use crate::real::Real;
 use crate::simd::wide::{with_wide, Mask, Wide, WithWide};
 
 mod solver;
-use solver::{jacobian_times, lanes, map_weights, padded, pair_terms, row_dot, Rows, Solved, Work, MAX_LANES};
+use solver::{jacobian_times, lanes, map_weights, padded, pair_terms, row_dot, Feed, Rows, Solved, Work, MAX_LANES};
 
 /// Largest K the solver takes (K × K matrices per user live on the stack of a workspace).
 pub const MAX_K: usize = 64;
@@ -155,6 +155,7 @@ pub struct MapGradients<'a, T> {
 }
 
 /// What every block of a call reads.
+#[derive(Clone, Copy)]
 struct Inputs<'a, T> {
     k: usize,
     start: Start<'a, T>,
@@ -261,10 +262,47 @@ impl<T: Real> Inputs<'_, T> {
         }
     }
 
+    /// User `u` into lane `l` (`w0`, its start into `w`, its support rows); `λ` is the same in
+    /// every lane and is set once.
+    #[inline(always)]
+    fn load_lane<V: Wide>(&self, u: usize, l: usize, ws: &mut Work<V>, rows: &mut Rows<V>) {
+        let k = self.k;
+        let w0 = self.start.of(u, k);
+        let start = V::flat_mut(&mut ws.w0);
+        for (j, &x) in w0.iter().enumerate() {
+            start[j * V::N + l] = x.to_f64();
+        }
+        let w = V::flat_mut(&mut ws.w);
+        for j in 0..k {
+            w[j * V::N + l] = match self.init {
+                Some(x) => x[u * k + j].to_f64(),
+                None => w0[j].to_f64(),
+            };
+        }
+        rows.load_lane(l, self.support.rows(u));
+    }
+
     /// [`map_forward`] for the users `lo..hi` (their outputs in `out`); `Some(u)` for the first
     /// user whose objective is not finite.
     #[inline(always)]
     fn forward_block<V: Wide>(&self, (lo, hi): (usize, usize), out: &mut MapOutputs<'_, T>) -> Option<usize> {
+        if self.query.is_none() && out.covariance.is_none() {
+            // the solution alone: a lane takes the next user as soon as its own ends
+            let mut ws = Work::<V>::new(self.k);
+            let mut rows = Rows::new(self.k);
+            ws.lam.iter_mut().zip(self.lam).for_each(|(x, &l)| *x = V::splat(l));
+            let mut feed = Stream {
+                inputs: self,
+                out,
+                lo,
+                next: lo,
+                hi,
+                user: [0; MAX_LANES],
+                failed: None,
+            };
+            ws.solve_all(&mut rows, self.settings, &mut feed);
+            return feed.failed;
+        }
         let (k, map) = (self.k, self.settings.weight_map);
         let mut ws = Work::<V>::new(k);
         let (mut rows, mut qrows) = (Rows::new(k), Rows::new(k));
@@ -274,7 +312,7 @@ impl<T: Real> Inputs<'_, T> {
         for g in (lo..hi).step_by(V::N) {
             let (m, i) = (V::N.min(hi - g), g - lo);
             self.load(g, m, &mut ws, &mut init, &mut rows, Some(&mut qrows));
-            let solved = ws.solve(&rows, &init, self.settings);
+            let solved = ws.solve(&mut rows, &init, self.settings);
             let mut bad = solved.failed;
             if let Some(cov) = out.covariance.as_deref_mut() {
                 // Laplace covariance: H⁻¹ (exact, else Gauss–Newton)
@@ -331,7 +369,7 @@ impl<T: Real> Inputs<'_, T> {
         for g in (lo..hi).step_by(V::N) {
             let (m, i) = (V::N.min(hi - g), g - lo);
             self.load(g, m, &mut ws, &mut init, &mut rows, Some(&mut qrows));
-            let solved = ws.solve(&rows, &init, settings);
+            let solved = ws.solve(&mut rows, &init, settings);
             // back at w*: s and g_p of the support rows are there; H (exact)
             let pd = ws.factor_hessian(&rows, map, V::none_true());
             let (its, gns) = (lanes(solved.iterations), lanes(solved.grad_norm));
@@ -405,6 +443,53 @@ impl<T: Real> Inputs<'_, T> {
             }
         }
         Ok((w0_part, eta_part))
+    }
+}
+
+/// The users `next..hi` of a block, streamed through the lanes by [`Work::solve_all`]; a
+/// lane's results go to `out` as its solve ends.
+struct Stream<'x, 'a, 'b, T> {
+    inputs: &'x Inputs<'a, T>,
+    out: &'x mut MapOutputs<'b, T>,
+    /// The block's first user (`out` starts there).
+    lo: usize,
+    next: usize,
+    hi: usize,
+    /// The user in each lane.
+    user: [usize; MAX_LANES],
+    /// The first user whose objective is not finite.
+    failed: Option<usize>,
+}
+
+impl<T: Real, V: Wide> Feed<V> for Stream<'_, '_, '_, T> {
+    #[inline(always)]
+    fn done(&mut self, l: usize, ws: &Work<V>, rows: &Rows<V>, end: &Solved<V>) {
+        let (u, k) = (self.user[l], ws.w.len());
+        let i = u - self.lo;
+        for (j, &w) in ws.w.iter().enumerate() {
+            self.out.weights[i * k + j] = T::of(lanes(w)[l]);
+        }
+        self.out.iterations[i] = lanes(end.iterations)[l] as i64;
+        self.out.converged[i] = end.converged.lane(l);
+        self.out.grad_norm[i] = T::of(lanes(end.grad_norm)[l]);
+        if let Some(sl) = self.out.support_losses.as_deref_mut() {
+            sl[i] = T::of(mean_lanes(ws.loss, &rows.count)[l]);
+        }
+        if end.failed.lane(l) {
+            self.failed = Some(self.failed.map_or(u, |f| f.min(u)));
+        }
+    }
+
+    #[inline(always)]
+    fn next(&mut self, l: usize, ws: &mut Work<V>, rows: &mut Rows<V>) -> bool {
+        if self.next == self.hi {
+            rows.clear_lane(l);
+            return false;
+        }
+        self.user[l] = self.next;
+        self.inputs.load_lane(self.next, l, ws, rows);
+        self.next += 1;
+        true
     }
 }
 
@@ -896,6 +981,20 @@ mod tests {
             covariance: Some(&mut cov),
         };
         assert_eq!(inputs.forward_block::<V>((0, n_users), &mut out), None);
+        // The solution alone streams the users through the lanes (a lane takes the next user
+        // when its own solve ends): the same bits as solving them in fixed groups.
+        let streamed = Inputs { query: None, ..*inputs };
+        let mut w2 = vec![0.0; n_users * k];
+        let (mut its2, mut gn2, mut conv2) = (vec![0i64; n_users], vec![0.0; n_users], vec![false; n_users]);
+        let mut sl2 = vec![0.0; n_users];
+        let mut out2 = MapOutputs::solution(&mut w2, &mut its2, &mut gn2, &mut conv2);
+        out2.support_losses = Some(&mut sl2);
+        assert_eq!(streamed.forward_block::<V>((0, n_users), &mut out2), None);
+        let bits = |x: &[f64]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&w2), bits(&weights), "weights");
+        assert_eq!(bits(&gn2), bits(&gn), "gradient norms");
+        assert_eq!(bits(&sl2), bits(&sl), "support losses");
+        assert_eq!((&its2, &conv2), (&its, &conv), "iterations, converged");
         let (support, query) = (inputs.support, inputs.query.unwrap());
         let (mut gs, mut gq, mut gw) = (
             vec![0.0; support.values.len()],

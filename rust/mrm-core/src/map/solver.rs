@@ -90,6 +90,43 @@ impl<V: Wide> Rows<V> {
         }
     }
 
+    /// Lane `l` gets the rows `rows` (`count × K` values) in place of its own; the other
+    /// lanes keep theirs. A pair position past a lane's count holds zeros in that lane.
+    #[inline(always)]
+    pub fn load_lane<T: Real>(&mut self, l: usize, rows: &[T]) {
+        let (k, kp) = (self.k, self.kp);
+        let count = rows.len() / k;
+        self.count[l] = count;
+        self.fit_longest();
+        let valid = V::flat_mut(&mut self.valid);
+        for (i, v) in valid.iter_mut().skip(l).step_by(V::N).enumerate() {
+            *v = (i < count) as u8 as f64;
+        }
+        let d = V::flat_mut(&mut self.d);
+        for (i, pair) in d.chunks_exact_mut(kp * V::N).enumerate() {
+            let values = rows.get(i * k..(i + 1) * k).unwrap_or(&[]);
+            for j in 0..k {
+                pair[j * V::N + l] = values.get(j).map_or(0.0, |x| x.to_f64());
+            }
+        }
+    }
+
+    /// Lane `l` holds no user (what is left in it is not read for any other lane).
+    #[inline(always)]
+    pub fn clear_lane(&mut self, l: usize) {
+        self.count[l] = 0;
+        self.fit_longest();
+    }
+
+    /// Stores as many pairs as the longest lane has: new positions are zeros in every lane.
+    #[inline(always)]
+    fn fit_longest(&mut self) {
+        self.n = self.count.iter().copied().max().unwrap_or(0);
+        let zero = V::splat(0.0);
+        self.d.resize(self.n * self.kp, zero);
+        self.valid.resize(self.n, zero);
+    }
+
     /// Writes `value(i, j)` for every real pair `i` and component `j` of each lane `l` to
     /// `out[start_l + i K + j]`, where lane `l`'s rows start after those of the lanes before it
     /// (the group's users are consecutive in their CSR batch, and so are their rows).
@@ -195,6 +232,37 @@ pub(super) struct Solved<V: Wide> {
     pub failed: V::Mask,
 }
 
+/// Where [`Work::solve_stream`] sends the lanes whose solve ended, and finds the next users.
+pub(super) trait Feed<V: Wide> {
+    /// Lane `lane`'s solve ended: its values are in `ws` and `rows` (that lane), and `end`.
+    fn done(&mut self, lane: usize, ws: &Work<V>, rows: &Rows<V>, end: &Solved<V>);
+    /// Loads the next user into lane `lane` (`w0`, its start in `w`, its rows); false, with
+    /// the lane left empty, when there is none.
+    fn next(&mut self, lane: usize, ws: &mut Work<V>, rows: &mut Rows<V>) -> bool;
+}
+
+/// A group solved as it was loaded: no lane is refilled.
+struct NoFeed;
+
+impl<V: Wide> Feed<V> for NoFeed {
+    #[inline(always)]
+    fn done(&mut self, _: usize, _: &Work<V>, _: &Rows<V>, _: &Solved<V>) {}
+    #[inline(always)]
+    fn next(&mut self, _: usize, _: &mut Work<V>, _: &mut Rows<V>) -> bool {
+        false
+    }
+}
+
+/// The mask of the lanes `l` with `flags[l]`.
+#[inline(always)]
+pub(super) fn mask_of<V: Wide>(flags: &[bool; MAX_LANES]) -> V::Mask {
+    let mut x = [0.0; MAX_LANES];
+    for (x, &f) in x.iter_mut().zip(flags) {
+        *x = f as u8 as f64;
+    }
+    V::load(&x).gt(V::splat(0.0))
+}
+
 /// One thread's scratch for one group at a time.
 pub(super) struct Work<V: Wide> {
     k: usize,
@@ -255,27 +323,93 @@ impl<V: Wide> Work<V> {
         }
     }
 
-    /// Damped Newton from `init` (SPEC §7), every lane on its own path. Leaves `w` = w*, and
-    /// `p`, `s`, `loss`, `g_p`, `grad` at it, for every lane.
+    /// Damped Newton from `init` (SPEC §7) for the group in the lanes, every lane on its own
+    /// path. Leaves `w` = w*, and `p`, `s`, `loss`, `g_p`, `grad` at it, for every lane.
     #[inline(always)]
-    pub fn solve(&mut self, rows: &Rows<V>, init: &[V], settings: &MapSettings) -> Solved<V> {
+    pub fn solve(&mut self, rows: &mut Rows<V>, init: &[V], settings: &MapSettings) -> Solved<V> {
+        self.w.copy_from_slice(init);
+        self.solve_stream(rows, settings, V::all_true(), &mut NoFeed)
+    }
+
+    /// Damped Newton (SPEC §7) for every user `feed` has, [`Wide::N`] at a time: each lane
+    /// takes the next user as soon as its own solve ends.
+    #[inline(always)]
+    pub fn solve_all(&mut self, rows: &mut Rows<V>, settings: &MapSettings, feed: &mut impl Feed<V>) {
+        let mut loaded = [false; MAX_LANES];
+        for (l, x) in loaded.iter_mut().enumerate().take(V::N) {
+            *x = feed.next(l, self, rows);
+        }
+        self.solve_stream(rows, settings, mask_of::<V>(&loaded), feed);
+    }
+
+    /// Damped Newton (SPEC §7) for the users in the lanes of `fresh`, loaded (`w0`, their
+    /// start in `w`, their rows); when a lane's solve ends, `feed` takes its results and may
+    /// load the next user into it, which starts at once while the other lanes go on. Lanes
+    /// never mix, so a user gets the same bits whichever lane holds it and whoever shares the
+    /// group. Returns how the last solve of each lane ended (its values stay in the lane).
+    #[inline(always)]
+    fn solve_stream(
+        &mut self,
+        rows: &mut Rows<V>,
+        settings: &MapSettings,
+        mut fresh: V::Mask,
+        feed: &mut impl Feed<V>,
+    ) -> Solved<V> {
         let k = self.k;
         let map = settings.weight_map;
-        let (zero, one) = (V::splat(0.0), V::splat(1.0));
-        self.s.resize(rows.n, zero);
-        self.s_trial.resize(rows.n, zero);
-        self.z.resize(rows.n, zero);
-        self.w.copy_from_slice(init);
-        let (loss, mut f) = self.evaluate(map, rows, false);
-        self.loss = loss;
-        let mut failed = V::all_true().and_not(f.finite());
-        let mut active = f.finite();
-        let mut finishing = V::none_true();
-        let mut converged = V::none_true();
-        let mut iterations = zero;
-        let mut grad_norm = zero;
+        let (zero, one, none) = (V::splat(0.0), V::splat(1.0), V::none_true());
         let (tol, max_iter) = (V::splat(settings.tol), V::splat(settings.max_iter as f64));
+        let (mut f, mut slope, mut resolvable) = (zero, zero, none);
+        let (mut active, mut searching, mut converged, mut failed) = (none, none, none, none);
+        let (mut iterations, mut grad_norm) = (zero, zero);
         loop {
+            self.s.resize(rows.n, zero);
+            self.s_trial.resize(rows.n, zero);
+            self.z.resize(rows.n, zero);
+            // The evaluations of one round: the fresh lanes at their start (the first trial
+            // point, whatever their step), the others' line search from the full Newton step.
+            let mut failed_start = none;
+            let mut t = one;
+            for _ in 0..MAX_HALVINGS {
+                if !fresh.or(searching).any() {
+                    break;
+                }
+                for ((x, &w), &s) in self.trial.iter_mut().zip(&self.w).zip(&self.step) {
+                    *x = V::select(fresh, w, t.mul_add(s, w));
+                }
+                let (loss_t, ft) = self.evaluate(map, rows, true);
+                let started = fresh.and(ft.finite());
+                failed_start = fresh.and_not(ft.finite());
+                let armijo = ft.le(V::splat(ARMIJO).mul(t).mul_add(slope, f));
+                let accept = searching
+                    .and(ft.finite())
+                    .and(armijo.or(V::all_true().and_not(resolvable)));
+                let take = accept.or(started);
+                if take.any() {
+                    f = V::select(take, ft, f);
+                    self.loss = V::select(take, loss_t, self.loss);
+                    iterations = V::select(accept, iterations.add(one), iterations);
+                    for (a, &b) in self.w.iter_mut().zip(&self.trial) {
+                        *a = V::select(take, b, *a);
+                    }
+                    for (a, &b) in self.p.iter_mut().zip(&self.p_trial) {
+                        *a = V::select(take, b, *a);
+                    }
+                    for (a, &b) in self.s.iter_mut().zip(&self.s_trial) {
+                        *a = V::select(take, b, *a);
+                    }
+                }
+                active = active.or(started);
+                failed = failed.or(failed_start);
+                searching = searching.and_not(accept);
+                fresh = none;
+                t = t.mul(V::splat(0.5));
+            }
+            // no decrease left to find in this dtype: report the point as it is (its gradient
+            // is taken next, where these lanes stop)
+            active = active.and_not(searching);
+            let finishing = searching;
+            searching = none;
             self.gradient(map, rows);
             let gn = self.grad.iter().fold(zero, |m, g| m.max(g.abs()));
             let stopping = active.or(finishing);
@@ -284,57 +418,48 @@ impl<V: Wide> Work<V> {
             failed = failed.or(bad);
             let done = stopping.and_not(bad).and(gn.le(tol));
             converged = converged.or(done);
-            // finishing lanes (no step found) stop here, converged or not
             active = active.and_not(bad).and_not(done).and_not(iterations.ge(max_iter));
-            if !active.any() {
+            if active.any() {
+                // the step matrix: the exact Hessian where it is positive definite, else
+                // Gauss–Newton; lanes where neither factors (non-finite curvature) stop, not
+                // converged
+                active = active.and(self.factor_hessian(rows, map, active));
+            }
+            let ended = stopping.and_not(active).or(failed_start);
+            if ended.any() {
+                let end = Solved {
+                    iterations,
+                    grad_norm,
+                    converged,
+                    failed,
+                };
+                let mut refilled = [false; MAX_LANES];
+                for (l, r) in refilled.iter_mut().enumerate().take(V::N) {
+                    if ended.lane(l) {
+                        feed.done(l, self, rows, &end);
+                        *r = feed.next(l, self, rows);
+                    }
+                }
+                fresh = mask_of::<V>(&refilled);
+                iterations = V::select(fresh, zero, iterations);
+                grad_norm = V::select(fresh, zero, grad_norm);
+                converged = converged.and_not(fresh);
+                failed = failed.and_not(fresh);
+            }
+            if active.any() {
+                for (s, g) in self.step.iter_mut().zip(&self.grad) {
+                    *s = g.neg();
+                }
+                solve_in_place(k, &self.chol, &self.inv_diag, &mut self.step);
+                slope = dot(&self.step, &self.grad);
+                // Below this predicted decrease F cannot tell better from worse in f64: the
+                // full Newton step is taken as it is (the quadratic model is exact to rounding
+                // there).
+                resolvable = slope.neg().gt(V::splat(PRECISION_FLOOR).mul(one.add(f.abs())));
+                searching = active;
+            } else if !fresh.any() {
                 break;
             }
-            // the step matrix: the exact Hessian where it is positive definite, else Gauss–Newton;
-            // lanes where neither factors (non-finite curvature) stop, not converged
-            active = active.and(self.factor_hessian(rows, map, active));
-            for (s, g) in self.step.iter_mut().zip(&self.grad) {
-                *s = g.neg();
-            }
-            solve_in_place(k, &self.chol, &self.inv_diag, &mut self.step);
-            let slope = dot(&self.step, &self.grad);
-            // Below this predicted decrease F cannot tell better from worse in f64: the full
-            // Newton step is taken as it is (the quadratic model is exact to rounding there).
-            let resolvable = slope.neg().gt(V::splat(PRECISION_FLOOR).mul(one.add(f.abs())));
-            let mut t = one;
-            let mut searching = active;
-            for _ in 0..MAX_HALVINGS {
-                for ((x, &w), &s) in self.trial.iter_mut().zip(&self.w).zip(&self.step) {
-                    *x = t.mul_add(s, w);
-                }
-                let (loss_t, ft) = self.evaluate(map, rows, true);
-                let armijo = ft.le(V::splat(ARMIJO).mul(t).mul_add(slope, f));
-                let accept = searching
-                    .and(ft.finite())
-                    .and(armijo.or(V::all_true().and_not(resolvable)));
-                if accept.any() {
-                    f = V::select(accept, ft, f);
-                    self.loss = V::select(accept, loss_t, self.loss);
-                    iterations = V::select(accept, iterations.add(one), iterations);
-                    for (a, &b) in self.w.iter_mut().zip(&self.trial) {
-                        *a = V::select(accept, b, *a);
-                    }
-                    for (a, &b) in self.p.iter_mut().zip(&self.p_trial) {
-                        *a = V::select(accept, b, *a);
-                    }
-                    for (a, &b) in self.s.iter_mut().zip(&self.s_trial) {
-                        *a = V::select(accept, b, *a);
-                    }
-                    searching = searching.and_not(accept);
-                    if !searching.any() {
-                        break;
-                    }
-                }
-                t = t.mul(V::splat(0.5));
-            }
-            // no decrease left to find in this dtype: report the point as it is (its gradient
-            // is taken at the top of the loop, where these lanes stop)
-            active = active.and_not(searching);
-            finishing = searching;
         }
         Solved {
             iterations,

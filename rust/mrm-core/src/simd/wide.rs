@@ -55,6 +55,9 @@ pub(crate) trait Wide: Copy + Send + Sync + 'static {
     fn load(x: &[f64]) -> Self;
     /// Into the first `N` values of `x`.
     fn store(self, x: &mut [f64]);
+    /// The lanes of `v` as one slice: value `i`'s lane `l` at `i N + l` (for writing one lane of
+    /// many values in place).
+    fn flat_mut(v: &mut [Self]) -> &mut [f64];
     fn add(self, o: Self) -> Self;
     fn sub(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
@@ -116,6 +119,10 @@ impl Wide for f64 {
     #[inline(always)]
     fn store(self, x: &mut [f64]) {
         x[0] = self;
+    }
+    #[inline(always)]
+    fn flat_mut(v: &mut [Self]) -> &mut [f64] {
+        v
     }
     binary_methods!(Self;
         add => |a, b| a + b,
@@ -224,6 +231,7 @@ pub(crate) mod avx2 {
     /// function compiled for those features after [`crate::simd::avx2::Cpu::detect`] names
     /// this type (the MAP solver's AVX2 entry), so its methods run only on CPUs with both.
     #[derive(Clone, Copy, Debug)]
+    #[repr(transparent)]
     pub(crate) struct F64x4(__m256d);
 
     /// Four lane masks (all bits set or clear), as AVX comparisons make them.
@@ -268,6 +276,12 @@ pub(crate) mod avx2 {
         fn store(self, x: &mut [f64]) {
             let x = &mut x[..4];
             unsafe { _mm256_storeu_pd(x.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn flat_mut(v: &mut [Self]) -> &mut [f64] {
+            // SAFETY: an `F64x4` is one `__m256d` (`repr(transparent)`), four f64 with no padding (32 bytes, aligned
+            // to 32, so to 8 too); the slice covers the same bytes, borrowed as `v` is.
+            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f64>(), v.len() * 4) }
         }
         // `max_pd(a, b)` is `a > b ? a : b`, as the scalar `max`
         binary_methods!(Self;
