@@ -312,7 +312,7 @@ impl<T: Real> Inputs<'_, T> {
         for g in (lo..hi).step_by(V::N) {
             let (m, i) = (V::N.min(hi - g), g - lo);
             self.load(g, m, &mut ws, &mut init, &mut rows, Some(&mut qrows));
-            let solved = ws.solve(&mut rows, &init, self.settings);
+            let solved = ws.solve(&rows, &init, self.settings);
             let mut bad = solved.failed;
             if let Some(cov) = out.covariance.as_deref_mut() {
                 // Laplace covariance: H⁻¹ (exact, else Gauss–Newton)
@@ -369,7 +369,7 @@ impl<T: Real> Inputs<'_, T> {
         for g in (lo..hi).step_by(V::N) {
             let (m, i) = (V::N.min(hi - g), g - lo);
             self.load(g, m, &mut ws, &mut init, &mut rows, Some(&mut qrows));
-            let solved = ws.solve(&mut rows, &init, settings);
+            let solved = ws.solve(&rows, &init, settings);
             // back at w*: s and g_p of the support rows are there; H (exact)
             let pd = ws.factor_hessian(&rows, map, V::none_true());
             let (its, gns) = (lanes(solved.iterations), lanes(solved.grad_norm));

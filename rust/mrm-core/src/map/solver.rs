@@ -232,25 +232,53 @@ pub(super) struct Solved<V: Wide> {
     pub failed: V::Mask,
 }
 
-/// Where [`Work::solve_stream`] sends the lanes whose solve ended, and finds the next users.
+/// A solve's per-lane loop state.
+struct Lanes<V: Wide> {
+    /// `F` at `w`.
+    f: V,
+    /// Lanes taking Newton steps.
+    active: V::Mask,
+    /// Lanes whose last line search found no step: they stop at the next stop tests.
+    finishing: V::Mask,
+    end: Solved<V>,
+}
+
+impl<V: Wide> Lanes<V> {
+    #[inline(always)]
+    fn new(active: V::Mask, f: V) -> Self {
+        let (zero, none) = (V::splat(0.0), V::none_true());
+        Lanes {
+            f,
+            active,
+            finishing: none,
+            end: Solved {
+                iterations: zero,
+                grad_norm: zero,
+                converged: none,
+                failed: none,
+            },
+        }
+    }
+
+    /// The lanes of `fresh` hold new users: their counts start again.
+    #[inline(always)]
+    fn restart(&mut self, fresh: V::Mask) {
+        let zero = V::splat(0.0);
+        let end = &mut self.end;
+        end.iterations = V::select(fresh, zero, end.iterations);
+        end.grad_norm = V::select(fresh, zero, end.grad_norm);
+        end.converged = end.converged.and_not(fresh);
+        end.failed = end.failed.and_not(fresh);
+    }
+}
+
+/// Where [`Work::solve_all`] sends the lanes whose solve ended, and finds the next users.
 pub(super) trait Feed<V: Wide> {
     /// Lane `lane`'s solve ended: its values are in `ws` and `rows` (that lane), and `end`.
     fn done(&mut self, lane: usize, ws: &Work<V>, rows: &Rows<V>, end: &Solved<V>);
     /// Loads the next user into lane `lane` (`w0`, its start in `w`, its rows); false, with
     /// the lane left empty, when there is none.
     fn next(&mut self, lane: usize, ws: &mut Work<V>, rows: &mut Rows<V>) -> bool;
-}
-
-/// A group solved as it was loaded: no lane is refilled.
-struct NoFeed;
-
-impl<V: Wide> Feed<V> for NoFeed {
-    #[inline(always)]
-    fn done(&mut self, _: usize, _: &Work<V>, _: &Rows<V>, _: &Solved<V>) {}
-    #[inline(always)]
-    fn next(&mut self, _: usize, _: &mut Work<V>, _: &mut Rows<V>) -> bool {
-        false
-    }
 }
 
 /// The mask of the lanes `l` with `flags[l]`.
@@ -326,147 +354,184 @@ impl<V: Wide> Work<V> {
     /// Damped Newton from `init` (SPEC §7) for the group in the lanes, every lane on its own
     /// path. Leaves `w` = w*, and `p`, `s`, `loss`, `g_p`, `grad` at it, for every lane.
     #[inline(always)]
-    pub fn solve(&mut self, rows: &mut Rows<V>, init: &[V], settings: &MapSettings) -> Solved<V> {
+    pub fn solve(&mut self, rows: &Rows<V>, init: &[V], settings: &MapSettings) -> Solved<V> {
+        let map = settings.weight_map;
+        self.fit_pairs(rows);
         self.w.copy_from_slice(init);
-        self.solve_stream(rows, settings, V::all_true(), &mut NoFeed)
+        let (loss, f) = self.evaluate(map, rows, false);
+        self.loss = loss;
+        let mut st = Lanes::new(f.finite(), f);
+        st.end.failed = V::all_true().and_not(f.finite());
+        loop {
+            self.stop_tests(map, rows, &mut st, settings);
+            if !st.active.any() {
+                break;
+            }
+            // the step matrix: the exact Hessian where it is positive definite, else Gauss–Newton;
+            // lanes where neither factors (non-finite curvature) stop, not converged
+            st.active = st.active.and(self.factor_hessian(rows, map, st.active));
+            let direction = self.newton_step(st.f);
+            let searching = st.active;
+            let (left, _, _) = self.line_search(map, rows, &mut st, direction, searching, V::none_true());
+            // no decrease left to find in this dtype: report the point as it is (its gradient
+            // is taken at the top of the loop, where these lanes stop)
+            st.active = st.active.and_not(left);
+            st.finishing = left;
+        }
+        st.end
     }
 
     /// Damped Newton (SPEC §7) for every user `feed` has, [`Wide::N`] at a time: each lane
-    /// takes the next user as soon as its own solve ends.
+    /// takes the next user as soon as its own solve ends, and starts at once while the other
+    /// lanes go on (its first evaluation joins their line search). Lanes never mix, so a user
+    /// gets the same bits whichever lane holds it and whoever shares the group.
     #[inline(always)]
     pub fn solve_all(&mut self, rows: &mut Rows<V>, settings: &MapSettings, feed: &mut impl Feed<V>) {
+        let map = settings.weight_map;
+        let zero = V::splat(0.0);
         let mut loaded = [false; MAX_LANES];
         for (l, x) in loaded.iter_mut().enumerate().take(V::N) {
             *x = feed.next(l, self, rows);
         }
-        self.solve_stream(rows, settings, mask_of::<V>(&loaded), feed);
-    }
-
-    /// Damped Newton (SPEC §7) for the users in the lanes of `fresh`, loaded (`w0`, their
-    /// start in `w`, their rows); when a lane's solve ends, `feed` takes its results and may
-    /// load the next user into it, which starts at once while the other lanes go on. Lanes
-    /// never mix, so a user gets the same bits whichever lane holds it and whoever shares the
-    /// group. Returns how the last solve of each lane ended (its values stay in the lane).
-    #[inline(always)]
-    fn solve_stream(
-        &mut self,
-        rows: &mut Rows<V>,
-        settings: &MapSettings,
-        mut fresh: V::Mask,
-        feed: &mut impl Feed<V>,
-    ) -> Solved<V> {
-        let k = self.k;
-        let map = settings.weight_map;
-        let (zero, one, none) = (V::splat(0.0), V::splat(1.0), V::none_true());
-        let (tol, max_iter) = (V::splat(settings.tol), V::splat(settings.max_iter as f64));
-        let (mut f, mut slope, mut resolvable) = (zero, zero, none);
-        let (mut active, mut searching, mut converged, mut failed) = (none, none, none, none);
-        let (mut iterations, mut grad_norm) = (zero, zero);
+        let mut fresh = mask_of::<V>(&loaded);
+        let mut st = Lanes::new(V::none_true(), zero);
+        let mut searching = V::none_true();
+        let mut direction = (zero, V::none_true());
         loop {
-            self.s.resize(rows.n, zero);
-            self.s_trial.resize(rows.n, zero);
-            self.z.resize(rows.n, zero);
-            // The evaluations of one round: the fresh lanes at their start (the first trial
-            // point, whatever their step), the others' line search from the full Newton step.
-            let mut failed_start = none;
-            let mut t = one;
-            for _ in 0..MAX_HALVINGS {
-                if !fresh.or(searching).any() {
-                    break;
-                }
-                for ((x, &w), &s) in self.trial.iter_mut().zip(&self.w).zip(&self.step) {
-                    *x = V::select(fresh, w, t.mul_add(s, w));
-                }
-                let (loss_t, ft) = self.evaluate(map, rows, true);
-                let started = fresh.and(ft.finite());
-                failed_start = fresh.and_not(ft.finite());
-                let armijo = ft.le(V::splat(ARMIJO).mul(t).mul_add(slope, f));
-                let accept = searching
-                    .and(ft.finite())
-                    .and(armijo.or(V::all_true().and_not(resolvable)));
-                let take = accept.or(started);
-                if take.any() {
-                    f = V::select(take, ft, f);
-                    self.loss = V::select(take, loss_t, self.loss);
-                    iterations = V::select(accept, iterations.add(one), iterations);
-                    for (a, &b) in self.w.iter_mut().zip(&self.trial) {
-                        *a = V::select(take, b, *a);
-                    }
-                    for (a, &b) in self.p.iter_mut().zip(&self.p_trial) {
-                        *a = V::select(take, b, *a);
-                    }
-                    for (a, &b) in self.s.iter_mut().zip(&self.s_trial) {
-                        *a = V::select(take, b, *a);
-                    }
-                }
-                active = active.or(started);
-                failed = failed.or(failed_start);
-                searching = searching.and_not(accept);
-                fresh = none;
-                t = t.mul(V::splat(0.5));
+            self.fit_pairs(rows);
+            let (left, started, failed_start) = self.line_search(map, rows, &mut st, direction, searching, fresh);
+            st.active = st.active.or(started).and_not(left);
+            st.finishing = left;
+            st.end.failed = st.end.failed.or(failed_start);
+            let stopping = self.stop_tests(map, rows, &mut st, settings);
+            if st.active.any() {
+                st.active = st.active.and(self.factor_hessian(rows, map, st.active));
             }
-            // no decrease left to find in this dtype: report the point as it is (its gradient
-            // is taken next, where these lanes stop)
-            active = active.and_not(searching);
-            let finishing = searching;
-            searching = none;
-            self.gradient(map, rows);
-            let gn = self.grad.iter().fold(zero, |m, g| m.max(g.abs()));
-            let stopping = active.or(finishing);
-            grad_norm = V::select(stopping, gn, grad_norm);
-            let bad = stopping.and_not(gn.finite());
-            failed = failed.or(bad);
-            let done = stopping.and_not(bad).and(gn.le(tol));
-            converged = converged.or(done);
-            active = active.and_not(bad).and_not(done).and_not(iterations.ge(max_iter));
-            if active.any() {
-                // the step matrix: the exact Hessian where it is positive definite, else
-                // Gauss–Newton; lanes where neither factors (non-finite curvature) stop, not
-                // converged
-                active = active.and(self.factor_hessian(rows, map, active));
-            }
-            let ended = stopping.and_not(active).or(failed_start);
+            let ended = stopping.and_not(st.active).or(failed_start);
+            fresh = V::none_true();
             if ended.any() {
-                let end = Solved {
-                    iterations,
-                    grad_norm,
-                    converged,
-                    failed,
-                };
                 let mut refilled = [false; MAX_LANES];
                 for (l, r) in refilled.iter_mut().enumerate().take(V::N) {
                     if ended.lane(l) {
-                        feed.done(l, self, rows, &end);
+                        feed.done(l, self, rows, &st.end);
                         *r = feed.next(l, self, rows);
                     }
                 }
                 fresh = mask_of::<V>(&refilled);
-                iterations = V::select(fresh, zero, iterations);
-                grad_norm = V::select(fresh, zero, grad_norm);
-                converged = converged.and_not(fresh);
-                failed = failed.and_not(fresh);
+                st.restart(fresh);
             }
-            if active.any() {
-                for (s, g) in self.step.iter_mut().zip(&self.grad) {
-                    *s = g.neg();
-                }
-                solve_in_place(k, &self.chol, &self.inv_diag, &mut self.step);
-                slope = dot(&self.step, &self.grad);
-                // Below this predicted decrease F cannot tell better from worse in f64: the
-                // full Newton step is taken as it is (the quadratic model is exact to rounding
-                // there).
-                resolvable = slope.neg().gt(V::splat(PRECISION_FLOOR).mul(one.add(f.abs())));
-                searching = active;
+            searching = st.active;
+            if st.active.any() {
+                direction = self.newton_step(st.f);
             } else if !fresh.any() {
                 break;
             }
         }
-        Solved {
-            iterations,
-            grad_norm,
-            converged,
-            failed,
+    }
+
+    /// The pair-sized scratch to the rows' length.
+    #[inline(always)]
+    fn fit_pairs(&mut self, rows: &Rows<V>) {
+        let zero = V::splat(0.0);
+        self.s.resize(rows.n, zero);
+        self.s_trial.resize(rows.n, zero);
+        self.z.resize(rows.n, zero);
+    }
+
+    /// The gradient at `w`, then the stop tests of the lanes that are iterating or finishing:
+    /// a lane stops converged (‖∇F‖∞ ≤ tol), failed (not finite) or at `max_iter`; finishing
+    /// lanes (no step found) stop here, converged or not. Returns the lanes tested.
+    #[inline(always)]
+    fn stop_tests(&mut self, map: WeightMap, rows: &Rows<V>, st: &mut Lanes<V>, settings: &MapSettings) -> V::Mask {
+        let (tol, max_iter) = (V::splat(settings.tol), V::splat(settings.max_iter as f64));
+        self.gradient(map, rows);
+        let gn = self.grad.iter().fold(V::splat(0.0), |m, g| m.max(g.abs()));
+        let stopping = st.active.or(st.finishing);
+        let end = &mut st.end;
+        end.grad_norm = V::select(stopping, gn, end.grad_norm);
+        let bad = stopping.and_not(gn.finite());
+        end.failed = end.failed.or(bad);
+        let done = stopping.and_not(bad).and(gn.le(tol));
+        end.converged = end.converged.or(done);
+        st.active = st
+            .active
+            .and_not(bad)
+            .and_not(done)
+            .and_not(end.iterations.ge(max_iter));
+        stopping
+    }
+
+    /// The Newton step `−H⁻¹ ∇F` (with the factor of `H` at hand) and its slope `step · ∇F`,
+    /// with the lanes whose predicted decrease is resolvable in f64.
+    #[inline(always)]
+    fn newton_step(&mut self, f: V) -> (V, V::Mask) {
+        for (s, g) in self.step.iter_mut().zip(&self.grad) {
+            *s = g.neg();
         }
+        solve_in_place(self.k, &self.chol, &self.inv_diag, &mut self.step);
+        let slope = dot(&self.step, &self.grad);
+        // Below this predicted decrease F cannot tell better from worse in f64: the full
+        // Newton step is taken as it is (the quadratic model is exact to rounding there).
+        let resolvable = slope
+            .neg()
+            .gt(V::splat(PRECISION_FLOOR).mul(V::splat(1.0).add(f.abs())));
+        (slope, resolvable)
+    }
+
+    /// Backtracking (Armijo) along `step` from `w` for the lanes of `searching`, halving the
+    /// step from 1; the lanes of `fresh` are evaluated at `w` itself (their start) in the first
+    /// trial. Returns the lanes that found no step, the fresh lanes whose start is finite, and
+    /// those whose start is not.
+    #[inline(always)]
+    fn line_search(
+        &mut self,
+        map: WeightMap,
+        rows: &Rows<V>,
+        st: &mut Lanes<V>,
+        (slope, resolvable): (V, V::Mask),
+        mut searching: V::Mask,
+        fresh: V::Mask,
+    ) -> (V::Mask, V::Mask, V::Mask) {
+        let one = V::splat(1.0);
+        let (mut started, mut failed_start) = (V::none_true(), V::none_true());
+        let mut first = fresh;
+        let mut t = one;
+        for _ in 0..MAX_HALVINGS {
+            if !searching.or(first).any() {
+                break;
+            }
+            for ((x, &w), &s) in self.trial.iter_mut().zip(&self.w).zip(&self.step) {
+                *x = V::select(first, w, t.mul_add(s, w));
+            }
+            let (loss_t, ft) = self.evaluate(map, rows, true);
+            if first.any() {
+                started = first.and(ft.finite());
+                failed_start = first.and_not(ft.finite());
+            }
+            let armijo = ft.le(V::splat(ARMIJO).mul(t).mul_add(slope, st.f));
+            let accept = searching
+                .and(ft.finite())
+                .and(armijo.or(V::all_true().and_not(resolvable)));
+            let take = accept.or(started.and(first));
+            if take.any() {
+                st.f = V::select(take, ft, st.f);
+                self.loss = V::select(take, loss_t, self.loss);
+                st.end.iterations = V::select(accept, st.end.iterations.add(one), st.end.iterations);
+                for (a, &b) in self.w.iter_mut().zip(&self.trial) {
+                    *a = V::select(take, b, *a);
+                }
+                for (a, &b) in self.p.iter_mut().zip(&self.p_trial) {
+                    *a = V::select(take, b, *a);
+                }
+                for (a, &b) in self.s.iter_mut().zip(&self.s_trial) {
+                    *a = V::select(take, b, *a);
+                }
+                searching = searching.and_not(accept);
+            }
+            first = V::none_true();
+            t = t.mul(V::splat(0.5));
+        }
+        (searching, started, failed_start)
     }
 
     /// `(Σ softplus(−z_i), F)` at `w` (or at `trial`), with `p`, `z` and `s` (or `p_trial`,
