@@ -192,6 +192,25 @@ def test_user_without_support_keeps_w0_and_results_do_not_depend_on_threads():
     assert np.abs(f64.weights - one.weights).max() < 1e-5
 
 
+@pytest.mark.parametrize("weight_map", ["simplex", "linear"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_adaptation_equals_the_grouped_one(weight_map, dtype):
+    """The solution alone streams users through the SIMD lanes (a lane takes the next user when
+    its own solve ends); with covariances the users are solved in fixed groups. Same bits, on
+    ragged users (some without pairs, some far from w0), warm starts, several blocks."""
+    support, so, query, qo = _data(seed=11, users=700, k=6)
+    support = (support * np.repeat(np.linspace(0.1, 3.0, 700), np.diff(so))[:, None]).astype(dtype)
+    w0, eta = np.linspace(-0.2, 0.4, 6).astype(dtype), np.linspace(-1.0, 1.0, 6).astype(dtype)
+    init = np.random.default_rng(3).normal(size=(700, 6)).astype(dtype)
+    inner = ops.InnerLoop("map", weight_map=weight_map, tol=1e-9)
+    for start in (None, init):
+        streamed = ops.map_adapt(w0, eta, support, so, inner=inner, init=start, num_threads=2)
+        grouped = ops.map_adapt(w0, eta, support, so, inner=inner, init=start, num_threads=2, return_covariance=True)
+        for name in ("weights", "iterations", "grad_norm", "converged", "support_losses"):
+            np.testing.assert_array_equal(getattr(streamed, name), getattr(grouped, name), err_msg=name)
+        assert streamed.converged.all()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

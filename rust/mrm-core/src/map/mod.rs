@@ -1013,8 +1013,15 @@ mod tests {
 
     #[test]
     fn four_lanes_give_each_user_the_bits_it_gets_alone() {
-        let (n_users, k) = (23, 5);
+        // K = 5 (padded to 8), 1 and 13; 30 users include one without support pairs (user 23)
+        for (n_users, k, warm) in [(23, 5, false), (30, 1, true), (30, 13, true)] {
+            four_lanes_case(n_users, k, warm);
+        }
+    }
+
+    fn four_lanes_case(n_users: usize, k: usize, warm: bool) {
         let (support, so, query, qo, w0) = batch(n_users, k, 7);
+        let starts: Vec<f64> = (0..n_users * k).map(|i| 0.2 * ((i % 5) as f64 - 2.0)).collect();
         let grad_losses: Vec<f64> = (0..n_users).map(|u| 0.1 + u as f64 / 10.0).collect();
         for weight_map in [WeightMap::Linear, WeightMap::Simplex] {
             let settings = MapSettings {
@@ -1028,7 +1035,7 @@ mod tests {
                 start: Start::PerUser(&w0),
                 support: Csr::new("support", &support, &so, k).unwrap(),
                 query: Some(Csr::new("query", &query, &qo, k).unwrap()),
-                init: None,
+                init: warm.then_some(&starts[..]),
                 lam: &lam,
                 settings: &settings,
             };
@@ -1045,7 +1052,7 @@ mod tests {
                 let grouped = unsafe { four(&inputs, n_users, k, &grad_losses) };
                 assert!(
                     alone == grouped,
-                    "{weight_map:?}: four users per register changed some bits"
+                    "{weight_map:?}, K = {k}: four users per register changed some bits"
                 );
             }
         }
