@@ -235,26 +235,20 @@ fn mean_lanes<V: Wide>(total: V, count: &[usize; MAX_LANES]) -> [f64; MAX_LANES]
 }
 
 impl<T: Real> Inputs<'_, T> {
-    /// The group of users `g..g + m` into the workspace: `w0`, `λ`, the warm starts (into
-    /// `init`) and the support rows; with `query`, its rows too.
+    /// A workspace with `λ` in every lane (the same for every user).
     #[inline(always)]
-    fn load<V: Wide>(
-        &self,
-        g: usize,
-        m: usize,
-        ws: &mut Work<V>,
-        init: &mut [V],
-        rows: &mut Rows<V>,
-        query: Option<&mut Rows<V>>,
-    ) {
-        let k = self.k;
-        for j in 0..k {
-            ws.w0[j] = gather(m, |l| self.start.of(g + l, k)[j].to_f64());
-            ws.lam[j] = V::splat(self.lam[j]);
-            init[j] = match self.init {
-                Some(x) => gather(m, |l| x[(g + l) * k + j].to_f64()),
-                None => ws.w0[j],
-            };
+    fn work<V: Wide>(&self) -> Work<V> {
+        let mut ws = Work::<V>::new(self.k);
+        ws.lam.iter_mut().zip(self.lam).for_each(|(x, &l)| *x = V::splat(l));
+        ws
+    }
+
+    /// The group of users `g..g + m` into the lanes (the others empty): `w0`, the starts into
+    /// `w`, the support rows; with `query`, its rows too.
+    #[inline(always)]
+    fn load<V: Wide>(&self, g: usize, m: usize, ws: &mut Work<V>, rows: &mut Rows<V>, query: Option<&mut Rows<V>>) {
+        for l in 0..V::N {
+            self.load_start((l < m).then_some(g + l), l, ws);
         }
         rows.load(&group_rows(&self.support, g, m)[..m]);
         if let (Some(q), Some(rows)) = (&self.query, query) {
@@ -262,24 +256,29 @@ impl<T: Real> Inputs<'_, T> {
         }
     }
 
-    /// User `u` into lane `l` (`w0`, its start into `w`, its support rows); `λ` is the same in
-    /// every lane and is set once.
+    /// User `u` into lane `l`: its `w0`, its start into `w` and its support rows.
     #[inline(always)]
     fn load_lane<V: Wide>(&self, u: usize, l: usize, ws: &mut Work<V>, rows: &mut Rows<V>) {
-        let k = self.k;
-        let w0 = self.start.of(u, k);
-        let start = V::flat_mut(&mut ws.w0);
-        for (j, &x) in w0.iter().enumerate() {
-            start[j * V::N + l] = x.to_f64();
-        }
-        let w = V::flat_mut(&mut ws.w);
-        for j in 0..k {
-            w[j * V::N + l] = match self.init {
-                Some(x) => x[u * k + j].to_f64(),
-                None => w0[j].to_f64(),
-            };
-        }
+        self.load_start(Some(u), l, ws);
         rows.load_lane(l, self.support.rows(u));
+    }
+
+    /// Lane `l` of `w0` and `w`: user `u`'s `w0` and start (its warm start, else `w0`), or zeros.
+    #[inline(always)]
+    fn load_start<V: Wide>(&self, u: Option<usize>, l: usize, ws: &mut Work<V>) {
+        let k = self.k;
+        let (start, w) = (V::flat_mut(&mut ws.w0), V::flat_mut(&mut ws.w));
+        for j in 0..k {
+            let (a, b) = match u {
+                Some(u) => {
+                    let a = self.start.of(u, k)[j].to_f64();
+                    (a, self.init.map_or(a, |x| x[u * k + j].to_f64()))
+                }
+                None => (0.0, 0.0),
+            };
+            start[j * V::N + l] = a;
+            w[j * V::N + l] = b;
+        }
     }
 
     /// [`map_forward`] for the users `lo..hi` (their outputs in `out`); `Some(u)` for the first
@@ -288,9 +287,8 @@ impl<T: Real> Inputs<'_, T> {
     fn forward_block<V: Wide>(&self, (lo, hi): (usize, usize), out: &mut MapOutputs<'_, T>) -> Option<usize> {
         if self.query.is_none() && out.covariance.is_none() {
             // the solution alone: a lane takes the next user as soon as its own ends
-            let mut ws = Work::<V>::new(self.k);
+            let mut ws = self.work::<V>();
             let mut rows = Rows::new(self.k);
-            ws.lam.iter_mut().zip(self.lam).for_each(|(x, &l)| *x = V::splat(l));
             let mut feed = Stream {
                 inputs: self,
                 out,
@@ -304,15 +302,14 @@ impl<T: Real> Inputs<'_, T> {
             return feed.failed;
         }
         let (k, map) = (self.k, self.settings.weight_map);
-        let mut ws = Work::<V>::new(k);
+        let mut ws = self.work::<V>();
         let (mut rows, mut qrows) = (Rows::new(k), Rows::new(k));
-        let mut init = vec![V::splat(0.0); k];
         let mut unit = vec![V::splat(0.0); k];
         let (mut qz, mut qs) = (Vec::new(), Vec::new());
         for g in (lo..hi).step_by(V::N) {
             let (m, i) = (V::N.min(hi - g), g - lo);
-            self.load(g, m, &mut ws, &mut init, &mut rows, Some(&mut qrows));
-            let solved = ws.solve(&rows, &init, self.settings);
+            self.load(g, m, &mut ws, &mut rows, Some(&mut qrows));
+            let solved = ws.solve(&rows, self.settings);
             let mut bad = solved.failed;
             if let Some(cov) = out.covariance.as_deref_mut() {
                 // Laplace covariance: H⁻¹ (exact, else Gauss–Newton)
@@ -357,19 +354,19 @@ impl<T: Real> Inputs<'_, T> {
     ) -> BlockSums {
         let (k, map, settings) = (self.k, self.settings.weight_map, self.settings);
         let zero = V::splat(0.0);
-        let mut ws = Work::<V>::new(k);
+        let mut ws = self.work::<V>();
         let (mut rows, mut qrows) = (Rows::new(k), Rows::new(k));
         // gq_p and mu meet the rows: padded (see `solver`)
         let kp = padded(k);
-        let (mut init, mut gq_p, mut v, mut mu) = (vec![zero; k], vec![zero; kp], vec![zero; k], vec![zero; kp]);
+        let (mut gq_p, mut v, mut mu) = (vec![zero; kp], vec![zero; k], vec![zero; kp]);
         let (mut qz, mut qs, mut curvature) = (Vec::new(), Vec::new(), Vec::new());
         let mut w0_part = vec![0.0; k];
         let mut eta_part = vec![0.0; k];
         let (mut s_at, mut q_at) = (0, 0);
         for g in (lo..hi).step_by(V::N) {
             let (m, i) = (V::N.min(hi - g), g - lo);
-            self.load(g, m, &mut ws, &mut init, &mut rows, Some(&mut qrows));
-            let solved = ws.solve(&rows, &init, settings);
+            self.load(g, m, &mut ws, &mut rows, Some(&mut qrows));
+            let solved = ws.solve(&rows, settings);
             // back at w*: s and g_p of the support rows are there; H (exact)
             let pd = ws.factor_hessian(&rows, map, V::none_true());
             let (its, gns) = (lanes(solved.iterations), lanes(solved.grad_norm));

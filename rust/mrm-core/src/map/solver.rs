@@ -61,43 +61,29 @@ impl<V: Wide> Rows<V> {
     /// Lane `l < users.len()` gets the rows `users[l]` (`count × K` values), the others none.
     #[inline(always)]
     pub fn load<T: Real>(&mut self, users: &[&[T]]) {
-        let (k, kp) = (self.k, self.kp);
         self.count = [0; MAX_LANES];
         for (c, rows) in self.count.iter_mut().zip(users) {
-            *c = rows.len() / k;
+            *c = rows.len() / self.k;
         }
-        self.n = self.count.iter().copied().max().unwrap_or(0);
-        let zero = V::splat(0.0);
-        self.d.clear();
-        self.d.resize(self.n * kp, zero);
-        self.valid.clear();
-        self.valid.resize(self.n, zero);
-        let mut lane = [0.0; MAX_LANES];
-        for (i, (pair, valid)) in self.d.chunks_exact_mut(kp).zip(&mut self.valid).enumerate() {
-            // pair i of every lane that has one (empty for the others)
-            let rows: [&[T]; MAX_LANES] =
-                std::array::from_fn(|l| users.get(l).and_then(|r| r.get(i * k..(i + 1) * k)).unwrap_or(&[]));
-            for (l, x) in lane.iter_mut().enumerate() {
-                *x = if rows[l].is_empty() { 0.0 } else { 1.0 };
-            }
-            *valid = V::load(&lane);
-            for (j, x) in pair[..k].iter_mut().enumerate() {
-                for (l, y) in lane.iter_mut().enumerate() {
-                    *y = rows[l].get(j).map_or(0.0, |v| v.to_f64());
-                }
-                *x = V::load(&lane);
-            }
+        self.fit_longest();
+        for l in 0..V::N {
+            self.write_lane(l, users.get(l).copied().unwrap_or(&[]));
         }
     }
 
     /// Lane `l` gets the rows `rows` (`count × K` values) in place of its own; the other
-    /// lanes keep theirs. A pair position past a lane's count holds zeros in that lane.
+    /// lanes keep theirs.
     #[inline(always)]
     pub fn load_lane<T: Real>(&mut self, l: usize, rows: &[T]) {
-        let (k, kp) = (self.k, self.kp);
-        let count = rows.len() / k;
-        self.count[l] = count;
+        self.count[l] = rows.len() / self.k;
         self.fit_longest();
+        self.write_lane(l, rows);
+    }
+
+    /// Lane `l` of every stored pair: `rows` (its count already set), then zeros.
+    #[inline(always)]
+    fn write_lane<T: Real>(&mut self, l: usize, rows: &[T]) {
+        let (k, kp, count) = (self.k, self.kp, self.count[l]);
         let valid = V::flat_mut(&mut self.valid);
         for (i, v) in valid.iter_mut().skip(l).step_by(V::N).enumerate() {
             *v = (i < count) as u8 as f64;
@@ -351,13 +337,12 @@ impl<V: Wide> Work<V> {
         }
     }
 
-    /// Damped Newton from `init` (SPEC §7) for the group in the lanes, every lane on its own
-    /// path. Leaves `w` = w*, and `p`, `s`, `loss`, `g_p`, `grad` at it, for every lane.
+    /// Damped Newton (SPEC §7) from `w` for the group in the lanes, every lane on its own path.
+    /// Leaves `w` = w*, and `p`, `s`, `loss`, `g_p`, `grad` at it, for every lane.
     #[inline(always)]
-    pub fn solve(&mut self, rows: &Rows<V>, init: &[V], settings: &MapSettings) -> Solved<V> {
+    pub fn solve(&mut self, rows: &Rows<V>, settings: &MapSettings) -> Solved<V> {
         let map = settings.weight_map;
         self.fit_pairs(rows);
-        self.w.copy_from_slice(init);
         let (loss, f) = self.evaluate(map, rows, false);
         self.loss = loss;
         let mut st = Lanes::new(f.finite(), f);

@@ -279,8 +279,8 @@ pub(crate) mod avx2 {
         }
         #[inline(always)]
         fn flat_mut(v: &mut [Self]) -> &mut [f64] {
-            // SAFETY: an `F64x4` is one `__m256d` (`repr(transparent)`), four f64 with no padding (32 bytes, aligned
-            // to 32, so to 8 too); the slice covers the same bytes, borrowed as `v` is.
+            // SAFETY: an `F64x4` is one `__m256d` (`repr(transparent)`): four f64, no padding,
+            // aligned to 32 (so to 8); the slice covers the same bytes, borrowed as `v` is.
             unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f64>(), v.len() * 4) }
         }
         // `max_pd(a, b)` is `a > b ? a : b`, as the scalar `max`
